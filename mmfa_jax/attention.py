@@ -1,0 +1,299 @@
+"""The public attention function of the JAX face: argument checks, normalisation, dispatch.
+
+``attention`` is a drop-in for ``jax.nn.dot_product_attention`` with the same layout and argument
+names, plus GQA/MQA, soft capping, segment ids, a bottom-right aligned causal mask, the
+log-sum-exp, and Pallas kernels for forward and backward.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mmfa_jax import tuning
+from mmfa_jax.kernels import flash_attention as flash
+from mmfa_jax.masking import Band
+from mmfa_jax.xla_attention import xla_attention
+
+Implementation = Literal["pallas", "interpret", "xla"]
+IMPLEMENTATIONS = ("pallas", "interpret", "xla")
+SUPPORTED_DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32)
+MAX_HEAD_DIM = 256
+
+
+def pallas_available(device: jax.Device | None = None) -> bool:
+    """True where the Pallas kernels can run compiled: NVIDIA GPUs of compute capability >= 8.0."""
+    device = device or jax.devices()[0]
+    cc = getattr(device, "compute_capability", None)
+    return device.platform == "gpu" and cc is not None and float(cc) >= 8.0
+
+
+def default_implementation() -> str:
+    return "pallas" if pallas_available() else "xla"
+
+
+def attention(
+    query,
+    key,
+    value,
+    bias=None,
+    mask=None,
+    *,
+    scale: float | None = None,
+    is_causal: bool = False,
+    query_seq_lengths=None,
+    key_value_seq_lengths=None,
+    local_window_size: int | tuple[int | None, int | None] | None = None,
+    logits_soft_cap: float | None = None,
+    segment_ids=None,
+    return_lse: bool = False,
+    implementation: Implementation | None = None,
+    config: tuning.AttentionConfig | None = None,
+    layout: Literal["BTNH", "BNTH"] = "BTNH",
+):
+    """Scaled dot-product attention, exact and memory-linear.
+
+    Shapes (layout "BTNH", as ``jax.nn.dot_product_attention``): query (B, T, N, H), key and
+    value (B, S, K, H), where K divides N (GQA/MQA: query head n reads key/value head
+    n // (N // K); K/V are never repeated). The batch axis may be left out of all three.
+    With ``layout="BNTH"`` the arrays are (B, N, T, H) and (B, K, S, H) instead (PyTorch's
+    order; the output follows the same layout).
+
+    Args:
+      query, key, value: float16, bfloat16 or float32, one dtype; head dim H up to 256.
+      bias: additive logits bias broadcastable to (B, N, T, S); differentiable.
+      mask: boolean, broadcastable to (B, N, T, S); True keeps a logit.
+      scale: logit scale, default 1/sqrt(H).
+      is_causal: causal mask aligned bottom-right: query i sees keys j <= i + (S - T), so the
+        last query sees the last key (for T == S this is the usual lower triangle).
+      query_seq_lengths: (B,) int; rows at or past the length give zeros (and LSE -inf).
+      key_value_seq_lengths: (B,) int; keys at or past the length are invisible.
+      local_window_size: w or (left, right): query i (at key position i + S - T) sees keys in
+        [i + S - T - left, i + S - T + right]; None in a tuple leaves that side open.
+      logits_soft_cap: c > 0 turns logits x into c * tanh(x / c) (Gemma 2), before the bias.
+      segment_ids: (B, T) int when T == S, or a pair ((B, T), (B, S)): a query sees only keys
+        of its own segment (packed sequences, several images in a row).
+      return_lse: also return the log-sum-exp of the visible logits, (B, T, N) float32
+        ((B, N, T) with layout "BNTH"); -inf where a row sees nothing.
+      implementation: "pallas" (Triton kernels; the default on NVIDIA GPUs with compute
+        capability >= 8.0), "interpret" (the same kernels in the Pallas interpreter, on any
+        backend; slow, for tests), "xla" (plain jax, materialises (T, S) logits; the default
+        elsewhere).
+      config: block configuration override (see ``mmfa_jax.tuning``); default from the table.
+
+    Returns:
+      The attention output, shaped and typed like ``query`` (and the LSE if asked). A query
+      row with no visible key gives zeros, never NaN.
+    """
+    impl = _check_implementation(implementation)
+    unbatched = jnp.ndim(query) == 3
+    query, key, value = (_add_batch(x, name, unbatched) for x, name in ((query, "query"), (key, "key"), (value, "value")))
+    problem, args = _normalise(
+        query, key, value, bias, mask, scale, is_causal, query_seq_lengths, key_value_seq_lengths,
+        local_window_size, logits_soft_cap, segment_ids, layout, impl)
+    if impl == "xla":
+        out, lse = xla_attention(problem, *args)
+    else:
+        if config is None:
+            family = "any" if impl == "interpret" else tuning.gpu_family()
+            config = tuning.config_for(problem.head_dim_padded, query.dtype, family)
+        out, lse = _flash((problem, config, impl == "interpret"), *args)
+    if layout == "BTNH":
+        lse = jnp.swapaxes(lse, 1, 2)
+    if unbatched:
+        out, lse = out[0], lse[0]
+    return (out, lse) if return_lse else out
+
+
+dot_product_attention = attention
+
+
+# ----------------------------------------------------------------------------------------------
+# The Pallas path, differentiated with our own backward kernels.
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _flash(static, q, k, v, bias, mask, q_seg, kv_seg, q_len, kv_len):
+    return _flash_fwd(static, q, k, v, bias, mask, q_seg, kv_seg, q_len, kv_len)[0]
+
+
+def _flash_fwd(static, q, k, v, bias, mask, q_seg, kv_seg, q_len, kv_len):
+    problem, config, interpret = static
+    out, lse = flash.forward(problem, config.forward, q, k, v, bias, mask, q_seg, kv_seg, q_len, kv_len,
+                             interpret=interpret)
+    return (out, lse), (q, k, v, bias, mask, q_seg, kv_seg, q_len, kv_len, out, lse)
+
+
+def _flash_bwd(static, residuals, cotangents):
+    problem, config, interpret = static
+    q, k, v, bias, mask, q_seg, kv_seg, q_len, kv_len, out, lse = residuals
+    d_out, d_lse = cotangents
+    # delta = rowsum(o * do) - dlse: the LSE's own gradient folds into the same term.
+    h_axis = 3
+    delta = jnp.sum(out.astype(jnp.float32) * d_out.astype(jnp.float32), axis=h_axis)
+    if problem.layout == "BTNH":
+        delta = jnp.swapaxes(delta, 1, 2)
+    delta = delta - d_lse
+    dq, dk, dv, dbias = flash.backward(
+        problem, config.backward_dq, config.backward_dkv, q, k, v, bias, mask, q_seg, kv_seg, q_len, kv_len,
+        d_out, lse, delta, interpret=interpret)
+    if dbias is not None:
+        bb, nb = problem.bias_shape
+        dbias = jnp.sum(dbias, axis=tuple(a for a, n in ((0, bb), (1, nb)) if n == 1), keepdims=True)
+        dbias = dbias.astype(bias.dtype)
+    return dq, dk, dv, dbias, None, None, None, None, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+# ----------------------------------------------------------------------------------------------
+# Argument checks and normalisation.
+
+
+def _check_implementation(implementation):
+    if implementation is None:
+        return default_implementation()
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS} or None, got {implementation!r}")
+    if implementation == "pallas" and not pallas_available():
+        dev = jax.devices()[0]
+        raise ValueError(
+            "implementation='pallas' needs an NVIDIA GPU with compute capability >= 8.0, but the default "
+            f"device is {dev.platform} ({getattr(dev, 'device_kind', '?')}); use 'interpret' (same kernels, "
+            "interpreted) or 'xla'")
+    return implementation
+
+
+def _add_batch(x, name, unbatched):
+    x = jnp.asarray(x)
+    if x.ndim not in (3, 4):
+        raise ValueError(f"{name} must have rank 4 (B, L, heads, H) or 3 (L, heads, H), got shape {x.shape}")
+    if (x.ndim == 3) != unbatched:
+        raise ValueError(f"{name} has rank {x.ndim} but query has rank {3 if unbatched else 4}: ranks must match")
+    return x[None] if unbatched else x
+
+
+def _normalise(q, k, v, bias, mask, scale, is_causal, q_lengths, kv_lengths, window, softcap, segment_ids,
+               layout, impl):
+    if layout not in ("BTNH", "BNTH"):
+        raise ValueError(f"layout must be 'BTNH' or 'BNTH', got {layout!r}")
+    seq_axis, head_axis = (1, 2) if layout == "BTNH" else (2, 1)
+    for name, x in (("query", q), ("key", k), ("value", v)):
+        if x.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16 or float32, got {x.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"query, key and value must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    B, T, N, H = q.shape[0], q.shape[seq_axis], q.shape[head_axis], q.shape[3]
+    S, K = k.shape[seq_axis], k.shape[head_axis]
+    if k.shape != v.shape:
+        raise ValueError(f"key and value must have the same shape, got {k.shape} and {v.shape}")
+    if k.shape[0] != B:
+        raise ValueError(f"key/value batch {k.shape[0]} does not match query batch {B}")
+    if k.shape[3] != H:
+        raise ValueError(f"key/value head dim {k.shape[3]} does not match query head dim {H}")
+    if K == 0 or N % K != 0:
+        raise ValueError(f"the number of query heads ({N}) must be a multiple of the key/value heads ({K})")
+    if T == 0 or S == 0 or H == 0:
+        raise ValueError(f"sequence lengths and head dim must be positive, got T={T}, S={S}, H={H}")
+    if H > MAX_HEAD_DIM and impl != "xla":
+        raise ValueError(f"head dim {H} is over {MAX_HEAD_DIM}, the kernels' limit; use implementation='xla'")
+
+    if scale is None:
+        scale = 1.0 / math.sqrt(H)
+    scale = float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number, got {scale}")
+    if softcap is not None:
+        softcap = float(softcap)
+        if not (softcap > 0 and math.isfinite(softcap)):
+            raise ValueError(f"logits_soft_cap must be a positive finite number or None, got {softcap}")
+    window = _check_window(window)
+    band = Band.make(T, S, bool(is_causal), window)
+
+    bias, bias_shape = _pair_array(bias, "bias", B, N, T, S, None)
+    if bias is not None and bias.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"bias must be a float16, bfloat16 or float32 array, got {bias.dtype}")
+    mask, mask_shape = _pair_array(mask, "mask", B, N, T, S, jnp.bool_)
+    if mask is not None:
+        mask = mask.astype(jnp.int8)
+    q_seg, kv_seg = _check_segments(segment_ids, B, T, S)
+    q_lengths = _check_lengths(q_lengths, "query_seq_lengths", B)
+    kv_lengths = _check_lengths(kv_lengths, "key_value_seq_lengths", B)
+
+    problem = flash.Problem(
+        batch=B, q_heads=N, kv_heads=K, q_len=T, kv_len=S, head_dim=H, scale=scale, softcap=softcap, band=band,
+        layout=layout, bias_shape=bias_shape, mask_shape=mask_shape, has_segments=q_seg is not None,
+        has_q_lengths=q_lengths is not None, has_kv_lengths=kv_lengths is not None,
+        dot_precision="highest" if q.dtype == jnp.float32 else None)
+    return problem, (q, k, v, bias, mask, q_seg, kv_seg, q_lengths, kv_lengths)
+
+
+def _check_window(window):
+    if window is None:
+        return (None, None)
+    if isinstance(window, (int, np.integer)):
+        window = (int(window), int(window))
+    if not (isinstance(window, (tuple, list)) and len(window) == 2):
+        raise ValueError(f"local_window_size must be an int, a pair (left, right) or None, got {window!r}")
+    out = []
+    for side, w in zip(("left", "right"), window):
+        if w is not None and (not isinstance(w, (int, np.integer)) or w < 0):
+            raise ValueError(f"local_window_size {side} must be a non-negative int or None, got {w!r}")
+        out.append(None if w is None else int(w))
+    return tuple(out)
+
+
+def _pair_array(x, name, B, N, T, S, dtype):
+    """Broadcast a bias or mask to (Bb, Nb, T, S) with Bb in {1, B}, Nb in {1, N}."""
+    if x is None:
+        return None, None
+    x = jnp.asarray(x)
+    if dtype is not None and x.dtype != dtype:
+        raise TypeError(f"{name} must be a boolean array, got dtype {x.dtype}")
+    if not 2 <= x.ndim <= 4:
+        raise ValueError(f"{name} must be broadcastable to (B, N, T, S) = {(B, N, T, S)}, got shape {x.shape}")
+    shape = (1,) * (4 - x.ndim) + x.shape
+    for got, want, axis in zip(shape, (B, N, T, S), "BNTS"):
+        if got not in (1, want):
+            raise ValueError(
+                f"{name} must be broadcastable to (B, N, T, S) = {(B, N, T, S)}, got shape {x.shape} "
+                f"(axis {axis}: {got})")
+    bb, nb = shape[0], shape[1]
+    return jnp.broadcast_to(x.reshape(shape), (bb, nb, T, S)), (bb, nb)
+
+
+def _check_segments(segment_ids, B, T, S):
+    if segment_ids is None:
+        return None, None
+    if isinstance(segment_ids, (tuple, list)):
+        if len(segment_ids) != 2:
+            raise ValueError("segment_ids must be one (B, T) array or a pair (query (B, T), key/value (B, S))")
+        q_seg, kv_seg = segment_ids
+    else:
+        if T != S:
+            raise ValueError(f"segment_ids as one array needs T == S (got T={T}, S={S}); pass a pair (q, kv)")
+        q_seg = kv_seg = segment_ids
+    q_seg, kv_seg = jnp.asarray(q_seg), jnp.asarray(kv_seg)
+    for name, x, L in (("segment_ids (query)", q_seg, T), ("segment_ids (key/value)", kv_seg, S)):
+        if x.shape != (B, L):
+            raise ValueError(f"{name} must have shape {(B, L)}, got {x.shape}")
+        if not jnp.issubdtype(x.dtype, jnp.integer):
+            raise TypeError(f"{name} must be integers, got {x.dtype}")
+    return q_seg.astype(jnp.int32), kv_seg.astype(jnp.int32)
+
+
+def _check_lengths(lengths, name, B):
+    if lengths is None:
+        return None
+    lengths = jnp.asarray(lengths)
+    if lengths.shape != (B,):
+        raise ValueError(f"{name} must have shape (B,) = {(B,)}, got {lengths.shape}")
+    if not jnp.issubdtype(lengths.dtype, jnp.integer):
+        raise TypeError(f"{name} must be integers, got {lengths.dtype}")
+    return lengths.astype(jnp.int32)

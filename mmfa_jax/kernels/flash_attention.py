@@ -1,0 +1,461 @@
+"""Flash attention as Pallas kernels (Triton lowering): forward, dQ and dK/dV.
+
+The kernels read like FlashAttention-2: the forward walks the key blocks of one query tile with
+an online softmax and writes the output and the log-sum-exp; the backward recomputes the
+probabilities from that LSE, one kernel per key tile for dK/dV (looping over the query heads of
+its GQA group, so no atomics and no repeated K/V) and one per query tile for dQ.
+
+Argument checking lives in ``mmfa_jax.attention``; here every input is assumed valid:
+  q, o, do: (B, T, N, H) or (B, N, T, H) (``layout``), k, v: likewise with S and K heads,
+  bias: (Bb, Nb, T, S) with Bb in {1, B}, Nb in {1, N}; dense_mask: int8 of the same form,
+  q_segments: (B, T) int32, kv_segments: (B, S) int32, q_lengths / kv_lengths: (B,) int32,
+  lse, delta: (B, N, T) float32.
+The head dimension is padded to a power of two inside the kernel (masked loads), sequence
+lengths need not be multiples of the blocks (masked loads and stores), so no copy is made.
+
+Internally logits are kept in base 2 (scaled by log2(e)) so the softmax uses exp2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from mmfa_jax.masking import Band, band_visible, combine, kv_block_range, q_block_range
+from mmfa_jax.tuning import KernelConfig
+
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """Static description of one attention call: what the kernels are specialised on."""
+
+    batch: int
+    q_heads: int
+    kv_heads: int
+    q_len: int
+    kv_len: int
+    head_dim: int
+    scale: float
+    softcap: float | None
+    band: Band
+    layout: str  # "BTNH" (jax) or "BNTH" (torch)
+    bias_shape: tuple[int, int] | None  # (Bb, Nb) of the bias, None without one
+    mask_shape: tuple[int, int] | None  # (Bm, Nm) of the dense mask
+    has_segments: bool
+    has_q_lengths: bool
+    has_kv_lengths: bool
+    dot_precision: str | None  # None: the dtype's default; "highest" for float32 inputs
+
+    @property
+    def group(self) -> int:
+        return self.q_heads // self.kv_heads
+
+    @property
+    def head_dim_padded(self) -> int:
+        return max(16, pl.next_power_of_2(self.head_dim))
+
+    @property
+    def needs_elementwise_mask(self) -> bool:
+        return self.has_segments or self.mask_shape is not None
+
+
+def _tile(n: int, block: int) -> int:
+    """A power-of-two tile no larger than needed (Triton wants powers of two, dots at least 16)."""
+    return max(16, min(block, pl.next_power_of_2(n)))
+
+
+# --------------------------------------------------------------------------------------------
+# BlockSpecs. The grid is (tile, head, batch): tiles of one head run next to each other, so
+# they share that head's K/V (or Q) in L2.
+
+
+def _seq_spec(p: Problem, seq_len: int, heads_per_block: int | None, head_of):
+    """Whole sequence of one head (or of a group of heads) of a (B, L, N, H)/(B, N, L, H) array."""
+    hp = p.head_dim_padded
+    if p.layout == "BTNH":
+        return pl.BlockSpec((None, seq_len, heads_per_block, hp), lambda t, n, b: (b, 0, head_of(n), 0))
+    return pl.BlockSpec((None, heads_per_block, seq_len, hp), lambda t, n, b: (b, head_of(n), 0, 0))
+
+
+def _row_spec(length: int, heads_per_block: int | None, head_of):
+    """(B, N, L) float32 rows (lse, delta) of one head or group."""
+    return pl.BlockSpec((None, heads_per_block, length), lambda t, n, b: (b, head_of(n), 0))
+
+
+def _pair_spec(p: Problem, shape: tuple[int, int] | None, heads_per_block: int | None, head_of):
+    """(Bb, Nb, T, S) bias or dense mask, broadcast over batch and heads by the index map."""
+    if shape is None:
+        return None
+    bb, nb = shape
+    per_head = nb > 1
+    return pl.BlockSpec(
+        (None, heads_per_block if per_head else None, p.q_len, p.kv_len),
+        lambda t, n, b: (b if bb > 1 else 0, head_of(n) if per_head else 0, 0, 0),
+    )
+
+
+def _batch_spec(length: int | None):
+    if length is None:  # (B,) lengths: one scalar per program
+        return pl.BlockSpec((None,), lambda t, n, b: (b,))
+    return pl.BlockSpec((None, length), lambda t, n, b: (b, 0))
+
+
+def _optional(flag: bool, spec):
+    return spec if flag else None
+
+
+def _common_in_specs(p: Problem, heads_per_block, head_of):
+    """Specs for bias, dense mask, segments and lengths, in kernel argument order."""
+    return [
+        _pair_spec(p, p.bias_shape, heads_per_block, head_of),
+        _pair_spec(p, p.mask_shape, heads_per_block, head_of),
+        _optional(p.has_segments, _batch_spec(p.q_len)),
+        _optional(p.has_segments, _batch_spec(p.kv_len)),
+        _optional(p.has_q_lengths, _batch_spec(None)),
+        _optional(p.has_kv_lengths, _batch_spec(None)),
+    ]
+
+
+def _params(cfg: KernelConfig):
+    return plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+# --------------------------------------------------------------------------------------------
+# Pieces of the kernel bodies shared by forward and backward.
+
+
+def _load(ref, rows, row_mask, col_mask):
+    """Masked tile load: rows out of range and padded head columns read as 0."""
+    mask = combine(None if row_mask is None else row_mask[:, None], col_mask)
+    if mask is None:
+        return ref[rows, :]
+    return plgpu.load(ref.at[rows, :], mask=mask, other=0)
+
+
+def _dot(p: Problem, a, b, trans_b: bool = False, trans_a: bool = False):
+    precision = lax.Precision.HIGHEST if p.dot_precision == "highest" else None
+    return plgpu.dot(a, b, trans_a=trans_a, trans_b=trans_b, precision=precision)
+
+
+def _logits(p: Problem, qk, bias_tile):
+    """Logits in base 2 from q.k: scale, soft cap, bias. Returns (s2, tanh or None)."""
+    if p.softcap is None:
+        s2, t = qk * (p.scale * LOG2E), None
+    else:
+        t = jnp.tanh(qk * (p.scale / p.softcap))
+        s2 = t * (p.softcap * LOG2E)
+    if bias_tile is not None:
+        s2 = s2 + bias_tile.astype(jnp.float32) * LOG2E
+    return s2, t
+
+
+def _scalar(ref, default):
+    return default if ref is None else ref[...]
+
+
+class _Side:
+    """Refs and static facts that the masked path needs for one tile of keys or queries."""
+
+    def __init__(self, p: Problem, bias_ref, mask_ref, qseg_ref, kvseg_ref, kv_valid):
+        self.p, self.bias_ref, self.mask_ref = p, bias_ref, mask_ref
+        self.qseg_ref, self.kvseg_ref, self.kv_valid = qseg_ref, kvseg_ref, kv_valid
+
+    def pair_tile(self, ref, q_rows, k_rows, q_pos, k_pos, fill):
+        if ref is None:
+            return None
+        mask = (q_pos[:, None] < self.p.q_len) & (k_pos[None, :] < self.p.kv_len)
+        return plgpu.load(ref.at[q_rows, k_rows], mask=mask, other=fill)
+
+    def visible(self, q_rows, k_rows, q_pos, k_pos):
+        """Boolean (tile_q, tile_k): which logits of the tile count."""
+        p = self.p
+        vis = k_pos[None, :] < self.kv_valid
+        vis = combine(vis, band_visible(p.band, q_pos, k_pos))
+        if self.qseg_ref is not None:
+            qs = plgpu.load(self.qseg_ref.at[q_rows], mask=q_pos < p.q_len, other=-1)
+            ks = plgpu.load(self.kvseg_ref.at[k_rows], mask=k_pos < p.kv_len, other=-2)
+            vis = vis & (qs[:, None] == ks[None, :])
+        if self.mask_ref is not None:
+            vis = vis & (self.pair_tile(self.mask_ref, q_rows, k_rows, q_pos, k_pos, 0) != 0)
+        return vis
+
+
+def _three_ranges(body, ranges, carry):
+    """Run ``body(j, carry, masked)`` over [lo, full_lo) masked, [full_lo, full_hi) unmasked,
+    [full_hi, hi) masked: only tiles on an edge pay for the mask."""
+    lo, full_lo, full_hi, hi = ranges
+    carry = lax.fori_loop(lo, full_lo, functools.partial(body, masked=True), carry)
+    carry = lax.fori_loop(full_lo, full_hi, functools.partial(body, masked=False), carry)
+    return lax.fori_loop(full_hi, hi, functools.partial(body, masked=True), carry)
+
+
+def _column_mask(p: Problem):
+    hp = p.head_dim_padded
+    return None if hp == p.head_dim else (jnp.arange(hp) < p.head_dim)[None, :]
+
+
+# --------------------------------------------------------------------------------------------
+# Forward
+
+
+def _forward_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, qseg_ref, kvseg_ref, qlen_ref, kvlen_ref,
+                    o_ref, lse_ref, *, p: Problem, block_q: int, block_k: int):
+    t = pl.program_id(0)
+    q_start = t * block_q
+    q_pos = q_start + jnp.arange(block_q)
+    q_rows = pl.ds(q_start, block_q)
+    cols = _column_mask(p)
+    hp = p.head_dim_padded
+
+    kv_valid = jnp.minimum(_scalar(kvlen_ref, p.kv_len), p.kv_len)
+    q_valid = jnp.minimum(_scalar(qlen_ref, p.q_len), p.q_len)
+    side = _Side(p, bias_ref, mask_ref, qseg_ref, kvseg_ref, kv_valid)
+
+    q = _load(q_ref, q_rows, q_pos < p.q_len, cols)
+    num_k_blocks = pl.cdiv(p.kv_len, block_k)
+    ranges = kv_block_range(p.band, q_start, block_q, block_k, kv_valid, num_k_blocks)
+    if p.needs_elementwise_mask:  # every tile may hide single logits
+        ranges = (ranges[0], ranges[3], ranges[3], ranges[3])
+
+    def body(j, carry, masked):
+        acc, m, l = carry
+        k_start = j * block_k
+        k_rows = pl.ds(k_start, block_k)
+        k_pos = k_start + jnp.arange(block_k)
+        row_ok = k_pos < p.kv_len if masked else None
+        k = _load(k_ref, k_rows, row_ok, cols)
+        v = _load(v_ref, k_rows, row_ok, cols)
+        s, _ = _logits(p, _dot(p, q, k, trans_b=True), side.pair_tile(bias_ref, q_rows, k_rows, q_pos, k_pos, 0))
+        if masked:
+            s = jnp.where(side.visible(q_rows, k_rows, q_pos, k_pos), s, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        # A row that has seen only masked logits keeps m = -inf; shift by 0 there so that
+        # exp2(-inf - shift) is 0 rather than NaN.
+        shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+        alpha = jnp.exp2(m - shift)
+        probs = jnp.exp2(s - shift[:, None])
+        l = l * alpha + jnp.sum(probs, axis=1)
+        acc = acc * alpha[:, None] + _dot(p, probs.astype(v.dtype), v)
+        return acc, m_new, l
+
+    init = (jnp.zeros((block_q, hp), jnp.float32),
+            jnp.full((block_q,), -jnp.inf, jnp.float32),
+            jnp.zeros((block_q,), jnp.float32))
+    acc, m, l = _three_ranges(body, ranges, init)
+
+    live = (l > 0) & (q_pos < q_valid)  # rows with something to attend to
+    out = acc / jnp.where(live, l, 1.0)[:, None]
+    out = jnp.where(live[:, None], out, 0.0)
+    lse = jnp.where(live, (m + jnp.log2(jnp.where(live, l, 1.0))) * LN2, -jnp.inf)
+    store_rows = q_pos < p.q_len
+    plgpu.store(o_ref.at[q_rows, :], out.astype(o_ref.dtype), mask=combine(store_rows[:, None], cols))
+    plgpu.store(lse_ref.at[q_rows], lse, mask=store_rows)
+
+
+def forward(p: Problem, cfg: KernelConfig, q, k, v, bias, dense_mask, q_seg, kv_seg, q_lengths, kv_lengths,
+            *, interpret: bool = False):
+    """Returns (out like q, lse (B, N, T) float32 in natural log; -inf for rows that see nothing)."""
+    block_q, block_k = _tile(p.q_len, cfg.block_q), _tile(p.kv_len, cfg.block_k)
+    q_head, kv_head = (lambda n: n), (lambda n: n // p.group)
+    grid = (pl.cdiv(p.q_len, block_q), p.q_heads, p.batch)
+    in_specs = [
+        _seq_spec(p, p.q_len, None, q_head),
+        _seq_spec(p, p.kv_len, None, kv_head),
+        _seq_spec(p, p.kv_len, None, kv_head),
+        *_common_in_specs(p, None, q_head),
+    ]
+    out_specs = [_seq_spec(p, p.q_len, None, q_head), _row_spec(p.q_len, None, q_head)]
+    out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype),
+                 jax.ShapeDtypeStruct((p.batch, p.q_heads, p.q_len), jnp.float32)]
+    kernel = functools.partial(_forward_kernel, p=p, block_q=block_q, block_k=block_k)
+    return pl.pallas_call(
+        kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+        compiler_params=_params(cfg), interpret=interpret, name="mmfa_flash_forward",
+    )(q, k, v, bias, dense_mask, q_seg, kv_seg, q_lengths, kv_lengths)
+
+
+# --------------------------------------------------------------------------------------------
+# Backward. With s the natural-log logits after bias, p = exp(s - lse) and
+#   dv = p^T do,  dp = do v^T,  ds = p (dp - delta),  delta = rowsum(o * do) - dlse,
+#   d(bias) = ds,  d(qk) = ds * scale * (1 - tanh^2 if soft-capped),  dq = d(qk) k,  dk = d(qk)^T q.
+# Rows whose LSE is -inf (nothing visible, or past the query length) get LSE +inf here, which
+# makes their p exactly 0.
+
+
+def _backward_lse(lse):
+    return jnp.where(lse == -jnp.inf, jnp.inf, lse * LOG2E)
+
+
+def _grad_logits(p: Problem, probs, dp, delta, tanh):
+    ds = probs * (dp - delta[:, None])
+    dqk = ds * p.scale
+    if tanh is not None:
+        dqk = dqk * (1.0 - tanh * tanh)
+    return ds, dqk
+
+
+def _dq_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, qseg_ref, kvseg_ref, qlen_ref, kvlen_ref,
+               do_ref, lse_ref, delta_ref, dq_ref, *dbias_refs, p: Problem, block_q: int, block_k: int):
+    dbias_ref = dbias_refs[0] if dbias_refs else None
+    t = pl.program_id(0)
+    q_start = t * block_q
+    q_pos = q_start + jnp.arange(block_q)
+    q_rows = pl.ds(q_start, block_q)
+    cols = _column_mask(p)
+    kv_valid = jnp.minimum(_scalar(kvlen_ref, p.kv_len), p.kv_len)
+    side = _Side(p, bias_ref, mask_ref, qseg_ref, kvseg_ref, kv_valid)
+
+    in_q = q_pos < p.q_len
+    q = _load(q_ref, q_rows, in_q, cols)
+    do = _load(do_ref, q_rows, in_q, cols)
+    lse = _backward_lse(plgpu.load(lse_ref.at[q_rows], mask=in_q, other=-jnp.inf))
+    delta = plgpu.load(delta_ref.at[q_rows], mask=in_q, other=0.0)
+
+    num_k_blocks = pl.cdiv(p.kv_len, block_k)
+    ranges = kv_block_range(p.band, q_start, block_q, block_k, kv_valid, num_k_blocks)
+    if p.needs_elementwise_mask or dbias_ref is not None:
+        # dbias must be written for every key tile, visible or not.
+        ranges = (0, num_k_blocks, num_k_blocks, num_k_blocks) if dbias_ref is not None else (
+            ranges[0], ranges[3], ranges[3], ranges[3])
+
+    def body(j, dq, masked):
+        k_start = j * block_k
+        k_rows = pl.ds(k_start, block_k)
+        k_pos = k_start + jnp.arange(block_k)
+        row_ok = k_pos < p.kv_len if masked else None
+        k = _load(k_ref, k_rows, row_ok, cols)
+        v = _load(v_ref, k_rows, row_ok, cols)
+        s, tanh = _logits(p, _dot(p, q, k, trans_b=True), side.pair_tile(bias_ref, q_rows, k_rows, q_pos, k_pos, 0))
+        if masked:
+            s = jnp.where(side.visible(q_rows, k_rows, q_pos, k_pos), s, -jnp.inf)
+        probs = jnp.exp2(s - lse[:, None])
+        ds, dqk = _grad_logits(p, probs, _dot(p, do, v, trans_b=True), delta, tanh)
+        if dbias_ref is not None:
+            plgpu.store(dbias_ref.at[q_rows, k_rows], ds,
+                        mask=in_q[:, None] & (k_pos < p.kv_len)[None, :])
+        return dq + _dot(p, dqk.astype(k.dtype), k)
+
+    dq = _three_ranges(body, ranges, jnp.zeros((block_q, p.head_dim_padded), jnp.float32))
+    plgpu.store(dq_ref.at[q_rows, :], dq.astype(dq_ref.dtype), mask=combine(in_q[:, None], cols))
+
+
+def _dkv_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, qseg_ref, kvseg_ref, qlen_ref, kvlen_ref,
+                do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, p: Problem, block_q: int, block_k: int):
+    t = pl.program_id(0)
+    k_start = t * block_k
+    k_pos = k_start + jnp.arange(block_k)
+    k_rows = pl.ds(k_start, block_k)
+    cols = _column_mask(p)
+    kv_valid = jnp.minimum(_scalar(kvlen_ref, p.kv_len), p.kv_len)
+    q_valid = jnp.minimum(_scalar(qlen_ref, p.q_len), p.q_len)
+
+    in_k = k_pos < p.kv_len
+    k = _load(k_ref, k_rows, in_k, cols)
+    v = _load(v_ref, k_rows, in_k, cols)
+    num_q_blocks = pl.cdiv(p.q_len, block_q)
+    ranges = q_block_range(p.band, k_start, block_k, block_q, q_valid, num_q_blocks,
+                           kv_tile_whole=k_start + block_k <= kv_valid)
+    if p.needs_elementwise_mask:
+        ranges = (ranges[0], ranges[3], ranges[3], ranges[3])
+
+    def head_view(ref, g):
+        """The rows of query head g of this group, as a (L, ...) ref."""
+        if ref is None:
+            return None
+        return ref.at[g] if p.layout == "BNTH" else ref.at[:, g, :]
+
+    def pair_view(ref, shape, g):
+        if ref is None or shape[1] == 1:
+            return ref
+        return ref.at[g]
+
+    def group_member(g, carry):
+        q_g, do_g = head_view(q_ref, g), head_view(do_ref, g)
+        lse_g, delta_g = lse_ref.at[g], delta_ref.at[g]
+        bias_g = pair_view(bias_ref, p.bias_shape, g)
+        side = _Side(p, bias_g, pair_view(mask_ref, p.mask_shape, g), qseg_ref, kvseg_ref, kv_valid)
+
+        def body(i, carry, masked):
+            dk, dv = carry
+            q_start = i * block_q
+            q_rows = pl.ds(q_start, block_q)
+            q_pos = q_start + jnp.arange(block_q)
+            in_q = q_pos < p.q_len if masked else None
+            q = _load(q_g, q_rows, in_q, cols)
+            do = _load(do_g, q_rows, in_q, cols)
+            if masked:
+                lse = _backward_lse(plgpu.load(lse_g.at[q_rows], mask=q_pos < p.q_len, other=-jnp.inf))
+                delta = plgpu.load(delta_g.at[q_rows], mask=q_pos < p.q_len, other=0.0)
+            else:
+                lse, delta = _backward_lse(lse_g[q_rows]), delta_g[q_rows]
+            s, tanh = _logits(p, _dot(p, q, k, trans_b=True), side.pair_tile(bias_g, q_rows, k_rows, q_pos, k_pos, 0))
+            if masked:
+                s = jnp.where(side.visible(q_rows, k_rows, q_pos, k_pos), s, -jnp.inf)
+            probs = jnp.exp2(s - lse[:, None])
+            dv = dv + _dot(p, probs.astype(do.dtype), do, trans_a=True)
+            _, dqk = _grad_logits(p, probs, _dot(p, do, v, trans_b=True), delta, tanh)
+            dk = dk + _dot(p, dqk.astype(q.dtype), q, trans_a=True)
+            return dk, dv
+
+        return _three_ranges(body, ranges, carry)
+
+    zeros = jnp.zeros((block_k, p.head_dim_padded), jnp.float32)
+    dk, dv = lax.fori_loop(0, p.group, group_member, (zeros, zeros))
+    store_mask = combine(in_k[:, None], cols)
+    plgpu.store(dk_ref.at[k_rows, :], dk.astype(dk_ref.dtype), mask=store_mask)
+    plgpu.store(dv_ref.at[k_rows, :], dv.astype(dv_ref.dtype), mask=store_mask)
+
+
+def backward(p: Problem, dq_cfg: KernelConfig, dkv_cfg: KernelConfig, q, k, v, bias, dense_mask, q_seg, kv_seg,
+             q_lengths, kv_lengths, do, lse, delta, *, interpret: bool = False):
+    """Returns (dq, dk, dv, dbias or None). dbias is (B, N, T, S) float32: the caller sums it
+    over the dimensions that the bias broadcast."""
+    q_head, kv_head = (lambda n: n), (lambda n: n // p.group)
+    common = [*_common_in_specs(p, None, q_head)]
+
+    # dQ (and dbias): one program per query tile, as the forward.
+    block_q, block_k = _tile(p.q_len, dq_cfg.block_q), _tile(p.kv_len, dq_cfg.block_k)
+    with_dbias = p.bias_shape is not None
+    in_specs = [_seq_spec(p, p.q_len, None, q_head), _seq_spec(p, p.kv_len, None, kv_head),
+                _seq_spec(p, p.kv_len, None, kv_head), *common,
+                _seq_spec(p, p.q_len, None, q_head), _row_spec(p.q_len, None, q_head),
+                _row_spec(p.q_len, None, q_head)]
+    out_specs = [_seq_spec(p, p.q_len, None, q_head)]
+    out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
+    if with_dbias:
+        out_specs.append(pl.BlockSpec((None, None, p.q_len, p.kv_len), lambda t, n, b: (b, n, 0, 0)))
+        out_shape.append(jax.ShapeDtypeStruct((p.batch, p.q_heads, p.q_len, p.kv_len), jnp.float32))
+    dq, *dbias = pl.pallas_call(
+        functools.partial(_dq_kernel, p=p, block_q=block_q, block_k=block_k),
+        grid=(pl.cdiv(p.q_len, block_q), p.q_heads, p.batch),
+        in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+        compiler_params=_params(dq_cfg), interpret=interpret, name="mmfa_flash_dq",
+    )(q, k, v, bias, dense_mask, q_seg, kv_seg, q_lengths, kv_lengths, do, lse, delta)
+
+    # dK, dV: one program per key tile of one K/V head, looping over its group of query heads.
+    block_q, block_k = _tile(p.q_len, dkv_cfg.block_q), _tile(p.kv_len, dkv_cfg.block_k)
+    group_of = lambda n: n  # noqa: E731  (grid axis 1 runs over K/V heads here)
+    g = p.group
+    in_specs = [_seq_spec(p, p.q_len, g, group_of), _seq_spec(p, p.kv_len, None, group_of),
+                _seq_spec(p, p.kv_len, None, group_of), *_common_in_specs(p, g, group_of),
+                _seq_spec(p, p.q_len, g, group_of), _row_spec(p.q_len, g, group_of),
+                _row_spec(p.q_len, g, group_of)]
+    kv_spec = _seq_spec(p, p.kv_len, None, group_of)
+    dk, dv = pl.pallas_call(
+        functools.partial(_dkv_kernel, p=p, block_q=block_q, block_k=block_k),
+        grid=(pl.cdiv(p.kv_len, block_k), p.kv_heads, p.batch),
+        in_specs=in_specs, out_specs=[kv_spec, kv_spec],
+        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        compiler_params=_params(dkv_cfg), interpret=interpret, name="mmfa_flash_dkv",
+    )(q, k, v, bias, dense_mask, q_seg, kv_seg, q_lengths, kv_lengths, do, lse, delta)
+    return dq, dk, dv, (dbias[0] if dbias else None)

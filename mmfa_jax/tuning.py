@@ -1,0 +1,81 @@
+"""Block configurations of the attention kernels, kept as data.
+
+A row is chosen by GPU family and padded head dimension; float32 inputs take half the tiles
+(their operands are twice as large). Measured on the H100 with ``bench/attention.py --sweep``;
+figures and the command are in bench/NOTES.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    """Tile shape and launch parameters of one kernel.
+
+    block_q / block_k: query rows and key rows per tile (powers of two, at least 16).
+    num_warps / num_stages: Triton's warps per program and software-pipelining depth.
+    """
+
+    block_q: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+    def halved(self) -> "KernelConfig":
+        return dataclasses.replace(self, block_q=max(16, self.block_q // 2), block_k=max(16, self.block_k // 2))
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig:
+    """Configurations of the forward kernel and the two backward kernels."""
+
+    forward: KernelConfig
+    backward_dq: KernelConfig
+    backward_dkv: KernelConfig
+
+    def halved(self) -> "AttentionConfig":
+        return AttentionConfig(self.forward.halved(), self.backward_dq.halved(), self.backward_dkv.halved())
+
+
+K = KernelConfig
+
+# (family, padded head dim) -> configs. "sm90": Hopper; "sm80": Ampere and Ada; "any": the rest,
+# including the CPU interpreter (where large tiles mean fewer interpreted grid steps).
+TABLE: dict[tuple[str, int], AttentionConfig] = {
+    ("sm90", 32): AttentionConfig(K(128, 64, 4, 3), K(128, 32, 4, 3), K(32, 128, 4, 3)),
+    ("sm90", 64): AttentionConfig(K(128, 64, 4, 3), K(128, 32, 4, 3), K(32, 128, 4, 3)),
+    ("sm90", 128): AttentionConfig(K(128, 128, 8, 3), K(128, 64, 8, 2), K(64, 128, 8, 2)),
+    ("sm90", 256): AttentionConfig(K(64, 64, 4, 2), K(64, 32, 4, 2), K(32, 64, 4, 2)),
+    ("sm80", 32): AttentionConfig(K(128, 64, 4, 3), K(128, 32, 4, 2), K(32, 128, 4, 2)),
+    ("sm80", 64): AttentionConfig(K(128, 64, 4, 3), K(128, 32, 4, 2), K(32, 128, 4, 2)),
+    ("sm80", 128): AttentionConfig(K(128, 64, 4, 2), K(64, 64, 4, 2), K(64, 64, 4, 2)),
+    ("sm80", 256): AttentionConfig(K(64, 32, 4, 2), K(32, 32, 4, 2), K(32, 32, 4, 2)),
+    ("any", 32): AttentionConfig(K(64, 64, 4, 2), K(64, 64, 4, 2), K(64, 64, 4, 2)),
+    ("any", 64): AttentionConfig(K(64, 64, 4, 2), K(64, 64, 4, 2), K(64, 64, 4, 2)),
+    ("any", 128): AttentionConfig(K(64, 64, 4, 2), K(64, 64, 4, 2), K(64, 64, 4, 2)),
+    ("any", 256): AttentionConfig(K(32, 32, 4, 2), K(32, 32, 4, 2), K(32, 32, 4, 2)),
+}
+
+
+def gpu_family(device: jax.Device | None = None) -> str:
+    """'sm90', 'sm80' or 'any' for the given (default: first) device."""
+    device = device or jax.devices()[0]
+    cc = getattr(device, "compute_capability", None)
+    if device.platform != "gpu" or cc is None:
+        return "any"
+    major = int(str(cc).split(".")[0])
+    return "sm90" if major >= 9 else "sm80" if major >= 8 else "any"
+
+
+def config_for(head_dim_padded: int, dtype, family: str) -> AttentionConfig:
+    """The table's row for this head size; float32 takes half the tiles."""
+    key = min((d for (fam, d) in TABLE if fam == family and d >= head_dim_padded), default=None)
+    if key is None:
+        raise ValueError(f"no kernel configuration for head_dim {head_dim_padded} on {family}")
+    cfg = TABLE[(family, key)]
+    return cfg.halved() if jnp.dtype(dtype) == jnp.float32 and family != "any" else cfg
