@@ -7,6 +7,7 @@ log-sum-exp, and Pallas kernels for forward and backward.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Literal
@@ -90,19 +91,11 @@ def attention(
       The attention output, shaped and typed like ``query`` (and the LSE if asked). A query
       row with no visible key gives zeros, never NaN.
     """
-    impl = _check_implementation(implementation)
     unbatched = jnp.ndim(query) == 3
     query, key, value = (_add_batch(x, name, unbatched) for x, name in ((query, "query"), (key, "key"), (value, "value")))
-    problem, args = _normalise(
-        query, key, value, bias, mask, scale, is_causal, query_seq_lengths, key_value_seq_lengths,
-        local_window_size, logits_soft_cap, segment_ids, layout, impl)
-    if impl == "xla":
-        out, lse = xla_attention(problem, *args)
-    else:
-        if config is None:
-            family = "any" if impl == "interpret" else tuning.gpu_family()
-            config = tuning.config_for(problem.head_dim_padded, query.dtype, family)
-        out, lse = _flash((problem, config, impl == "interpret"), *args)
+    opts = Options.make(scale, is_causal, local_window_size, logits_soft_cap, implementation, layout, config)
+    out, lse = _differentiable(opts, query, key, value, bias, mask, segment_ids, query_seq_lengths,
+                               key_value_seq_lengths)
     if layout == "BTNH":
         lse = jnp.swapaxes(lse, 1, 2)
     if unbatched:
@@ -111,6 +104,83 @@ def attention(
 
 
 dot_product_attention = attention
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """The static (hashable) arguments of one attention call, checked."""
+
+    scale: float | None
+    is_causal: bool
+    window: tuple[int | None, int | None]
+    softcap: float | None
+    implementation: str
+    layout: str
+    config: tuning.AttentionConfig | None
+
+    @classmethod
+    def make(cls, scale=None, is_causal=False, local_window_size=None, logits_soft_cap=None, implementation=None,
+             layout="BTNH", config=None) -> "Options":
+        if layout not in ("BTNH", "BNTH"):
+            raise ValueError(f"layout must be 'BTNH' or 'BNTH', got {layout!r}")
+        if scale is not None:
+            scale = float(scale)
+            if not math.isfinite(scale):
+                raise ValueError(f"scale must be a finite number, got {scale}")
+        if logits_soft_cap is not None:
+            logits_soft_cap = float(logits_soft_cap)
+            if not (logits_soft_cap > 0 and math.isfinite(logits_soft_cap)):
+                raise ValueError(f"logits_soft_cap must be a positive finite number or None, got {logits_soft_cap}")
+        if config is not None and not isinstance(config, tuning.AttentionConfig):
+            raise TypeError(f"config must be a mmfa_jax.AttentionConfig or None, got {type(config).__name__}")
+        return cls(scale, bool(is_causal), _check_window(local_window_size), logits_soft_cap,
+                   _check_implementation(implementation), layout, config)
+
+
+def _static(opts: Options, arrays):
+    """Check and normalise the arrays; returns ((problem, config, interpret), normalised arrays)."""
+    problem, args = _normalise(opts, *arrays)
+    config = opts.config
+    if config is None and opts.implementation != "xla":
+        family = "any" if opts.implementation == "interpret" else tuning.gpu_family()
+        config = tuning.config_for(problem.head_dim_padded, args[0].dtype, family)
+    return (problem, config, opts.implementation == "interpret"), args
+
+
+def _differentiable(opts: Options, *arrays):
+    """(out, lse in (B, N, T)) with gradients: our backward kernels, or autodiff for xla."""
+    static, args = _static(opts, arrays)
+    if opts.implementation == "xla":
+        return xla_attention(static[0], *args)
+    return _flash(static, *args)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def forward(opts: Options, query, key, value, bias=None, mask=None, segment_ids=None, query_seq_lengths=None,
+            key_value_seq_lengths=None):
+    """Forward alone, for frameworks that do their own autograd (the torch face).
+
+    Batched arrays in ``opts.layout``; returns (out, lse (B, N, T) float32)."""
+    static, args = _static(opts, (query, key, value, bias, mask, segment_ids, query_seq_lengths,
+                                  key_value_seq_lengths))
+    if opts.implementation == "xla":
+        return xla_attention(static[0], *args)
+    return _flash_fwd(static, *args)[0]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def backward(opts: Options, query, key, value, bias, mask, segment_ids, query_seq_lengths, key_value_seq_lengths,
+             out, lse, d_out, d_lse):
+    """Gradients (dq, dk, dv, dbias) from the forward's residuals; dbias is (Bb, Nb, T, S), the
+    bias broadcast over T and S only (None without a bias)."""
+    static, args = _static(opts, (query, key, value, bias, mask, segment_ids, query_seq_lengths,
+                                  key_value_seq_lengths))
+    if opts.implementation == "xla":
+        def f(q, k, v, b):
+            return xla_attention(static[0], q, k, v, b, *args[4:])
+        _, vjp = jax.vjp(f, *args[:4])
+        return vjp((d_out, d_lse))
+    return _flash_bwd(static, (*args, out, lse), (d_out, d_lse))[:4]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -179,10 +249,8 @@ def _add_batch(x, name, unbatched):
     return x[None] if unbatched else x
 
 
-def _normalise(q, k, v, bias, mask, scale, is_causal, q_lengths, kv_lengths, window, softcap, segment_ids,
-               layout, impl):
-    if layout not in ("BTNH", "BNTH"):
-        raise ValueError(f"layout must be 'BTNH' or 'BNTH', got {layout!r}")
+def _normalise(opts: Options, q, k, v, bias, mask, segment_ids, q_lengths, kv_lengths):
+    layout, impl, scale = opts.layout, opts.implementation, opts.scale
     seq_axis, head_axis = (1, 2) if layout == "BTNH" else (2, 1)
     for name, x in (("query", q), ("key", k), ("value", v)):
         if x.dtype not in SUPPORTED_DTYPES:
@@ -206,15 +274,7 @@ def _normalise(q, k, v, bias, mask, scale, is_causal, q_lengths, kv_lengths, win
 
     if scale is None:
         scale = 1.0 / math.sqrt(H)
-    scale = float(scale)
-    if not math.isfinite(scale):
-        raise ValueError(f"scale must be a finite number, got {scale}")
-    if softcap is not None:
-        softcap = float(softcap)
-        if not (softcap > 0 and math.isfinite(softcap)):
-            raise ValueError(f"logits_soft_cap must be a positive finite number or None, got {softcap}")
-    window = _check_window(window)
-    band = Band.make(T, S, bool(is_causal), window)
+    band = Band.make(T, S, opts.is_causal, opts.window)
 
     bias, bias_shape = _pair_array(bias, "bias", B, N, T, S, None)
     if bias is not None and bias.dtype not in SUPPORTED_DTYPES:
@@ -227,7 +287,7 @@ def _normalise(q, k, v, bias, mask, scale, is_causal, q_lengths, kv_lengths, win
     kv_lengths = _check_lengths(kv_lengths, "key_value_seq_lengths", B)
 
     problem = flash.Problem(
-        batch=B, q_heads=N, kv_heads=K, q_len=T, kv_len=S, head_dim=H, scale=scale, softcap=softcap, band=band,
+        batch=B, q_heads=N, kv_heads=K, q_len=T, kv_len=S, head_dim=H, scale=scale, softcap=opts.softcap, band=band,
         layout=layout, bias_shape=bias_shape, mask_shape=mask_shape, has_segments=q_seg is not None,
         has_q_lengths=q_lengths is not None, has_kv_lengths=kv_lengths is not None,
         dot_precision="highest" if q.dtype == jnp.float32 else None)

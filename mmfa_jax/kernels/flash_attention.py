@@ -190,10 +190,13 @@ class _Side:
         return vis
 
 
-def _three_ranges(body, ranges, carry):
+def _three_ranges(body, ranges, carry, *, any_full: bool = True):
     """Run ``body(j, carry, masked)`` over [lo, full_lo) masked, [full_lo, full_hi) unmasked,
-    [full_hi, hi) masked: only tiles on an edge pay for the mask."""
+    [full_hi, hi) masked: only tiles on an edge pay for the mask. ``any_full=False`` (static:
+    the sequence is shorter than one tile, or single logits may be masked) masks every tile."""
     lo, full_lo, full_hi, hi = ranges
+    if not any_full:
+        return lax.fori_loop(lo, hi, functools.partial(body, masked=True), carry)
     carry = lax.fori_loop(lo, full_lo, functools.partial(body, masked=True), carry)
     carry = lax.fori_loop(full_lo, full_hi, functools.partial(body, masked=False), carry)
     return lax.fori_loop(full_hi, hi, functools.partial(body, masked=True), carry)
@@ -224,8 +227,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, qseg_ref, kvseg_ref
     q = _load(q_ref, q_rows, q_pos < p.q_len, cols)
     num_k_blocks = pl.cdiv(p.kv_len, block_k)
     ranges = kv_block_range(p.band, q_start, block_q, block_k, kv_valid, num_k_blocks)
-    if p.needs_elementwise_mask:  # every tile may hide single logits
-        ranges = (ranges[0], ranges[3], ranges[3], ranges[3])
+    any_full = not p.needs_elementwise_mask and p.kv_len >= block_k
 
     def body(j, carry, masked):
         acc, m, l = carry
@@ -251,7 +253,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, qseg_ref, kvseg_ref
     init = (jnp.zeros((block_q, hp), jnp.float32),
             jnp.full((block_q,), -jnp.inf, jnp.float32),
             jnp.zeros((block_q,), jnp.float32))
-    acc, m, l = _three_ranges(body, ranges, init)
+    acc, m, l = _three_ranges(body, ranges, init, any_full=any_full)
 
     live = (l > 0) & (q_pos < q_valid)  # rows with something to attend to
     out = acc / jnp.where(live, l, 1.0)[:, None]
@@ -323,10 +325,9 @@ def _dq_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, qseg_ref, kvseg_ref, qle
 
     num_k_blocks = pl.cdiv(p.kv_len, block_k)
     ranges = kv_block_range(p.band, q_start, block_q, block_k, kv_valid, num_k_blocks)
-    if p.needs_elementwise_mask or dbias_ref is not None:
-        # dbias must be written for every key tile, visible or not.
-        ranges = (0, num_k_blocks, num_k_blocks, num_k_blocks) if dbias_ref is not None else (
-            ranges[0], ranges[3], ranges[3], ranges[3])
+    if dbias_ref is not None:  # dbias must be written for every key tile, visible or not
+        ranges = (0, num_k_blocks, num_k_blocks, num_k_blocks)
+    any_full = not p.needs_elementwise_mask and dbias_ref is None and p.kv_len >= block_k
 
     def body(j, dq, masked):
         k_start = j * block_k
@@ -345,7 +346,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, qseg_ref, kvseg_ref, qle
                         mask=in_q[:, None] & (k_pos < p.kv_len)[None, :])
         return dq + _dot(p, dqk.astype(k.dtype), k)
 
-    dq = _three_ranges(body, ranges, jnp.zeros((block_q, p.head_dim_padded), jnp.float32))
+    dq = _three_ranges(body, ranges, jnp.zeros((block_q, p.head_dim_padded), jnp.float32), any_full=any_full)
     plgpu.store(dq_ref.at[q_rows, :], dq.astype(dq_ref.dtype), mask=combine(in_q[:, None], cols))
 
 
@@ -365,8 +366,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, qseg_ref, kvseg_ref, ql
     num_q_blocks = pl.cdiv(p.q_len, block_q)
     ranges = q_block_range(p.band, k_start, block_k, block_q, q_valid, num_q_blocks,
                            kv_tile_whole=k_start + block_k <= kv_valid)
-    if p.needs_elementwise_mask:
-        ranges = (ranges[0], ranges[3], ranges[3], ranges[3])
+    any_full = not p.needs_elementwise_mask and p.q_len >= block_q
 
     def head_view(ref, g):
         """The rows of query head g of this group, as a (L, ...) ref."""
@@ -407,7 +407,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, qseg_ref, kvseg_ref, ql
             dk = dk + _dot(p, dqk.astype(q.dtype), q, trans_a=True)
             return dk, dv
 
-        return _three_ranges(body, ranges, carry)
+        return _three_ranges(body, ranges, carry, any_full=any_full)
 
     zeros = jnp.zeros((block_k, p.head_dim_padded), jnp.float32)
     dk, dv = lax.fori_loop(0, p.group, group_member, (zeros, zeros))

@@ -1,0 +1,13 @@
+"""mmfa: Multimodal Flash-Attention, PyTorch face.
+
+``scaled_dot_product_attention`` (alias ``attention``) mirrors
+``torch.nn.functional.scaled_dot_product_attention`` and runs mmfa's compiled Pallas kernels on the
+torch tensors' own memory (DLPack, no copy). Importing this module sets
+``XLA_PYTHON_CLIENT_PREALLOCATE=false`` (unless already set) so that JAX does not reserve 75% of
+GPU memory.
+"""
+
+from mmfa_torch import bridge  # noqa: F401  (sets the allocator flag before JAX starts)
+from mmfa_torch.attention import attention, scaled_dot_product_attention
+
+__all__ = ["attention", "scaled_dot_product_attention"]

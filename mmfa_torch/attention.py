@@ -1,0 +1,138 @@
+"""The PyTorch face: ``scaled_dot_product_attention`` on the same compiled Pallas kernels."""
+
+from __future__ import annotations
+
+import torch
+
+from mmfa_jax.attention import IMPLEMENTATIONS, pallas_available
+from mmfa_torch import ops
+
+Tensor = torch.Tensor
+
+
+def scaled_dot_product_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    *,
+    local_window_size: int | tuple[int | None, int | None] | None = None,
+    logits_soft_cap: float | None = None,
+    segment_ids: Tensor | tuple[Tensor, Tensor] | None = None,
+    query_seq_lengths: Tensor | None = None,
+    key_value_seq_lengths: Tensor | None = None,
+    return_lse: bool = False,
+    implementation: str | None = None,
+):
+    """Mirror of ``torch.nn.functional.scaled_dot_product_attention`` on mmfa's kernels.
+
+    Shapes: query (B, Hq, L, D), key/value (B, Hkv, S, D); the batch axis may be left out.
+    Hkv must divide Hq, and Hq != Hkv needs ``enable_gqa=True`` (as in torch). K/V are never
+    repeated. Inputs may be contiguous in (B, H, L, D) or be the ``transpose(1, 2)`` view of a
+    contiguous (B, L, H, D) tensor (what attention layers usually produce): both cross to the
+    kernels without a copy, and the output comes back in the same memory order. Other strides
+    are copied to contiguous first.
+
+    Args:
+      attn_mask: bool (True takes part) or additive float mask, broadcastable to (B, Hq, L, S).
+      dropout_p: must be 0 (dropout is not supported).
+      is_causal: lower-triangular mask aligned bottom-right (query i sees keys <= i + S - L);
+        may be combined with ``attn_mask``.
+      scale: default 1/sqrt(D).
+      local_window_size, logits_soft_cap, segment_ids, query_seq_lengths,
+      key_value_seq_lengths: as in ``mmfa_jax.attention``.
+      return_lse: also return the log-sum-exp (B, Hq, L) float32 (-inf for rows that see nothing).
+      implementation: "pallas" (default for CUDA tensors on GPUs of compute capability >= 8.0),
+        "interpret" or "xla" (default for CPU tensors).
+
+    Returns:
+      (B, Hq, L, D) like query (and the LSE if asked). Differentiable in query, key, value and
+      a float attn_mask; works under torch.compile.
+    """
+    if dropout_p != 0.0:
+        raise ValueError(f"dropout_p must be 0.0: mmfa attention has no dropout (got {dropout_p})")
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() not in (3, 4):
+            raise ValueError(f"{name} must have rank 4 (B, H, L, D) or 3 (H, L, D), got shape {tuple(t.shape)}")
+    if not (query.dim() == key.dim() == value.dim()):
+        raise ValueError(f"query, key and value must have the same rank, got {query.dim()}, {key.dim()}, {value.dim()}")
+    if not (query.device == key.device == value.device):
+        raise ValueError(f"query, key and value must be on one device, got {query.device}, {key.device}, {value.device}")
+    unbatched = query.dim() == 3
+    if unbatched:
+        query, key, value = query[None], key[None], value[None]
+    if query.shape[1] != key.shape[1] and not enable_gqa:
+        raise ValueError(
+            f"query has {query.shape[1]} heads and key/value {key.shape[1]}: pass enable_gqa=True for grouped-query "
+            "attention")
+    implementation = _implementation(implementation, query.device)
+
+    bias = mask = None
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            mask = attn_mask.contiguous()
+        elif attn_mask.is_floating_point():
+            bias = attn_mask.contiguous()
+        else:
+            raise TypeError(f"attn_mask must be bool or floating point, got {attn_mask.dtype}")
+    q_seg = kv_seg = None
+    if segment_ids is not None:
+        q_seg, kv_seg = segment_ids if isinstance(segment_ids, (tuple, list)) else (segment_ids, segment_ids)
+        q_seg, kv_seg = _int32(q_seg, "segment_ids"), _int32(kv_seg, "segment_ids")
+    if local_window_size is None:
+        left = right = -1
+    elif isinstance(local_window_size, int):
+        left = right = local_window_size
+    else:
+        left, right = (-1 if w is None else w for w in local_window_size)
+    if min(left, right) < -1 or (isinstance(local_window_size, int) and local_window_size < 0):
+        raise ValueError(f"local_window_size must be non-negative, got {local_window_size!r}")
+    if scale is not None and not scale > 0:
+        raise ValueError(f"scale must be positive, got {scale}")
+    if logits_soft_cap is not None and not logits_soft_cap > 0:
+        raise ValueError(f"logits_soft_cap must be positive or None, got {logits_soft_cap}")
+
+    # Hand the kernels the memory order the tensors already have: no copy either way.
+    layout = "BTNH" if (not query.is_contiguous() and query.transpose(1, 2).is_contiguous()) else "BNTH"
+    q, k, v = (_in_layout(t, layout) for t in (query, key, value))
+    out, lse = ops.attention_forward(
+        q, k, v, bias, mask, q_seg, kv_seg, _int32(query_seq_lengths, "query_seq_lengths"),
+        _int32(key_value_seq_lengths, "key_value_seq_lengths"),
+        float(scale or 0.0), bool(is_causal), int(left), int(right), float(logits_soft_cap or 0.0), layout,
+        implementation)
+    if layout == "BTNH":
+        out = out.transpose(1, 2)
+    if unbatched:
+        out, lse = out[0], lse[0]
+    return (out, lse) if return_lse else out
+
+
+attention = scaled_dot_product_attention
+
+
+def _in_layout(t: Tensor, layout: str) -> Tensor:
+    return t.contiguous() if layout == "BNTH" else t.transpose(1, 2).contiguous()
+
+
+def _int32(t, name):
+    if t is None:
+        return None
+    if not isinstance(t, torch.Tensor) or t.is_floating_point() or t.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor, got {getattr(t, 'dtype', type(t).__name__)}")
+    return t.to(torch.int32).contiguous()
+
+
+def _implementation(implementation: str | None, device: torch.device) -> str:
+    if implementation is None:
+        return "pallas" if device.type == "cuda" and pallas_available() else "xla"
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS} or None, got {implementation!r}")
+    if implementation == "pallas" and device.type != "cuda":
+        raise ValueError(f"implementation='pallas' needs CUDA tensors, got tensors on {device}")
+    return implementation
