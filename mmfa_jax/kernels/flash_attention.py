@@ -134,12 +134,30 @@ def _params(cfg: KernelConfig):
 # Pieces of the kernel bodies shared by forward and backward.
 
 
+class _View:
+    """A ref with one axis fixed at a (dynamic) head of a GQA group. Triton's lowering takes a
+    single indexer per load, so the head index joins each tile's index rather than making a
+    sub-ref."""
+
+    def __init__(self, ref, head=None, axis: int = 0):
+        self.ref, self.head, self.axis = ref, head, axis
+
+    def load(self, *idx, mask=None, other=None):
+        if self.head is not None:
+            idx = idx[:self.axis] + (self.head,) + idx[self.axis:]
+        if mask is None:
+            return self.ref[idx]
+        return plgpu.load(self.ref.at[idx], mask=mask, other=other)
+
+
+def _view(ref):
+    return ref if ref is None or isinstance(ref, _View) else _View(ref)
+
+
 def _load(ref, rows, row_mask, col_mask):
     """Masked tile load: rows out of range and padded head columns read as 0."""
     mask = combine(None if row_mask is None else row_mask[:, None], col_mask)
-    if mask is None:
-        return ref[rows, :]
-    return plgpu.load(ref.at[rows, :], mask=mask, other=0)
+    return _view(ref).load(rows, slice(None), mask=mask, other=0)
 
 
 def _dot(p: Problem, a, b, trans_b: bool = False, trans_a: bool = False):
@@ -174,7 +192,7 @@ class _Side:
         if ref is None:
             return None
         mask = (q_pos[:, None] < self.p.q_len) & (k_pos[None, :] < self.p.kv_len)
-        return plgpu.load(ref.at[q_rows, k_rows], mask=mask, other=fill)
+        return _view(ref).load(q_rows, k_rows, mask=mask, other=fill)
 
     def visible(self, q_rows, k_rows, q_pos, k_pos):
         """Boolean (tile_q, tile_k): which logits of the tile count."""
@@ -368,20 +386,16 @@ def _dkv_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, qseg_ref, kvseg_ref, ql
                            kv_tile_whole=k_start + block_k <= kv_valid)
     any_full = not p.needs_elementwise_mask and p.q_len >= block_q
 
-    def head_view(ref, g):
-        """The rows of query head g of this group, as a (L, ...) ref."""
-        if ref is None:
-            return None
-        return ref.at[g] if p.layout == "BNTH" else ref.at[:, g, :]
+    head_axis = 0 if p.layout == "BNTH" else 1
 
     def pair_view(ref, shape, g):
         if ref is None or shape[1] == 1:
             return ref
-        return ref.at[g]
+        return _View(ref, g)
 
     def group_member(g, carry):
-        q_g, do_g = head_view(q_ref, g), head_view(do_ref, g)
-        lse_g, delta_g = lse_ref.at[g], delta_ref.at[g]
+        q_g, do_g = _View(q_ref, g, head_axis), _View(do_ref, g, head_axis)
+        lse_g, delta_g = _View(lse_ref, g), _View(delta_ref, g)
         bias_g = pair_view(bias_ref, p.bias_shape, g)
         side = _Side(p, bias_g, pair_view(mask_ref, p.mask_shape, g), qseg_ref, kvseg_ref, kv_valid)
 
@@ -393,11 +407,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, qseg_ref, kvseg_ref, ql
             in_q = q_pos < p.q_len if masked else None
             q = _load(q_g, q_rows, in_q, cols)
             do = _load(do_g, q_rows, in_q, cols)
-            if masked:
-                lse = _backward_lse(plgpu.load(lse_g.at[q_rows], mask=q_pos < p.q_len, other=-jnp.inf))
-                delta = plgpu.load(delta_g.at[q_rows], mask=q_pos < p.q_len, other=0.0)
-            else:
-                lse, delta = _backward_lse(lse_g[q_rows]), delta_g[q_rows]
+            lse = _backward_lse(lse_g.load(q_rows, mask=in_q, other=-jnp.inf))
+            delta = delta_g.load(q_rows, mask=in_q, other=0.0)
             s, tanh = _logits(p, _dot(p, q, k, trans_b=True), side.pair_tile(bias_g, q_rows, k_rows, q_pos, k_pos, 0))
             if masked:
                 s = jnp.where(side.visible(q_rows, k_rows, q_pos, k_pos), s, -jnp.inf)

@@ -1,0 +1,151 @@
+"""Shared test machinery: the --gpu switch, implementations, random data, tolerances, comparisons.
+
+Tests that take an ``impl`` argument are parametrised over the implementations: "interpret" (the
+Pallas kernels in the interpreter: what exercises the kernels on CPU) and "xla" always, and
+"pallas" (compiled for the GPU) when pytest runs with ``--gpu``. Tests marked ``gpu`` are skipped
+without ``--gpu``. The tolerances are the same on every implementation.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+CPU_IMPLEMENTATIONS = ("interpret", "xla")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--gpu", action="store_true", default=False,
+                     help="also run implementation='pallas' and the tests marked gpu (needs an NVIDIA GPU, cc >= 8.0)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs an NVIDIA GPU with compute capability >= 8.0 (run with --gpu)")
+
+
+def implementations(config) -> list:
+    impls = [pytest.param(i, id=i) for i in CPU_IMPLEMENTATIONS]
+    if config.getoption("--gpu"):
+        impls.append(pytest.param("pallas", id="pallas", marks=pytest.mark.gpu))
+    return impls
+
+
+def pytest_generate_tests(metafunc):
+    if "impl" in metafunc.fixturenames:
+        metafunc.parametrize("impl", implementations(metafunc.config))
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--gpu"):
+        return
+    skip = pytest.mark.skip(reason="needs --gpu (an NVIDIA GPU with compute capability >= 8.0)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+# ------------------------------------------------------------------------------------------------
+# Random data
+
+
+def seed_of(text: str) -> int:
+    return zlib.crc32(text.encode())
+
+
+@pytest.fixture
+def rng(request):
+    """A fresh generator per test, seeded from the test's node id (stable across runs and workers)."""
+    return np.random.default_rng(seed_of(request.node.nodeid))
+
+
+DTYPES = {"float32": jnp.float32, "float16": jnp.float16, "bfloat16": jnp.bfloat16}
+
+
+def normal(rng, shape, dtype="float32"):
+    """Unit normal data as a jax array of ``dtype`` and the same (rounded) values in float64."""
+    x = jnp.asarray(rng.standard_normal(shape), dtype=DTYPES[str(dtype)] if isinstance(dtype, str) else dtype)
+    return x, np.asarray(x.astype(jnp.float32), dtype=np.float64)
+
+
+# ------------------------------------------------------------------------------------------------
+# Tolerances. Errors are measured relative to max |reference| (over the whole compared array), so
+# a single number per dtype fits outputs, LSEs and gradients of unit-scale data alike.
+#
+# float32: eps = 1.2e-7. The kernels run float32 dots at "highest" precision and accumulate in
+#   float32; over at most ~100 keys and head dims <= 256 the observed error is ~1e-6 of max|ref|.
+#   2e-5 leaves an order of magnitude of margin yet catches any semantic slip (a logit masked
+#   wrongly, a wrong scale, a mis-indexed head shifts results by >= 1e-3).
+# float16: eps = 9.8e-4. Inputs are rounded before the reference sees them, so only compute
+#   rounding counts: probabilities (and the dS of the backward) are rounded to float16 before the
+#   second matmul, and the output is rounded once: about one ulp, ~5e-4..1e-3 of max|ref|. 2e-3.
+# bfloat16: eps = 7.8e-3, same reasoning with 8x the rounding: 2e-2.
+# Gradients chain two rounded matmuls more (dS is rounded to the input dtype), so low-precision
+# gradients get twice the forward tolerance; float32 gradients keep the float32 tolerance x2.
+TOLERANCES = {"float32": 2e-5, "float16": 2e-3, "bfloat16": 2e-2}
+GRAD_FACTOR = 2.0
+
+
+def dtype_name(dtype) -> str:
+    return jnp.dtype(dtype).name
+
+
+def tolerance(dtype, grad: bool = False) -> float:
+    return TOLERANCES[dtype_name(dtype)] * (GRAD_FACTOR if grad else 1.0)
+
+
+@pytest.fixture
+def tol():
+    return tolerance
+
+
+def to_numpy(x) -> np.ndarray:
+    """float64 NumPy copy of a jax array or torch tensor (any float dtype)."""
+    if hasattr(x, "detach"):  # torch
+        return x.detach().cpu().double().numpy()
+    x = jnp.asarray(x)
+    if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != jnp.float64:
+        x = x.astype(jnp.float32)
+    return np.asarray(x, dtype=np.float64)
+
+
+def assert_close(actual, expected, tol: float, what: str = "value"):
+    """Compare against a reference: same shape, no NaN, infinities exactly where the reference
+    has them (LSE of rows that see nothing), finite entries within ``tol * max|expected|``."""
+    a, e = to_numpy(actual), np.asarray(expected, dtype=np.float64)
+    assert a.shape == e.shape, f"{what}: shape {a.shape} != reference shape {e.shape}"
+    assert not np.isnan(a).any(), f"{what}: {np.isnan(a).sum()} NaN entries"
+    inf_a, inf_e = np.isinf(a), np.isinf(e)
+    assert (inf_a == inf_e).all(), (
+        f"{what}: infinite entries differ from the reference at {np.argwhere(inf_a != inf_e)[:5].tolist()}")
+    assert (a[inf_a] == e[inf_e]).all(), f"{what}: infinities of the wrong sign"
+    fin = ~inf_e
+    if not fin.any():
+        return
+    scale = max(float(np.abs(e[fin]).max()), 1e-6)
+    err = np.abs(a[fin] - e[fin])
+    worst = float(err.max()) / scale
+    if worst > tol:
+        idx = np.argwhere(fin)[int(np.argmax(err))].tolist()
+        raise AssertionError(f"{what}: max error {worst:.3g} of max|ref| ({scale:.3g}) > tol {tol:.3g}, "
+                             f"worst at {idx}: got {a[tuple(idx)]!r}, want {e[tuple(idx)]!r}")
+
+
+@pytest.fixture
+def close():
+    return assert_close
+
+
+def assert_finite(x, what="value"):
+    a = to_numpy(x)
+    assert np.isfinite(a).all(), f"{what}: {(~np.isfinite(a)).sum()} non-finite entries"
+
+
+def jax_device_is_gpu() -> bool:
+    return jax.devices()[0].platform == "gpu"

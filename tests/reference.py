@@ -1,0 +1,144 @@
+"""A NumPy float64 reference for attention, written from the specification alone.
+
+Nothing here imports mmfa_jax or mmfa_torch: it is the yardstick both faces are measured against.
+
+Layout is "BTNH": query (B, T, N, H), key/value (B, S, K, H) with K dividing N; query head n reads
+key/value head n // (N // K). Semantics:
+
+  x = scale * q.k                       (scale defaults to 1/sqrt(H))
+  s = c * tanh(x / c) if soft-capped    (c = softcap)
+  s = s + bias                          (bias broadcastable to (B, N, T, S))
+  key j is visible to query i iff
+      j < kv_lengths[b]                                  (if given)
+      with offset = S - T and d = j - (i + offset):
+        d <= 0                                           (if causal)
+        -left <= d <= right                              (window; None is unbounded)
+      q_segments[b, i] == kv_segments[b, j]              (if given)
+      mask[b, n, i, j]                                   (if given)
+  out = softmax over the visible keys, @ v ; lse = log sum exp over the visible keys
+  rows with no visible key, or i >= q_lengths[b], give out = 0 and lse = -inf.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _f64(x):
+    return None if x is None else np.asarray(x, dtype=np.float64)
+
+
+def _window(window):
+    if window is None:
+        return None, None
+    if isinstance(window, (int, np.integer)):
+        return int(window), int(window)
+    left, right = window
+    return left, right
+
+
+def visibility(B, N, T, S, *, mask=None, is_causal=False, q_lengths=None, kv_lengths=None, window=None,
+               q_segments=None, kv_segments=None):
+    """Boolean (B, N, T, S): which key each query may see (before the query-length rule)."""
+    vis = np.ones((B, N, T, S), dtype=bool)
+    i = np.arange(T)[:, None]
+    j = np.arange(S)[None, :]
+    d = j - (i + (S - T))
+    if is_causal:
+        vis &= (d <= 0)[None, None]
+    left, right = _window(window)
+    if left is not None:
+        vis &= (d >= -left)[None, None]
+    if right is not None:
+        vis &= (d <= right)[None, None]
+    if kv_lengths is not None:
+        kv_lengths = np.asarray(kv_lengths)
+        vis &= (np.arange(S)[None, :] < kv_lengths[:, None])[:, None, None, :]
+    if q_segments is not None:
+        qs, ks = np.asarray(q_segments), np.asarray(kv_segments)
+        vis &= (qs[:, :, None] == ks[:, None, :])[:, None]
+    if mask is not None:
+        vis &= np.broadcast_to(np.asarray(mask, dtype=bool), (B, N, T, S))
+    return vis
+
+
+def _forward_parts(q, k, v, *, bias=None, mask=None, scale=None, is_causal=False, q_lengths=None,
+                   kv_lengths=None, window=None, softcap=None, q_segments=None, kv_segments=None):
+    q, k, v = _f64(q), _f64(k), _f64(v)
+    B, T, N, H = q.shape
+    S, K = k.shape[1], k.shape[2]
+    assert N % K == 0
+    G = N // K
+    if scale is None:
+        scale = 1.0 / np.sqrt(H)
+    kr = np.repeat(k, G, axis=2)  # head n -> n // G
+    vr = np.repeat(v, G, axis=2)
+    x = scale * np.einsum("btnh,bsnh->bnts", q, kr)
+    if softcap is not None:
+        tanh = np.tanh(x / softcap)
+        s = softcap * tanh
+    else:
+        tanh = None
+        s = x
+    if bias is not None:
+        s = s + np.broadcast_to(_f64(bias), (B, N, T, S))
+    vis = visibility(B, N, T, S, mask=mask, is_causal=is_causal, kv_lengths=kv_lengths, window=window,
+                     q_segments=q_segments, kv_segments=kv_segments)
+    live = vis.any(axis=-1)  # (B, N, T)
+    if q_lengths is not None:
+        live &= (np.arange(T)[None, :] < np.asarray(q_lengths)[:, None])[:, None, :]
+    s_masked = np.where(vis, s, -np.inf)
+    m = np.max(s_masked, axis=-1, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)
+    e = np.where(vis, np.exp(s_masked - m), 0.0)
+    den = e.sum(-1, keepdims=True)
+    lse = np.where(live, (m + np.log(np.where(den > 0, den, 1.0)))[..., 0], -np.inf)
+    p = np.where(live[..., None], e / np.where(den > 0, den, 1.0), 0.0)
+    out = np.einsum("bnts,bsnh->btnh", p, vr)
+    return dict(q=q, kr=kr, vr=vr, p=p, out=out, lse=lse, tanh=tanh, scale=scale, B=B, N=N, T=T, S=S, K=K, G=G,
+                H=H)
+
+
+def attention_reference(q, k, v, *, bias=None, mask=None, scale=None, is_causal=False, q_lengths=None,
+                        kv_lengths=None, window=None, softcap=None, q_segments=None, kv_segments=None):
+    """(out (B, T, N, H), lse (B, T, N)) in float64."""
+    r = _forward_parts(q, k, v, bias=bias, mask=mask, scale=scale, is_causal=is_causal, q_lengths=q_lengths,
+                       kv_lengths=kv_lengths, window=window, softcap=softcap, q_segments=q_segments,
+                       kv_segments=kv_segments)
+    return r["out"], np.swapaxes(r["lse"], 1, 2)
+
+
+def sum_to_shape(x, shape):
+    """Sum ``x`` over the axes along which an array of ``shape`` was broadcast to x.shape."""
+    shape = tuple(shape)
+    lead = x.ndim - len(shape)
+    x = x.sum(axis=tuple(range(lead))) if lead else x
+    axes = tuple(a for a, n in enumerate(shape) if n == 1 and x.shape[a] != 1)
+    return x.sum(axis=axes, keepdims=True).reshape(shape) if axes else x.reshape(shape)
+
+
+def attention_reference_grads(q, k, v, d_out, d_lse=None, *, bias=None, mask=None, scale=None, is_causal=False,
+                              q_lengths=None, kv_lengths=None, window=None, softcap=None, q_segments=None,
+                              kv_segments=None):
+    """Analytic float64 gradients (dq, dk, dv, dbias) of sum(out * d_out) + sum(lse * d_lse).
+
+    d_out is (B, T, N, H), d_lse (B, T, N) (entries where lse is -inf are ignored). dbias has the
+    shape of ``bias`` (None without a bias).
+    """
+    r = _forward_parts(q, k, v, bias=bias, mask=mask, scale=scale, is_causal=is_causal, q_lengths=q_lengths,
+                       kv_lengths=kv_lengths, window=window, softcap=softcap, q_segments=q_segments,
+                       kv_segments=kv_segments)
+    B, N, T, S, K, G, H = (r[c] for c in "BNTSKGH")
+    p, out = r["p"], r["out"]
+    do = _f64(d_out)
+    dlse = np.zeros((B, N, T)) if d_lse is None else np.swapaxes(_f64(d_lse), 1, 2)
+    dlse = np.where(np.isfinite(r["lse"]), dlse, 0.0)
+    dv = np.einsum("bnts,btnh->bsnh", p, do).reshape(B, S, K, G, H).sum(3)
+    dp = np.einsum("btnh,bsnh->bnts", do, r["vr"])
+    delta = np.einsum("btnh,btnh->bnt", do, out)
+    ds = p * (dp - delta[..., None]) + p * dlse[..., None]
+    dbias = None if bias is None else sum_to_shape(ds, np.shape(bias))
+    dx = ds if r["tanh"] is None else ds * (1.0 - r["tanh"] ** 2)
+    dq = r["scale"] * np.einsum("bnts,bsnh->btnh", dx, r["kr"])
+    dk = (r["scale"] * np.einsum("bnts,btnh->bsnh", dx, r["q"])).reshape(B, S, K, G, H).sum(3)
+    return dq, dk, dv, dbias
