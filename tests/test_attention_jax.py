@@ -269,6 +269,31 @@ def test_under_jit_with_traced_lengths(impl, rng):
     assert_close(out, ref, tolerance("float32"), "out")
 
 
+@pytest.mark.parametrize("layout", ["BTNH", "BNTH"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_low_precision_under_jit(dtype, layout, impl, rng):
+    """Forward and gradients inside jax.jit (how models call it; also how the torch face runs)."""
+    c = Case(B=2, T=33, S=33, N=2, K=2, H=32, dtype=dtype, layout=layout, causal=True)
+    x = make_inputs(rng, c)
+    q, k, v = (_to_layout(x[n], c) for n in "qkv")
+    w, w64 = normal(rng, (2, 33, 2, 32), dtype)
+
+    @jax.jit
+    def f(q, k, v):
+        def loss(q, k, v):
+            out = mmfa_jax.attention(q, k, v, is_causal=True, layout=layout, implementation=impl)
+            return jnp.sum(out.astype(jnp.float32) * _to_layout(w, c).astype(jnp.float32)), out
+        return jax.grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+
+    grads, out = f(q, k, v)
+    ref, _ = attention_reference(x["q64"], x["k64"], x["v64"], is_causal=True)
+    assert out.dtype == q.dtype
+    assert_close(_from_layout(out, c), ref, tolerance(dtype), "out")
+    want = attention_reference_grads(x["q64"], x["k64"], x["v64"], w64, is_causal=True)
+    for name, g, r in zip(("dq", "dk", "dv"), grads, want):
+        assert_close(_from_layout(g, c), r, tolerance(dtype, grad=True), name)
+
+
 def test_matches_jax_nn_dot_product_attention(impl, rng):
     """Drop-in: same numbers as jax.nn.dot_product_attention on what both support."""
     c = Case(T=33, S=33, N=4, K=2)
