@@ -133,7 +133,7 @@ class Options:
                 raise ValueError(f"logits_soft_cap must be a positive finite number or None, got {logits_soft_cap}")
         if config is not None and not isinstance(config, tuning.AttentionConfig):
             raise TypeError(f"config must be a mmfa_jax.AttentionConfig or None, got {type(config).__name__}")
-        return cls(scale, bool(is_causal), _check_window(local_window_size), logits_soft_cap,
+        return cls(scale, bool(is_causal), normalise_window(local_window_size), logits_soft_cap,
                    _check_implementation(implementation), layout, config)
 
 
@@ -294,7 +294,8 @@ def _normalise(opts: Options, q, k, v, bias, mask, segment_ids, q_lengths, kv_le
     return problem, (q, k, v, bias, mask, q_seg, kv_seg, q_lengths, kv_lengths)
 
 
-def _check_window(window):
+def normalise_window(window) -> tuple[int | None, int | None]:
+    """local_window_size as (left, right), None for an open side; ValueError when malformed."""
     if window is None:
         return (None, None)
     if isinstance(window, (int, np.integer)):

@@ -47,8 +47,8 @@ K = KernelConfig
 # (family, padded head dim) -> configs. "sm90": Hopper; "sm80": Ampere and Ada; "any": the rest,
 # including the CPU interpreter (where large tiles mean fewer interpreted grid steps).
 TABLE: dict[tuple[str, int], AttentionConfig] = {
-    ("sm90", 32): AttentionConfig(K(128, 64, 4, 3), K(128, 64, 4, 3), K(64, 64, 4, 2)),
-    ("sm90", 64): AttentionConfig(K(128, 64, 4, 3), K(128, 64, 4, 3), K(64, 64, 4, 2)),
+    ("sm90", 32): AttentionConfig(K(64, 128, 4, 2), K(128, 64, 4, 3), K(128, 64, 4, 2)),
+    ("sm90", 64): AttentionConfig(K(64, 128, 4, 2), K(128, 64, 4, 3), K(128, 64, 4, 2)),
     ("sm90", 128): AttentionConfig(K(128, 128, 8, 3), K(128, 64, 8, 3), K(64, 64, 4, 2)),
     ("sm90", 256): AttentionConfig(K(64, 64, 4, 2), K(64, 32, 4, 2), K(32, 64, 4, 2)),
     ("sm80", 32): AttentionConfig(K(128, 64, 4, 3), K(128, 32, 4, 2), K(32, 128, 4, 2)),

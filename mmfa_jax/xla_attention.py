@@ -16,6 +16,11 @@ def xla_attention(p, q, k, v, bias, mask, q_seg, kv_seg, q_lengths, kv_lengths):
     """Returns (out like q, lse (B, N, T) float32)."""
     if p.layout == "BNTH":  # compute in BTNH, hand back in the caller's layout
         q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))
+    out_dtype = q.dtype
+    if jax.default_backend() == "cpu" and q.dtype != jnp.float32:
+        # XLA:CPU cannot run every low-precision dot with a float32 result (seen: bf16 x bf16 -> f32
+        # in the transposed layout under jit); float32 operands hold the same values exactly.
+        q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
     B, T, N, H = q.shape
     S, K, G = k.shape[1], k.shape[2], p.group
     qg = q.reshape(B, T, K, G, H)
@@ -46,9 +51,9 @@ def xla_attention(p, q, k, v, bias, mask, q_seg, kv_seg, q_lengths, kv_lengths):
     probs = jnp.where(live, e / jnp.where(live, l, 1.0), 0.0)
     lse = jnp.where(live, m + jnp.log(jnp.where(live, l, 1.0)), -jnp.inf)[..., 0]
 
-    probs = probs.reshape(B, K, G, T, S).astype(v.dtype)
+    probs = probs.reshape(B, K, G, T, S).astype(out_dtype).astype(v.dtype)
     out = jnp.einsum("bkgts,bskh->btkgh", probs, v, preferred_element_type=jnp.float32, precision=precision)
-    out = out.reshape(B, T, N, H).astype(q.dtype)
+    out = out.reshape(B, T, N, H).astype(out_dtype)
     if p.layout == "BNTH":
         out = jnp.swapaxes(out, 1, 2)
     return out, lse

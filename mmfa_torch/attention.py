@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from mmfa_jax.attention import IMPLEMENTATIONS, pallas_available
+from mmfa_jax.attention import IMPLEMENTATIONS, normalise_window, pallas_available
 from mmfa_torch import ops
 
 Tensor = torch.Tensor
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def scaled_dot_product_attention(
@@ -58,6 +59,8 @@ def scaled_dot_product_attention(
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
         if t.dim() not in (3, 4):
             raise ValueError(f"{name} must have rank 4 (B, H, L, D) or 3 (H, L, D), got shape {tuple(t.shape)}")
     if not (query.dim() == key.dim() == value.dim()):
@@ -75,6 +78,7 @@ def scaled_dot_product_attention(
 
     bias = mask = None
     if attn_mask is not None:
+        _check_broadcast(attn_mask, "attn_mask", (query.shape[0], query.shape[1], query.shape[2], key.shape[2]))
         if attn_mask.dtype == torch.bool:
             mask = attn_mask.contiguous()
         elif attn_mask.is_floating_point():
@@ -85,14 +89,7 @@ def scaled_dot_product_attention(
     if segment_ids is not None:
         q_seg, kv_seg = segment_ids if isinstance(segment_ids, (tuple, list)) else (segment_ids, segment_ids)
         q_seg, kv_seg = _int32(q_seg, "segment_ids"), _int32(kv_seg, "segment_ids")
-    if local_window_size is None:
-        left = right = -1
-    elif isinstance(local_window_size, int):
-        left = right = local_window_size
-    else:
-        left, right = (-1 if w is None else w for w in local_window_size)
-    if min(left, right) < -1 or (isinstance(local_window_size, int) and local_window_size < 0):
-        raise ValueError(f"local_window_size must be non-negative, got {local_window_size!r}")
+    left, right = (-1 if w is None else w for w in normalise_window(local_window_size))  # -1: open side
     if scale is not None and not scale > 0:
         raise ValueError(f"scale must be positive, got {scale}")
     if logits_soft_cap is not None and not logits_soft_cap > 0:
@@ -114,6 +111,14 @@ def scaled_dot_product_attention(
 
 
 attention = scaled_dot_product_attention
+
+
+def _check_broadcast(t: Tensor, name: str, shape: tuple[int, ...]):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    lead = (1,) * (len(shape) - t.dim())
+    if t.dim() > len(shape) or any(d not in (1, want) for d, want in zip(lead + tuple(t.shape), shape)):
+        raise ValueError(f"{name} must be broadcastable to (B, Hq, L, S) = {shape}, got shape {tuple(t.shape)}")
 
 
 def _in_layout(t: Tensor, layout: str) -> Tensor:

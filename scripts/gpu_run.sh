@@ -10,7 +10,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import jax, torch, triton; print('jax', jax.__version__, 'torch', torch.__version__, 'triton', triton.__version__)"
 status=0
 if [[ "$what" == tests || "$what" == all ]]; then
-  python3 -m pytest --gpu -q -x -p no:cacheprovider tests 2>&1 | tee "$out/gpu_tests.log" | tail -n 25 || status=1
+  python3 -m pytest --gpu -m gpu -n 6 -q -p no:cacheprovider tests 2>&1 | tee "$out/gpu_tests.log" | tail -n 25 || status=1
 fi
 if [[ "$what" == bench || "$what" == all ]]; then
   python3 bench/attention.py --preset "$preset" --out "$out/attention_$preset.csv" "$@" 2>&1 | tee "$out/bench_$preset.log" | grep -v "^mmfa\|^jax\|^torch" || status=1

@@ -27,6 +27,9 @@ def pytest_addoption(parser):
 
 
 def pytest_configure(config):
+    # Fresh data every run, reproducible on demand: one session seed, mixed into every test's seed,
+    # set in the environment so that xdist workers (started later) share it.
+    os.environ.setdefault("MMFA_TEST_SEED", str(np.random.SeedSequence().entropy % 2**31))
     config.addinivalue_line("markers", "gpu: needs an NVIDIA GPU with compute capability >= 8.0 (run with --gpu)")
 
 
@@ -59,10 +62,14 @@ def seed_of(text: str) -> int:
     return zlib.crc32(text.encode())
 
 
+def pytest_report_header(config):
+    return f"mmfa test data seed: MMFA_TEST_SEED={os.environ['MMFA_TEST_SEED']} (set it to replay a run)"
+
+
 @pytest.fixture
 def rng(request):
-    """A fresh generator per test, seeded from the test's node id (stable across runs and workers)."""
-    return np.random.default_rng(seed_of(request.node.nodeid))
+    """A generator per test: new data each run (session seed), the same for a given MMFA_TEST_SEED."""
+    return np.random.default_rng([int(os.environ["MMFA_TEST_SEED"]), seed_of(request.node.nodeid)])
 
 
 DTYPES = {"float32": jnp.float32, "float16": jnp.float16, "bfloat16": jnp.bfloat16}

@@ -130,6 +130,7 @@ GRAD_CASES = {
     "float_mask_LS_gqa_lengths": TCase(Hq=4, Hkv=2, L=33, S=33, mask="float", mask_shape=(33, 33),
                                        kv_lengths=(20, 33), q_lengths=(33, 30), softcap=2.0),
     "bool_mask_window": TCase(L=33, S=17, mask="bool", mask_shape=(2, 2, 33, 17), window=(5, 5)),
+    "float_mask_HLS_T_gt_S": TCase(L=33, S=17, mask="float", mask_shape=(2, 33, 17), is_causal=True),
     "float16": TCase(dtype="float16", L=17, S=17, is_causal=True),
 }
 
