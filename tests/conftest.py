@@ -18,6 +18,10 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+# jax's own float32 matmuls (jax.nn and Flax attention, used as second opinions) default to TF32 on
+# GPUs, an error of ~1e-3; the kernels' float32 dots are exact, so make the yardsticks exact too.
+jax.config.update("jax_default_matmul_precision", "highest")
+
 CPU_IMPLEMENTATIONS = ("interpret", "xla")
 
 
