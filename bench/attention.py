@@ -66,6 +66,7 @@ PRESETS = {
     "full": dict(batch=2, heads=16, seq_lens=[1024, 2048, 4096, 8192, 16384, 32768], head_dims=[64, 128],
                  dtypes=["bfloat16", "float16"]),
 }
+FIELDS = ["impl", "batch", "heads", "seq_len", "head_dim", "dtype", "causal", "mode", "ms", "tflops", "peak_gib", "error"]
 ALL_IMPLS = ["mmfa_jax", "mmfa_torch", "jax_xla", "jax_cudnn", "jax_pallas_ref", "torch_flash", "torch_cudnn"]
 
 
@@ -219,6 +220,9 @@ def main(argv=None):
     print(f"devices: {jax.devices()}  jax {jax.__version__}" + (f"  torch {torch.__version__}" if torch else ""),
           flush=True)
 
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out, "w", newline="") as f:  # rows are appended as they come: a cut run keeps them
+        csv.DictWriter(f, fieldnames=FIELDS).writeheader()
     rows = []
     for i, case in enumerate(cases):
         for impl in impls:
@@ -234,13 +238,9 @@ def main(argv=None):
                     traceback.print_exc()
             rows.append(row)
             _print_row(row)
+            with open(args.out, "a", newline="") as f:
+                csv.DictWriter(f, fieldnames=FIELDS).writerow(row)
             _free()
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["impl", "batch", "heads", "seq_len", "head_dim", "dtype", "causal", "mode",
-                                          "ms", "tflops", "peak_gib", "error"])
-        w.writeheader()
-        w.writerows(rows)
     print(f"\nwrote {args.out}")
     print_table(rows)
 
@@ -263,11 +263,15 @@ def _print_row(row):
         print(f"{what} {row['ms']:9.3f} ms {row['tflops']:7.1f} TFLOP/s{mem}", flush=True)
 
 
+def _tokens(n: int) -> str:
+    return f"{n // 1024}k" if n % 1024 == 0 else str(n)
+
+
 def print_table(rows):
     """TFLOP/s per implementation (rows) and case (columns)."""
     impls = list(dict.fromkeys(r["impl"] for r in rows))
     cols = list(dict.fromkeys((r["dtype"], r["seq_len"], r["head_dim"], r["causal"], r["mode"]) for r in rows))
-    header = ["impl"] + [f"{dt[:4]} {s // 1024}k d{d} {'c' if c else 'n'} {m}" for dt, s, d, c, m in cols]
+    header = ["impl"] + [f"{dt[:4]} {_tokens(s)} d{d} {'c' if c else 'n'} {m}" for dt, s, d, c, m in cols]
     width = max(len(h) for h in header[1:])
     print("TFLOP/s (peak GiB); 'x' = failed or out of memory")
     print(f"{header[0]:<15}" + "".join(f" | {h:>{width}}" for h in header[1:]))
@@ -280,7 +284,7 @@ def print_table(rows):
                 cells.append("x")
             else:
                 mem = "" if r["peak_gib"] is None else f" ({r['peak_gib']:.1f})"
-                cells.append(f"{r['tflops']:.0f}{mem}")
+                cells.append(f"{r['tflops']:.3g}{mem}")
         print(f"{impl:<15}" + "".join(f" | {c:>{width}}" for c in cells))
 
 
