@@ -147,8 +147,11 @@ def _static(opts: Options, arrays):
     return (problem, config, opts.implementation == "interpret"), args
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def _differentiable(opts: Options, *arrays):
-    """(out, lse in (B, N, T)) with gradients: our backward kernels, or autodiff for xla."""
+    """(out, lse in (B, N, T)) with gradients: our backward kernels, or autodiff for xla.
+
+    Jitted, so that an eager call costs one dispatch rather than one per normalising op."""
     static, args = _static(opts, arrays)
     if opts.implementation == "xla":
         return xla_attention(static[0], *args)
@@ -204,8 +207,7 @@ def _flash_bwd(static, residuals, cotangents):
     q, k, v, bias, mask, q_seg, kv_seg, q_len, kv_len, out, lse = residuals
     d_out, d_lse = cotangents
     # delta = rowsum(o * do) - dlse: the LSE's own gradient folds into the same term.
-    h_axis = 3
-    delta = jnp.sum(out.astype(jnp.float32) * d_out.astype(jnp.float32), axis=h_axis)
+    delta = jnp.sum(out.astype(jnp.float32) * d_out.astype(jnp.float32), axis=3)  # over the head dim
     if problem.layout == "BTNH":
         delta = jnp.swapaxes(delta, 1, 2)
     delta = delta - d_lse

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+
+import jax
 import torch
 
 from mmfa_jax.attention import IMPLEMENTATIONS, normalise_window, pallas_available
@@ -133,7 +136,16 @@ def _int32(t, name):
     return t.to(torch.int32).contiguous()
 
 
+@functools.cache
+def _jax_has_gpu() -> bool:
+    return any(d.platform == "gpu" for d in jax.devices())
+
+
 def _implementation(implementation: str | None, device: torch.device) -> str:
+    if device.type == "cuda" and not _jax_has_gpu():
+        raise RuntimeError(
+            "mmfa_torch got CUDA tensors but JAX has no GPU backend here: install jax with its CUDA plugin "
+            "(pip install 'jax[cuda13]'), or move the tensors to the CPU")
     if implementation is None:
         return "pallas" if device.type == "cuda" and pallas_available() else "xla"
     if implementation not in IMPLEMENTATIONS:
