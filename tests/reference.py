@@ -142,3 +142,19 @@ def attention_reference_grads(q, k, v, d_out, d_lse=None, *, bias=None, mask=Non
     dq = r["scale"] * np.einsum("bnts,bsnh->btnh", dx, r["kr"])
     dk = (r["scale"] * np.einsum("bnts,btnh->bsnh", dx, r["q"])).reshape(B, S, K, G, H).sum(3)
     return dq, dk, dv, dbias
+
+
+def importance_reference(q, k, visual_mask, scorers, *, per_head=False, **options):
+    """Visual-token importance from the explicit softmax: for each key s, the mean over scorer rows
+    t (boolean (B, T)) of the attention probability p[b, n, t, s] (and over heads n unless
+    ``per_head``); keys that are not visual, and examples without scorers, get 0.
+    ``options`` are those of attention_reference (bias and mask excepted)."""
+    r = _forward_parts(q, k, k, **options)
+    p = r["p"]  # (B, N, T, S)
+    sc = np.asarray(scorers, dtype=np.float64)
+    count = np.maximum(sc.sum(axis=1), 1.0)
+    per = np.einsum("bnts,bt->bns", p, sc) / count[:, None, None]
+    vis = np.asarray(visual_mask, dtype=bool)
+    if per_head:
+        return np.where(vis[:, None, :], per, 0.0)
+    return np.where(vis, per.mean(axis=1), 0.0)

@@ -470,3 +470,73 @@ def backward(p: Problem, dq_cfg: KernelConfig, dkv_cfg: KernelConfig, q, k, v, b
         compiler_params=_params(dkv_cfg), interpret=interpret, name="mmfa_flash_dkv",
     )(q, k, v, bias, dense_mask, q_seg, kv_seg, q_lengths, kv_lengths, do, lse, delta)
     return dq, dk, dv, (dbias[0] if dbias else None)
+
+
+# --------------------------------------------------------------------------------------------
+# Importance: for every key, the attention probability it receives, summed over a few scorer
+# query rows. The rows come compacted (R of them, with their original positions), so the cost is
+# one pass over the keys for R rows, never T x S.
+
+
+def _importance_kernel(q_ref, k_ref, lse_ref, pos_ref, qseg_ref, kvseg_ref, kvlen_ref, count_ref, out_ref, *,
+                       p: Problem, rows: int, block_q: int, block_k: int):
+    t = pl.program_id(0)
+    k_start = t * block_k
+    k_pos = k_start + jnp.arange(block_k)
+    k_rows = pl.ds(k_start, block_k)
+    cols = _column_mask(p)
+    kv_valid = jnp.minimum(_scalar(kvlen_ref, p.kv_len), p.kv_len)
+    count = jnp.minimum(count_ref[...], rows)
+    in_k = k_pos < p.kv_len
+    k = _load(k_ref, k_rows, in_k, cols)
+    kv_seg = None if kvseg_ref is None else plgpu.load(kvseg_ref.at[k_rows], mask=in_k, other=-2)
+
+    def body(i, acc):
+        r = i * block_q + jnp.arange(block_q)
+        r_rows = pl.ds(i * block_q, block_q)
+        in_r = r < count
+        q = _load(q_ref, r_rows, r < rows, cols)
+        lse = _backward_lse(plgpu.load(lse_ref.at[r_rows], mask=in_r, other=-jnp.inf))
+        q_pos = plgpu.load(pos_ref.at[r_rows], mask=in_r, other=0)
+        s, _ = _logits(p, _dot(p, q, k, trans_b=True), None)
+        vis = combine(k_pos[None, :] < kv_valid, band_visible(p.band, q_pos, k_pos))
+        if kv_seg is not None:
+            q_seg = plgpu.load(qseg_ref.at[r_rows], mask=in_r, other=-1)
+            vis = vis & (q_seg[:, None] == kv_seg[None, :])
+        probs = jnp.exp2(jnp.where(vis, s, -jnp.inf) - lse[:, None])
+        return acc + jnp.sum(probs, axis=0)
+
+    acc = lax.fori_loop(0, pl.cdiv(count, block_q), body, jnp.zeros((block_k,), jnp.float32))
+    plgpu.store(out_ref.at[k_rows], acc, mask=in_k)
+
+
+def importance(p: Problem, cfg: KernelConfig, q_rows, k, lse_rows, positions, q_seg_rows, kv_seg, kv_lengths, counts,
+               *, interpret: bool = False):
+    """Summed attention probabilities per key and query head, (B, N, S) float32.
+
+    q_rows: (B, R, N, H) the scorer rows, compacted; lse_rows: (B, N, R) their LSE over the full
+    key set (-inf for padding rows); positions: (B, R) int32, their row index in the original
+    query (for the causal/window band); q_seg_rows: (B, R) or None; counts: (B,) int32, how many
+    of the R rows are real. ``p`` describes the original (T-row) attention, layout BTNH.
+    """
+    R = q_rows.shape[1]
+    block_q, block_k = _tile(R, cfg.block_q), _tile(p.kv_len, cfg.block_k)
+    hp = p.head_dim_padded
+    grid = (pl.cdiv(p.kv_len, block_k), p.q_heads, p.batch)
+    in_specs = [
+        pl.BlockSpec((None, R, None, hp), lambda t, n, b: (b, 0, n, 0)),
+        pl.BlockSpec((None, p.kv_len, None, hp), lambda t, n, b: (b, 0, n // p.group, 0)),
+        pl.BlockSpec((None, None, R), lambda t, n, b: (b, n, 0)),
+        _batch_spec(R),
+        _optional(q_seg_rows is not None, _batch_spec(R)),
+        _optional(kv_seg is not None, _batch_spec(p.kv_len)),
+        _optional(kv_lengths is not None, _batch_spec(None)),
+        _batch_spec(None),
+    ]
+    out_spec = pl.BlockSpec((None, None, p.kv_len), lambda t, n, b: (b, n, 0))
+    kernel = functools.partial(_importance_kernel, p=p, rows=R, block_q=block_q, block_k=block_k)
+    return pl.pallas_call(
+        kernel, grid=grid, in_specs=in_specs, out_specs=out_spec,
+        out_shape=jax.ShapeDtypeStruct((p.batch, p.q_heads, p.kv_len), jnp.float32),
+        compiler_params=_params(cfg), interpret=interpret, name="mmfa_importance",
+    )(q_rows, k, lse_rows, positions, q_seg_rows, kv_seg, kv_lengths, counts)

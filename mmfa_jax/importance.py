@@ -1,0 +1,147 @@
+"""Visual-token importance: how much attention each visual token receives from the text.
+
+The importance of key s is the attention probability softmax(q k^T)[t, n, s] of the full
+attention (same scale, soft cap, causal band, window, segments and lengths), averaged over the
+scorer query rows t and the heads n. The probabilities come from the LSE that
+``attention(..., return_lse=True)`` already returned, so scoring is one pass over the keys for the
+scorer rows only: never a (T, S) matrix.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mmfa_jax import tuning
+from mmfa_jax.attention import Options, _normalise
+from mmfa_jax.kernels import flash_attention as flash
+from mmfa_jax.masking import band_visible, combine
+
+SCORER_RULES = ("text", "last")
+
+
+def scorer_rows(rule: str, visual_mask, query_seq_lengths=None):
+    """Boolean (B, T) of the query rows that rate the visual tokens, for self-attention (T == S).
+
+    "text": every valid row that is not a visual token. "last": the last valid row (FastV).
+    """
+    visual_mask = jnp.asarray(visual_mask)
+    if visual_mask.ndim != 2 or visual_mask.dtype != jnp.bool_:
+        raise ValueError(f"visual_mask must be a boolean (B, S) array, got {visual_mask.dtype} {visual_mask.shape}")
+    B, T = visual_mask.shape
+    rows = jnp.arange(T)[None, :]
+    length = jnp.full((B,), T) if query_seq_lengths is None else jnp.minimum(jnp.asarray(query_seq_lengths), T)
+    valid = rows < length[:, None]
+    if rule == "text":
+        return valid & ~visual_mask
+    if rule == "last":
+        return valid & (rows == length[:, None] - 1)
+    raise ValueError(f"scorers must be one of {SCORER_RULES} or a boolean (B, T) array, got {rule!r}")
+
+
+def visual_token_importance(query, key, lse, visual_mask, scorers="text", *, per_head: bool = False,
+                            max_scorers: int | None = None, scale=None, is_causal: bool = False,
+                            local_window_size=None, logits_soft_cap=None, segment_ids=None, query_seq_lengths=None,
+                            key_value_seq_lengths=None, implementation=None, config=None):
+    """Importance of every key for the scorer rows: (B, S) float32, or (B, N, S) with ``per_head``.
+
+    Args:
+      query: (B, T, N, H); key: (B, S, K, H), as given to ``attention``.
+      lse: (B, T, N) float32, the LSE of the full attention (``attention(..., return_lse=True)``).
+      visual_mask: boolean (B, S): which keys are visual tokens. Other keys get importance 0.
+      scorers: "text" (valid rows that are not visual; needs T == S), "last" (the last valid row,
+        as FastV; needs T == S), or a boolean (B, T) array of scorer rows.
+      per_head: keep the heads apart: (B, N, S).
+      max_scorers: a static bound R on the scorer rows per example; only the first R are read
+        (the kernel's work is R rows). Default T. When the mask is concrete, more scorers than R
+        raise; under jit the caller must make sure the bound holds.
+      scale, is_causal, local_window_size, logits_soft_cap, segment_ids, query_seq_lengths,
+      key_value_seq_lengths: exactly as given to ``attention``, so that the probabilities are the
+        attention's own.
+      implementation: "pallas", "interpret" or "xla", as for ``attention``.
+
+    Returns:
+      Mean over scorer rows (and heads) of the attention probability each key receives. An
+      example with no scorer row gets zeros.
+    """
+    opts = Options.make(scale, is_causal, local_window_size, logits_soft_cap, implementation, "BTNH", config)
+    query, key = jnp.asarray(query), jnp.asarray(key)
+    if query.ndim != 4 or key.ndim != 4:
+        raise ValueError(f"query and key must have rank 4 (B, L, heads, H), got {query.shape} and {key.shape}")
+    B, T, N, _ = query.shape
+    S = key.shape[1]
+    lse = jnp.asarray(lse)
+    if lse.shape != (B, T, N):
+        raise ValueError(f"lse must have shape (B, T, N) = {(B, T, N)} (attention's return_lse), got {lse.shape}")
+    visual_mask = jnp.asarray(visual_mask)
+    if visual_mask.shape != (B, S) or visual_mask.dtype != jnp.bool_:
+        raise ValueError(f"visual_mask must be a boolean (B, S) = {(B, S)} array, got {visual_mask.dtype} "
+                         f"{visual_mask.shape}")
+    if isinstance(scorers, str):
+        if T != S:
+            raise ValueError(f"scorers={scorers!r} needs self-attention (T == S), got T={T}, S={S}; pass a (B, T) mask")
+        scorers = scorer_rows(scorers, visual_mask, query_seq_lengths)
+    scorers = jnp.asarray(scorers)
+    if scorers.shape != (B, T) or scorers.dtype != jnp.bool_:
+        raise ValueError(f"scorers must be 'text', 'last' or a boolean (B, T) = {(B, T)} array, got "
+                         f"{scorers.dtype} {scorers.shape}")
+    R = T if max_scorers is None else int(max_scorers)
+    if not 1 <= R <= T:
+        raise ValueError(f"max_scorers must be in [1, T={T}], got {max_scorers}")
+    try:
+        most = int(np.max(np.sum(np.asarray(scorers), axis=1)))
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):  # traced: caller vouches
+        most = 0
+    if most > R:
+        raise ValueError(f"an example has {most} scorer rows, over max_scorers={R}")
+    per_head_sums = _importance(opts, R, query, key, lse, scorers, segment_ids, query_seq_lengths,
+                                key_value_seq_lengths)
+    counts = jnp.minimum(jnp.sum(scorers, axis=1), R)
+    out = per_head_sums / jnp.maximum(counts, 1)[:, None, None]
+    if not per_head:
+        out = jnp.mean(out, axis=1)
+        return jnp.where(visual_mask, out, 0.0)
+    return jnp.where(visual_mask[:, None, :], out, 0.0)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _importance(opts: Options, R: int, query, key, lse, scorers, segment_ids, q_lengths, kv_lengths):
+    """Summed probabilities (B, N, S) over the first R scorer rows of each example."""
+    problem, (q, k, _, _, _, q_seg, kv_seg, _, kv_lengths) = _normalise(
+        opts, query, key, key, None, None, segment_ids, q_lengths, kv_lengths)
+    B, T, N, _ = q.shape
+    # Scorer rows first, in their original order (a stable sort on "not a scorer").
+    order = jnp.argsort(jnp.logical_not(scorers), axis=1, stable=True)[:, :R].astype(jnp.int32)
+    counts = jnp.minimum(jnp.sum(scorers, axis=1), R).astype(jnp.int32)
+    live = jnp.arange(R)[None, :] < counts[:, None]
+    q_rows = jnp.take_along_axis(q, order[:, :, None, None], axis=1)
+    lse_rows = jnp.take_along_axis(lse.astype(jnp.float32), order[:, :, None], axis=1)
+    lse_rows = jnp.swapaxes(jnp.where(live[:, :, None], lse_rows, -jnp.inf), 1, 2)  # (B, N, R)
+    q_seg_rows = None if q_seg is None else jnp.take_along_axis(q_seg, order, axis=1)
+    if opts.implementation == "xla":
+        return _importance_xla(problem, q_rows, k, lse_rows, order, q_seg_rows, kv_seg, kv_lengths)
+    config = opts.config or tuning.config_for(
+        problem.head_dim_padded, q.dtype, "any" if opts.implementation == "interpret" else tuning.gpu_family())
+    return flash.importance(problem, config.forward, q_rows, k, lse_rows, order, q_seg_rows, kv_seg, kv_lengths,
+                            counts, interpret=opts.implementation == "interpret")
+
+
+def _importance_xla(p, q_rows, k, lse_rows, positions, q_seg_rows, kv_seg, kv_lengths):
+    B, R, N, H = q_rows.shape
+    S, K = k.shape[1], k.shape[2]
+    qg = q_rows.reshape(B, R, K, p.group, H).astype(jnp.float32)
+    s = jnp.einsum("brkgh,bskh->bkgrs", qg, k.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+    s = s.reshape(B, N, R, S) * p.scale
+    if p.softcap is not None:
+        s = p.softcap * jnp.tanh(s / p.softcap)
+    k_pos = jnp.arange(S)
+    kv_valid = jnp.full((B,), S) if kv_lengths is None else jnp.minimum(kv_lengths, S)
+    band = band_visible(p.band, jnp.zeros((1,), jnp.int32), k_pos)
+    band = None if band is None else jax.vmap(lambda pos: band_visible(p.band, pos, k_pos))(positions)[:, None]
+    visible = combine((k_pos[None, :] < kv_valid[:, None])[:, None, None, :], band,
+                      None if q_seg_rows is None else (q_seg_rows[:, :, None] == kv_seg[:, None, :])[:, None])
+    probs = jnp.where(visible, jnp.exp(s - jnp.where(jnp.isinf(lse_rows), jnp.inf, lse_rows)[..., None]), 0.0)
+    return jnp.sum(probs, axis=2)
