@@ -158,3 +158,20 @@ def importance_reference(q, k, visual_mask, scorers, *, per_head=False, **option
     if per_head:
         return np.where(vis[:, None, :], per, 0.0)
     return np.where(vis, per.mean(axis=1), 0.0)
+
+
+def select_reference(importance, visual_mask, keep, valid_lengths=None):
+    """Kept positions per example (a list of int arrays): every valid non-visual token, plus the
+    visual tokens with the highest scores (ties to the earlier position), ceil(keep * n) of them
+    for a ratio keep, min(keep, n) for an int count."""
+    importance, visual_mask = np.asarray(importance, np.float64), np.asarray(visual_mask, bool)
+    B, S = visual_mask.shape
+    out = []
+    for b in range(B):
+        n_valid = S if valid_lengths is None else int(valid_lengths[b])
+        text = [s for s in range(n_valid) if not visual_mask[b, s]]
+        vis = [s for s in range(n_valid) if visual_mask[b, s]]
+        n = min(keep, len(vis)) if isinstance(keep, int) else int(np.ceil(round(keep * len(vis), 4)))
+        best = sorted(vis, key=lambda s: (-importance[b, s], s))[:n]
+        out.append(np.array(sorted(text + best), dtype=np.int64))
+    return out

@@ -1,0 +1,87 @@
+"""Top-k selection of visual tokens and the gathers, against tests/reference.py."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from reference import select_reference
+
+from mmfa_jax.pruning import gather_tokens, keep_counts, select_visual_tokens
+
+
+def _check(indices, lengths, want):
+    indices, lengths = np.asarray(indices), np.asarray(lengths)
+    for b, w in enumerate(want):
+        assert lengths[b] == len(w), f"example {b}: kept {lengths[b]}, want {len(w)}"
+        np.testing.assert_array_equal(indices[b, :lengths[b]], w)
+        assert (indices[b, lengths[b]:] == (w[-1] if len(w) else 0)).all()
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31), B=st.integers(1, 3), S=st.integers(1, 40),
+       keep=st.one_of(st.floats(0.01, 1.0), st.integers(1, 12)), ties=st.booleans(), padded=st.booleans())
+def test_selection_matches_reference(seed, B, S, keep, ties, padded):
+    rng = np.random.default_rng(seed)
+    vis = rng.random((B, S)) < 0.6
+    imp = rng.integers(0, 3, (B, S)).astype(np.float32) if ties else rng.random((B, S)).astype(np.float32)
+    lengths = rng.integers(0, S + 1, B) if padded else None
+    want = select_reference(imp, vis, keep, lengths)
+    if max(len(w) for w in want) == 0:
+        return
+    idx, n = select_visual_tokens(jnp.asarray(imp), jnp.asarray(vis), keep, valid_lengths=lengths)
+    _check(idx, n, want)
+
+
+def test_selection_under_jit_uses_static_length():
+    rng = np.random.default_rng(0)
+    imp, vis = rng.random((2, 30)), rng.random((2, 30)) < 0.7
+    f = jax.jit(lambda i, v: select_visual_tokens(i, v, 0.25))
+    idx, n = f(jnp.asarray(imp), jnp.asarray(vis))
+    assert idx.shape == (2, 30)
+    _check(idx, n, select_reference(imp, vis, 0.25))
+
+
+def test_keep_one_keeps_everything_in_order():
+    rng = np.random.default_rng(1)
+    vis = rng.random((2, 17)) < 0.5
+    idx, n = select_visual_tokens(jnp.asarray(rng.random((2, 17))), jnp.asarray(vis), 1.0)
+    assert (np.asarray(n) == 17).all()
+    np.testing.assert_array_equal(np.asarray(idx), np.tile(np.arange(17), (2, 1)))
+
+
+def test_gathers():
+    rng = np.random.default_rng(2)
+    B, S, D = 2, 12, 5
+    idx, n = select_visual_tokens(jnp.asarray(rng.random((B, S))), jnp.asarray(rng.random((B, S)) < 0.6), 0.5)
+    hidden = rng.standard_normal((B, S, D)).astype(np.float32)
+    qkv = rng.standard_normal((B, S, 3, 4)).astype(np.float32)
+    pos = np.tile(np.arange(S, dtype=np.int32), (B, 1))
+    mrope = rng.integers(0, 50, (3, B, S)).astype(np.int32)
+    for x, axis in ((hidden, 1), (qkv, 1), (pos, 1), (mrope, 2)):
+        got = np.asarray(gather_tokens(jnp.asarray(x), idx, axis=axis))
+        for b in range(B):
+            sel = np.asarray(idx[b])
+            want = x[b][sel] if axis == 1 else x[:, b][:, sel]
+            np.testing.assert_array_equal(got[b] if axis == 1 else got[:, b], want)
+
+
+@pytest.mark.parametrize("keep, err, match", [
+    (0.0, ValueError, r"\(0, 1\]"), (1.5, ValueError, r"\(0, 1\]"), (0, ValueError, ">= 1"),
+    (True, TypeError, "keep must be"), ("half", TypeError, "keep must be"), (float("nan"), ValueError, r"\(0, 1\]"),
+])
+def test_bad_keep(keep, err, match):
+    with pytest.raises(err, match=match):
+        keep_counts(jnp.ones((1, 4), bool), keep)
+
+
+def test_bad_shapes():
+    with pytest.raises(ValueError, match="visual_mask must be a boolean"):
+        select_visual_tokens(jnp.ones((1, 4)), jnp.ones((1, 4)), 0.5)
+    with pytest.raises(ValueError, match="importance must have the shape"):
+        select_visual_tokens(jnp.ones((1, 5)), jnp.ones((1, 4), bool), 0.5)
+    with pytest.raises(ValueError, match="batch axis"):
+        gather_tokens(jnp.ones((3, 4, 2)), jnp.zeros((2, 2), jnp.int32))
