@@ -11,6 +11,8 @@ from mmfa_jax.attention import (
     dot_product_attention,
     pallas_available,
 )
+from mmfa_jax.importance import scorer_rows, visual_token_importance
+from mmfa_jax.pruning import gather_tokens, select_visual_tokens
 from mmfa_jax.tuning import AttentionConfig, KernelConfig
 
 __all__ = [
@@ -20,6 +22,10 @@ __all__ = [
     "attention",
     "default_implementation",
     "dot_product_attention",
+    "gather_tokens",
     "pallas_available",
+    "scorer_rows",
+    "select_visual_tokens",
+    "visual_token_importance",
 ]
 __version__ = "0.1.0"

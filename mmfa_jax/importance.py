@@ -45,7 +45,7 @@ def scorer_rows(rule: str, visual_mask, query_seq_lengths=None):
 def visual_token_importance(query, key, lse, visual_mask, scorers="text", *, per_head: bool = False,
                             max_scorers: int | None = None, scale=None, is_causal: bool = False,
                             local_window_size=None, logits_soft_cap=None, segment_ids=None, query_seq_lengths=None,
-                            key_value_seq_lengths=None, implementation=None, config=None):
+                            key_value_seq_lengths=None, implementation=None, config=None, layout="BTNH"):
     """Importance of every key for the scorer rows: (B, S) float32, or (B, N, S) with ``per_head``.
 
     Args:
@@ -62,20 +62,23 @@ def visual_token_importance(query, key, lse, visual_mask, scorers="text", *, per
       key_value_seq_lengths: exactly as given to ``attention``, so that the probabilities are the
         attention's own.
       implementation: "pallas", "interpret" or "xla", as for ``attention``.
+      layout: "BTNH", or "BNTH" for query (B, N, T, H), key (B, K, S, H) and lse (B, N, T).
 
     Returns:
       Mean over scorer rows (and heads) of the attention probability each key receives. An
       example with no scorer row gets zeros.
     """
-    opts = Options.make(scale, is_causal, local_window_size, logits_soft_cap, implementation, "BTNH", config)
+    opts = Options.make(scale, is_causal, local_window_size, logits_soft_cap, implementation, layout, config)
     query, key = jnp.asarray(query), jnp.asarray(key)
     if query.ndim != 4 or key.ndim != 4:
-        raise ValueError(f"query and key must have rank 4 (B, L, heads, H), got {query.shape} and {key.shape}")
-    B, T, N, _ = query.shape
-    S = key.shape[1]
+        raise ValueError(f"query and key must have rank 4, got {query.shape} and {key.shape}")
+    seq_axis, head_axis = (1, 2) if layout == "BTNH" else (2, 1)
+    B, T, N = query.shape[0], query.shape[seq_axis], query.shape[head_axis]
+    S = key.shape[seq_axis]
     lse = jnp.asarray(lse)
-    if lse.shape != (B, T, N):
-        raise ValueError(f"lse must have shape (B, T, N) = {(B, T, N)} (attention's return_lse), got {lse.shape}")
+    lse_shape = (B, T, N) if layout == "BTNH" else (B, N, T)
+    if lse.shape != lse_shape:
+        raise ValueError(f"lse must have shape {lse_shape} (attention's return_lse), got {lse.shape}")
     visual_mask = jnp.asarray(visual_mask)
     if visual_mask.shape != (B, S) or visual_mask.dtype != jnp.bool_:
         raise ValueError(f"visual_mask must be a boolean (B, S) = {(B, S)} array, got {visual_mask.dtype} "
@@ -112,7 +115,8 @@ def _importance(opts: Options, R: int, query, key, lse, scorers, segment_ids, q_
     """Summed probabilities (B, N, S) over the first R scorer rows of each example."""
     problem, (q, k, _, _, _, q_seg, kv_seg, _, kv_lengths) = _normalise(
         opts, query, key, key, None, None, segment_ids, q_lengths, kv_lengths)
-    B, T, N, _ = q.shape
+    if opts.layout == "BNTH":  # the scorer rows are gathered into (B, R, N, H) either way
+        q, lse = jnp.swapaxes(q, 1, 2), jnp.swapaxes(lse, 1, 2)
     # Scorer rows first, in their original order (a stable sort on "not a scorer").
     order = jnp.argsort(jnp.logical_not(scorers), axis=1, stable=True)[:, :R].astype(jnp.int32)
     counts = jnp.minimum(jnp.sum(scorers, axis=1), R).astype(jnp.int32)
@@ -130,6 +134,8 @@ def _importance(opts: Options, R: int, query, key, lse, scorers, segment_ids, q_
 
 
 def _importance_xla(p, q_rows, k, lse_rows, positions, q_seg_rows, kv_seg, kv_lengths):
+    if p.layout == "BNTH":
+        k = jnp.swapaxes(k, 1, 2)
     B, R, N, H = q_rows.shape
     S, K = k.shape[1], k.shape[2]
     qg = q_rows.reshape(B, R, K, p.group, H).astype(jnp.float32)

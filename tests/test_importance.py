@@ -134,3 +134,19 @@ def test_bad_input(rng, bad, match):
     with pytest.raises(ValueError, match=match):
         visual_token_importance(q, q, args["lse"], args["visual_mask"], args["scorers"], max_scorers=args["max_scorers"],
                                 implementation="xla")
+
+
+@pytest.mark.parametrize("kind", ["plain", "causal"])
+def test_importance_bnth_layout(rng, impl, kind):
+    """Heads-first arrays (the torch layout) give the same importance."""
+    B, T, N, K, H = 2, 37, 4, 2, 24
+    q, q64 = normal(rng, (B, T, N, H))
+    k, k64 = normal(rng, (B, T, K, H))
+    opts = _options(rng, kind, B, T)
+    vis = _visual_mask(rng, B, T)
+    _, lse = mmfa_jax.attention(q, k, k, return_lse=True, implementation="xla", **opts)
+    got = visual_token_importance(jnp.swapaxes(q, 1, 2), jnp.swapaxes(k, 1, 2), jnp.swapaxes(lse, 1, 2),
+                                  jnp.asarray(vis), "text", implementation=impl, layout="BNTH", **opts)
+    want = importance_reference(q64, k64, vis, np.asarray(scorer_rows("text", jnp.asarray(vis))),
+                                **_reference_options(opts))
+    assert_close(got, want, TOL, "importance, BNTH")

@@ -220,6 +220,12 @@ def _three_ranges(body, ranges, carry, *, any_full: bool = True):
     return lax.fori_loop(full_hi, hi, functools.partial(body, masked=True), carry)
 
 
+def _skip_dead_rows(ranges, any_live_row):
+    """An empty range for a query tile wholly past the query length (padding, pruned tokens)."""
+    lo = ranges[0]
+    return tuple(jnp.where(any_live_row, r, lo) for r in ranges)
+
+
 def _column_mask(p: Problem):
     hp = p.head_dim_padded
     return None if hp == p.head_dim else (jnp.arange(hp) < p.head_dim)[None, :]
@@ -244,7 +250,8 @@ def _forward_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, qseg_ref, kvseg_ref
 
     q = _load(q_ref, q_rows, q_pos < p.q_len, cols)
     num_k_blocks = pl.cdiv(p.kv_len, block_k)
-    ranges = kv_block_range(p.band, q_start, block_q, block_k, kv_valid, num_k_blocks)
+    ranges = _skip_dead_rows(kv_block_range(p.band, q_start, block_q, block_k, kv_valid, num_k_blocks),
+                             q_start < q_valid)
     any_full = not p.needs_elementwise_mask and p.kv_len >= block_k
 
     def body(j, carry, masked):
@@ -342,7 +349,9 @@ def _dq_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, qseg_ref, kvseg_ref, qle
     delta = plgpu.load(delta_ref.at[q_rows], mask=in_q, other=0.0)
 
     num_k_blocks = pl.cdiv(p.kv_len, block_k)
-    ranges = kv_block_range(p.band, q_start, block_q, block_k, kv_valid, num_k_blocks)
+    q_valid = jnp.minimum(_scalar(qlen_ref, p.q_len), p.q_len)
+    ranges = _skip_dead_rows(kv_block_range(p.band, q_start, block_q, block_k, kv_valid, num_k_blocks),
+                             q_start < q_valid)
     if dbias_ref is not None:  # dbias must be written for every key tile, visible or not
         ranges = (0, num_k_blocks, num_k_blocks, num_k_blocks)
     any_full = not p.needs_elementwise_mask and dbias_ref is None and p.kv_len >= block_k
@@ -517,7 +526,7 @@ def importance(p: Problem, cfg: KernelConfig, q_rows, k, lse_rows, positions, q_
     q_rows: (B, R, N, H) the scorer rows, compacted; lse_rows: (B, N, R) their LSE over the full
     key set (-inf for padding rows); positions: (B, R) int32, their row index in the original
     query (for the causal/window band); q_seg_rows: (B, R) or None; counts: (B,) int32, how many
-    of the R rows are real. ``p`` describes the original (T-row) attention, layout BTNH.
+    of the R rows are real. ``p`` describes the original (T-row) attention; k is in its layout.
     """
     R = q_rows.shape[1]
     block_q, block_k = _tile(R, cfg.block_q), _tile(p.kv_len, cfg.block_k)
@@ -525,7 +534,7 @@ def importance(p: Problem, cfg: KernelConfig, q_rows, k, lse_rows, positions, q_
     grid = (pl.cdiv(p.kv_len, block_k), p.q_heads, p.batch)
     in_specs = [
         pl.BlockSpec((None, R, None, hp), lambda t, n, b: (b, 0, n, 0)),
-        pl.BlockSpec((None, p.kv_len, None, hp), lambda t, n, b: (b, 0, n // p.group, 0)),
+        _seq_spec(p, p.kv_len, None, lambda n: n // p.group),
         pl.BlockSpec((None, None, R), lambda t, n, b: (b, n, 0)),
         _batch_spec(R),
         _optional(q_seg_rows is not None, _batch_spec(R)),

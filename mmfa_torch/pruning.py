@@ -1,0 +1,98 @@
+"""The PyTorch face of visual-token importance and selection: the jax functions, through DLPack.
+
+Layout is torch's: query (B, H, L, D), key (B, Hkv, S, D), lse (B, H, L) as returned by
+``mmfa_torch.scaled_dot_product_attention(..., return_lse=True)``.
+"""
+
+from typing import Optional
+
+import torch
+
+from mmfa_jax.importance import visual_token_importance as _jax_importance
+from mmfa_jax.pruning import select_visual_tokens as _jax_select
+from mmfa_torch.attention import _implementation, _int32
+from mmfa_torch.bridge import to_jax, to_torch
+
+Tensor = torch.Tensor
+
+
+@torch.library.custom_op("mmfa::visual_token_importance", mutates_args=())
+def _importance_op(query: Tensor, key: Tensor, lse: Tensor, visual_mask: Tensor, scorers: Optional[Tensor], rule: str,
+                   segment_ids: Optional[Tensor], query_seq_lengths: Optional[Tensor],
+                   key_value_seq_lengths: Optional[Tensor], per_head: bool, max_scorers: int, scale: float,
+                   is_causal: bool, window_left: int, window_right: int, softcap: float, layout: str,
+                   implementation: str) -> Tensor:
+    out = _jax_importance(
+        to_jax(query), to_jax(key), to_jax(lse), to_jax(visual_mask), rule if scorers is None else to_jax(scorers),
+        per_head=per_head,
+        max_scorers=None if max_scorers <= 0 else max_scorers, scale=None if scale <= 0 else scale,
+        is_causal=is_causal, local_window_size=(None if window_left < 0 else window_left,
+                                                None if window_right < 0 else window_right),
+        logits_soft_cap=None if softcap <= 0 else softcap, segment_ids=to_jax(segment_ids),
+        query_seq_lengths=to_jax(query_seq_lengths), key_value_seq_lengths=to_jax(key_value_seq_lengths),
+        implementation=implementation, layout=layout)
+    return to_torch(out)
+
+
+@_importance_op.register_fake
+def _(query, key, lse, visual_mask, scorers, rule, segment_ids, query_seq_lengths, key_value_seq_lengths, per_head,
+      max_scorers, scale, is_causal, window_left, window_right, softcap, layout, implementation):
+    B, S = visual_mask.shape
+    shape = (B, query.shape[1 if layout == "BNTH" else 2], S) if per_head else (B, S)
+    return query.new_empty(shape, dtype=torch.float32)
+
+
+def visual_token_importance(query: Tensor, key: Tensor, lse: Tensor, visual_mask: Tensor, scorers="text", *,
+                            per_head: bool = False, max_scorers: int | None = None, scale: float | None = None,
+                            is_causal: bool = False, local_window_size=None, logits_soft_cap: float | None = None,
+                            segment_ids: Tensor | None = None, query_seq_lengths: Tensor | None = None,
+                            key_value_seq_lengths: Tensor | None = None, implementation: str | None = None) -> Tensor:
+    """Importance of every key for the scorer rows, (B, S) float32 ((B, Hq, S) with ``per_head``).
+
+    query (B, Hq, L, D), key (B, Hkv, S, D), lse (B, Hq, L); see
+    ``mmfa_jax.importance.visual_token_importance`` for the definition and the options. ``scorers``
+    is "text", "last" or a bool (B, L) tensor. Not differentiable (scores feed a selection).
+    """
+    from mmfa_jax.attention import normalise_window
+
+    rule, scorers = (scorers, None) if isinstance(scorers, str) else ("mask", scorers.contiguous())
+    left, right = (-1 if w is None else w for w in normalise_window(local_window_size))
+    layout = "BTNH" if (not query.is_contiguous() and query.transpose(1, 2).is_contiguous()) else "BNTH"
+
+    def arrange(t):
+        return t.contiguous() if layout == "BNTH" else t.transpose(1, 2).contiguous()
+
+    q, k = arrange(query), arrange(key)
+    lse = lse.contiguous() if layout == "BNTH" else lse.transpose(1, 2).contiguous()
+    return _importance_op(q.detach(), k.detach(), lse.detach(), visual_mask.contiguous(), scorers, rule,
+                          _int32(segment_ids, "segment_ids"), _int32(query_seq_lengths, "query_seq_lengths"),
+                          _int32(key_value_seq_lengths, "key_value_seq_lengths"), bool(per_head),
+                          int(max_scorers or 0), float(scale or 0.0), bool(is_causal), int(left), int(right),
+                          float(logits_soft_cap or 0.0), layout, _implementation(implementation, query.device))
+
+
+def select_visual_tokens(importance: Tensor, visual_mask: Tensor, keep, *, valid_lengths: Tensor | None = None,
+                         output_length: int | None = None) -> tuple[Tensor, Tensor]:
+    """(indices (B, L) int32, lengths (B,) int32) of the kept tokens, in order; see
+    ``mmfa_jax.pruning.select_visual_tokens``."""
+    idx, n = _jax_select(to_jax(importance.detach().contiguous()), to_jax(visual_mask.contiguous()), keep,
+                         valid_lengths=None if valid_lengths is None else to_jax(_int32(valid_lengths, "valid_lengths")),
+                         output_length=output_length)
+    return to_torch(idx), to_torch(n)
+
+
+def gather_tokens(x: Tensor, indices: Tensor, dim: int = 1) -> Tensor:
+    """Gather kept tokens along ``dim`` (the batch is the dim before it), like
+    ``mmfa_jax.pruning.gather_tokens``. Plain torch.gather rather than a trip through JAX, so that
+    gradients flow into ``x`` (hidden states during fine-tuning)."""
+    dim = dim % x.dim()
+    if dim == 0:
+        raise ValueError("dim must not be 0: the dim before it is the batch")
+    shape = [1] * x.dim()
+    shape[dim - 1], shape[dim] = indices.shape
+    size = list(x.shape)
+    size[dim] = indices.shape[1]
+    return torch.gather(x, dim, indices.long().reshape(shape).expand(size))
+
+
+__all__ = ["gather_tokens", "select_visual_tokens", "visual_token_importance"]

@@ -1,0 +1,58 @@
+"""The torch face of importance and selection: same numbers as the reference and the jax face."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from reference import importance_reference, select_reference
+
+import mmfa_torch
+
+
+@pytest.mark.parametrize("rule", ["text", "last"])
+def test_torch_importance_and_selection(rng, impl, rule):
+    if impl == "pallas":
+        pytest.skip("CUDA tensors are covered by test_torch_importance_cuda")
+    B, H, Hkv, L, D = 2, 4, 2, 40, 32
+    q = torch.from_numpy(rng.standard_normal((B, H, L, D)).astype(np.float32))
+    k = torch.from_numpy(rng.standard_normal((B, Hkv, L, D)).astype(np.float32))
+    vis = torch.zeros(B, L, dtype=torch.bool)
+    vis[:, 5:30] = True
+    _, lse = mmfa_torch.attention(q, k, k, enable_gqa=True, is_causal=True, return_lse=True, implementation="xla")
+    got = mmfa_torch.visual_token_importance(q, k, lse, vis, rule, is_causal=True, implementation=impl)
+    scorers = (~vis.numpy()) if rule == "text" else (np.arange(L)[None, :] == L - 1).repeat(B, 0)
+    want = importance_reference(q.numpy().transpose(0, 2, 1, 3), k.numpy().transpose(0, 2, 1, 3), vis.numpy(),
+                                scorers, is_causal=True)
+    np.testing.assert_allclose(got.numpy(), want, atol=1e-5)
+    idx, n = mmfa_torch.select_visual_tokens(got, vis, 0.5)
+    for b, w in enumerate(select_reference(got.numpy(), vis.numpy(), 0.5)):
+        np.testing.assert_array_equal(idx[b, :n[b]].numpy(), w)
+    hidden = torch.randn(B, L, 8, requires_grad=True)
+    kept = mmfa_torch.gather_tokens(hidden, idx)
+    kept.sum().backward()
+    assert hidden.grad.sum().item() == pytest.approx(float(idx.shape[1] * B * 8))
+
+
+def test_torch_importance_compiles(rng):
+    q = torch.from_numpy(rng.standard_normal((1, 2, 16, 16)).astype(np.float32))
+    vis = torch.zeros(1, 16, dtype=torch.bool)
+    vis[:, 2:10] = True
+    _, lse = mmfa_torch.attention(q, q, q, return_lse=True, implementation="xla")
+    f = torch.compile(lambda q, lse, vis: mmfa_torch.visual_token_importance(q, q, lse, vis, "text",
+                                                                              implementation="xla"), fullgraph=False)
+    eager = mmfa_torch.visual_token_importance(q, q, lse, vis, "text", implementation="xla")
+    torch.testing.assert_close(f(q, lse, vis), eager)
+
+
+@pytest.mark.gpu
+def test_torch_importance_cuda(rng):
+    q = torch.randn(2, 4, 300, 64, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(2, 4, 300, 64, device="cuda", dtype=torch.bfloat16)
+    vis = torch.zeros(2, 300, dtype=torch.bool, device="cuda")
+    vis[:, 10:250] = True
+    _, lse = mmfa_torch.attention(q, k, k, return_lse=True)
+    got = mmfa_torch.visual_token_importance(q, k, lse, vis, "text")
+    want = mmfa_torch.visual_token_importance(q.cpu().float(), k.cpu().float(), lse.cpu(), vis.cpu(), "text",
+                                              implementation="xla")
+    torch.testing.assert_close(got.cpu(), want, atol=2e-3, rtol=2e-2)
