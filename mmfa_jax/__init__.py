@@ -12,6 +12,7 @@ from mmfa_jax.attention import (
     pallas_available,
 )
 from mmfa_jax.importance import scorer_rows, visual_token_importance
+from mmfa_jax.multimodal import MultimodalResult, multimodal_attention
 from mmfa_jax.pruning import gather_tokens, select_visual_tokens
 from mmfa_jax.tuning import AttentionConfig, KernelConfig
 
@@ -19,10 +20,12 @@ __all__ = [
     "IMPLEMENTATIONS",
     "AttentionConfig",
     "KernelConfig",
+    "MultimodalResult",
     "attention",
     "default_implementation",
     "dot_product_attention",
     "gather_tokens",
+    "multimodal_attention",
     "pallas_available",
     "scorer_rows",
     "select_visual_tokens",

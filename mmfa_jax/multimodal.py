@@ -1,0 +1,108 @@
+"""The MMFA pipeline: score the visual tokens, keep the best, attend over the shorter sequence.
+
+``multimodal_attention`` runs self-attention prefill over a mixed text + visual sequence:
+
+1. the scorer rows (a few text rows) attend over all keys; their softmax, averaged over rows
+   and heads, is each visual token's importance (the probabilities of the full attention, masked
+   as it is; the full (T, S) matrix is never formed);
+2. per example the top ``keep`` visual tokens survive, with every text token, in order;
+3. attention runs on the kept sequence (flash kernels), padded to a static length with
+   per-example lengths.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mmfa_jax.attention import attention
+from mmfa_jax.importance import scorer_rows, visual_token_importance
+from mmfa_jax.pruning import gather_tokens, select_visual_tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class MultimodalResult:
+    """out: (B, L, N, H) attention output of the kept tokens (rows past ``lengths`` are 0);
+    indices: (B, L) int32 kept positions in the original sequence, increasing;
+    lengths: (B,) int32 kept tokens per example; importance: (B, S) float32 of every token."""
+
+    out: jax.Array
+    indices: jax.Array
+    lengths: jax.Array
+    importance: jax.Array
+
+
+jax.tree_util.register_dataclass(MultimodalResult, data_fields=["out", "indices", "lengths", "importance"],
+                                 meta_fields=[])
+
+
+def multimodal_attention(query, key, value, visual_mask, keep, *, scorers="text", max_scorers: int | None = None,
+                         scale=None, is_causal: bool = False, logits_soft_cap=None, query_seq_lengths=None,
+                         output_length: int | None = None, implementation=None) -> MultimodalResult:
+    """Prune visual tokens by importance, then attend over the kept sequence.
+
+    Args:
+      query, key, value: (B, T, N, H) and (B, T, K, H): self-attention over one token sequence.
+      visual_mask: bool (B, T), the visual tokens (any number of spans per example).
+      keep: ratio in (0, 1] or int count of visual tokens kept per example.
+      scorers: "text", "last" or a bool (B, T) mask of the rows that rate the visual tokens.
+      max_scorers: static bound on scorer rows per example (default: the most any example has,
+        when the masks are concrete; else T, which costs a full (T, S) scoring pass).
+      scale, is_causal, logits_soft_cap: as for ``attention``; causality is kept in original order.
+      query_seq_lengths: (B,) valid lengths (right padding).
+      output_length: static length of the kept sequence (default: the longest, when concrete).
+      implementation: for the attention on the kept tokens ("pallas", "interpret" or "xla").
+
+    Returns:
+      A ``MultimodalResult``. With keep=1.0 its ``out`` is the dense attention's output.
+    """
+    query, key, value, visual_mask = (jnp.asarray(x) for x in (query, key, value, visual_mask))
+    if query.ndim != 4 or key.shape[:2] != query.shape[:2] or key.shape != value.shape:
+        raise ValueError(f"multimodal_attention is self-attention: query (B, T, N, H) and key/value (B, T, K, H) over "
+                         f"one sequence, got {query.shape}, {key.shape}, {value.shape}")
+    B, T = query.shape[:2]
+    if visual_mask.shape != (B, T) or visual_mask.dtype != jnp.bool_:
+        raise ValueError(f"visual_mask must be a boolean (B, T) = {(B, T)} array, got {visual_mask.dtype} "
+                         f"{visual_mask.shape}")
+    rows = scorer_rows(scorers, visual_mask, query_seq_lengths) if isinstance(scorers, str) else jnp.asarray(scorers)
+    if rows.shape != (B, T) or rows.dtype != jnp.bool_:
+        raise ValueError(f"scorers must be 'text', 'last' or a boolean (B, T) array, got {rows.dtype} {rows.shape}")
+    if max_scorers is None:
+        max_scorers = _concrete_max(jnp.sum(rows, axis=1), default=T)
+    importance = _score(query, key, visual_mask, rows, int(max(1, min(max_scorers, T))), query_seq_lengths,
+                        scale=scale, is_causal=bool(is_causal), softcap=logits_soft_cap, implementation=implementation)
+    indices, lengths = select_visual_tokens(importance, visual_mask, keep, valid_lengths=query_seq_lengths,
+                                            output_length=output_length)
+    q, k, v = (gather_tokens(x, indices) for x in (query, key, value))
+    out = attention(q, k, v, scale=scale, is_causal=is_causal, logits_soft_cap=logits_soft_cap,
+                    query_seq_lengths=lengths, key_value_seq_lengths=lengths, implementation=implementation)
+    return MultimodalResult(out, indices, lengths, importance)
+
+
+def _concrete_max(x, default: int) -> int:
+    try:
+        return max(1, int(np.max(np.asarray(x))))
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+        return default
+
+
+def _score(q, k, visual_mask, scorers, R: int, lengths, *, scale, is_causal, softcap, implementation):
+    """Importance (B, S) from the first R scorer rows of each example, with the flash kernels:
+    the compacted rows attend over all keys (their original positions enter as a small (R, S)
+    causal mask) to give their LSE, then the importance kernel turns it into probabilities."""
+    B, T, N, _ = q.shape
+    order = jnp.argsort(~scorers, axis=1, stable=True)[:, :R]  # scorer rows first, in order
+    counts = jnp.minimum(jnp.sum(scorers, axis=1), R)
+    q_rows = gather_tokens(q, order)
+    causal = (jnp.arange(T)[None, None, :] <= order[:, :, None])[:, None] if is_causal else None
+    _, lse_rows = attention(q_rows, k, k, mask=causal, scale=scale, logits_soft_cap=softcap,
+                            query_seq_lengths=counts, key_value_seq_lengths=lengths, return_lse=True,
+                            implementation=implementation)
+    # Back to (B, T, N); rows that are not scorers keep -inf and are not read.
+    lse = jnp.full((B, T, N), -jnp.inf, jnp.float32).at[jnp.arange(B)[:, None], order].set(lse_rows)
+    return visual_token_importance(q, k, lse, visual_mask, scorers, max_scorers=R, scale=scale, is_causal=is_causal,
+                                   logits_soft_cap=softcap, query_seq_lengths=lengths, key_value_seq_lengths=lengths,
+                                   implementation=implementation)

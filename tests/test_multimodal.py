@@ -1,0 +1,77 @@
+"""The fused pipeline (score, prune, attend) against the float64 reference run step by step."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import assert_close, normal
+from reference import attention_reference, importance_reference, select_reference
+
+import mmfa_jax
+from mmfa_jax.multimodal import multimodal_attention
+
+TOL = 2e-5
+
+
+def _visual(rng, B, T):
+    vis = np.zeros((B, T), bool)
+    for b in range(B):
+        a = int(rng.integers(2, 8))
+        vis[b, a:a + int(rng.integers(T // 3, T // 2))] = True
+        c = int(rng.integers(T // 2 + 3, T - 6))
+        vis[b, c:c + 4] = True
+    return vis
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_keep_all_is_dense_attention(rng, impl, causal):
+    B, T, N, K, H = 2, 48, 4, 2, 32
+    q, _ = normal(rng, (B, T, N, H))
+    k, _ = normal(rng, (B, T, K, H))
+    v, _ = normal(rng, (B, T, K, H))
+    vis = jnp.asarray(_visual(rng, B, T))
+    r = multimodal_attention(q, k, v, vis, 1.0, is_causal=causal, implementation=impl)
+    dense = mmfa_jax.attention(q, k, v, is_causal=causal, implementation="xla")
+    np.testing.assert_array_equal(np.asarray(r.indices), np.tile(np.arange(T), (B, 1)))
+    assert_close(r.out, np.asarray(dense, np.float64), TOL, "keep=1.0 output")
+
+
+@pytest.mark.parametrize("keep", [0.25, 0.5, 5])
+@pytest.mark.parametrize("causal", [False, True])
+def test_pruned_attention_matches_reference_pipeline(rng, impl, keep, causal):
+    B, T, N, K, H = 2, 50, 4, 2, 32
+    q, q64 = normal(rng, (B, T, N, H))
+    k, k64 = normal(rng, (B, T, K, H))
+    v, v64 = normal(rng, (B, T, K, H))
+    vis = _visual(rng, B, T)
+    lengths = np.array([T, T - 7])
+    r = multimodal_attention(q, k, v, jnp.asarray(vis), keep, is_causal=causal, query_seq_lengths=lengths,
+                             implementation=impl)
+
+    valid = np.arange(T)[None, :] < lengths[:, None]
+    scorers = valid & ~vis
+    imp = importance_reference(q64, k64, vis, scorers, is_causal=causal, q_lengths=lengths, kv_lengths=lengths)
+    assert_close(r.importance, imp, 1e-5, "importance")
+    # Select with the product's own scores (float32 ties could order differently than float64).
+    kept = select_reference(np.asarray(r.importance), vis, keep, lengths)
+    L = r.out.shape[1]
+    for b in range(B):
+        n = len(kept[b])
+        assert int(r.lengths[b]) == n
+        np.testing.assert_array_equal(np.asarray(r.indices[b, :n]), kept[b])
+        out, _ = attention_reference(q64[b:b + 1, kept[b]], k64[b:b + 1, kept[b]], v64[b:b + 1, kept[b]],
+                                     is_causal=causal)
+        assert_close(r.out[b:b + 1, :n], out, TOL, f"example {b} kept rows")
+        assert (np.asarray(r.out[b, n:L]) == 0).all(), "rows past the kept length must be zeros"
+
+
+def test_bad_input(rng):
+    q, _ = normal(rng, (1, 10, 2, 16))
+    vis = jnp.zeros((1, 10), bool).at[0, 2:6].set(True)
+    with pytest.raises(ValueError, match="visual_mask must be a boolean"):
+        multimodal_attention(q, q, q, vis.astype(jnp.int32), 0.5, implementation="xla")
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        multimodal_attention(q, q, q, vis, 1.5, implementation="xla")
+    with pytest.raises(ValueError, match="self-attention"):
+        multimodal_attention(q, q[:, :5], q[:, :5], vis, 0.5, implementation="xla")
