@@ -95,4 +95,54 @@ def gather_tokens(x: Tensor, indices: Tensor, dim: int = 1) -> Tensor:
     return torch.gather(x, dim, indices.long().reshape(shape).expand(size))
 
 
-__all__ = ["gather_tokens", "select_visual_tokens", "visual_token_importance"]
+
+
+@torch.library.custom_op("mmfa::multimodal_attention", mutates_args=())
+def _multimodal_op(query: Tensor, key: Tensor, value: Tensor, visual_mask: Tensor, scorers: Optional[Tensor],
+                   rule: str, query_seq_lengths: Optional[Tensor], keep: float, keep_count: int, max_scorers: int,
+                   output_length: int, scale: float, is_causal: bool, softcap: float,
+                   implementation: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    from mmfa_jax.multimodal import multimodal_attention as _jax_multimodal
+
+    r = _jax_multimodal(
+        to_jax(query), to_jax(key), to_jax(value), to_jax(visual_mask), keep_count if keep_count > 0 else keep,
+        scorers=rule if scorers is None else to_jax(scorers), max_scorers=max_scorers if max_scorers > 0 else None,
+        scale=None if scale <= 0 else scale, is_causal=is_causal, logits_soft_cap=None if softcap <= 0 else softcap,
+        query_seq_lengths=to_jax(query_seq_lengths), output_length=output_length if output_length > 0 else None,
+        implementation=implementation)
+    return to_torch(r.out), to_torch(r.indices), to_torch(r.lengths), to_torch(r.importance)
+
+
+@_multimodal_op.register_fake
+def _(query, key, value, visual_mask, scorers, rule, query_seq_lengths, keep, keep_count, max_scorers, output_length,
+      scale, is_causal, softcap, implementation):
+    B, T, N, D = query.shape
+    L = output_length if output_length > 0 else torch.library.get_ctx().new_dynamic_size()
+    return (query.new_empty((B, L, N, D)), query.new_empty((B, L), dtype=torch.int32),
+            query.new_empty((B,), dtype=torch.int32), query.new_empty((B, T), dtype=torch.float32))
+
+
+def multimodal_attention(query: Tensor, key: Tensor, value: Tensor, visual_mask: Tensor, keep, *, scorers="text",
+                         max_scorers: int | None = None, scale: float | None = None, is_causal: bool = False,
+                         logits_soft_cap: float | None = None, query_seq_lengths: Tensor | None = None,
+                         output_length: int | None = None, implementation: str | None = None):
+    """The MMFA pipeline on torch tensors: score, keep the top visual tokens, attend over them.
+
+    query (B, Hq, T, D), key/value (B, Hkv, T, D) (self-attention over one sequence), visual_mask
+    bool (B, T). Returns (out (B, Hq, L, D), indices (B, L) int32, lengths (B,) int32, importance
+    (B, T) float32); see ``mmfa_jax.multimodal.multimodal_attention``. Inference only (no
+    gradients). Under torch.compile L is data-dependent unless ``output_length`` is given.
+    """
+    if isinstance(keep, bool) or not isinstance(keep, (int, float)):
+        raise TypeError(f"keep must be a ratio in (0, 1] or a positive int count, got {keep!r}")
+    rule, scorers = (scorers, None) if isinstance(scorers, str) else ("mask", scorers.contiguous())
+    q, k, v = (t.detach().transpose(1, 2).contiguous() for t in (query, key, value))  # (B, T, H, D)
+    out, idx, lengths, importance = _multimodal_op(
+        q, k, v, visual_mask.contiguous(), scorers, rule, _int32(query_seq_lengths, "query_seq_lengths"),
+        float(keep) if isinstance(keep, float) else 0.0, keep if isinstance(keep, int) else 0, int(max_scorers or 0),
+        int(output_length or 0), float(scale or 0.0), bool(is_causal), float(logits_soft_cap or 0.0),
+        _implementation(implementation, query.device))
+    return out.transpose(1, 2), idx, lengths, importance
+
+
+__all__ = ["gather_tokens", "multimodal_attention", "select_visual_tokens", "visual_token_importance"]

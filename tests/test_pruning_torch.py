@@ -56,3 +56,24 @@ def test_torch_importance_cuda(rng):
     want = mmfa_torch.visual_token_importance(q.cpu().float(), k.cpu().float(), lse.cpu(), vis.cpu(), "text",
                                               implementation="xla")
     torch.testing.assert_close(got.cpu(), want, atol=2e-3, rtol=2e-2)
+
+
+def test_torch_multimodal_matches_jax(rng):
+    """The torch pipeline gives the jax pipeline's numbers (same kernels, torch layout)."""
+    import jax.numpy as jnp
+
+    from mmfa_jax.multimodal import multimodal_attention as jax_multimodal
+
+    B, H, Hkv, T, D = 2, 4, 2, 40, 32
+    q = torch.from_numpy(rng.standard_normal((B, H, T, D)).astype(np.float32))
+    k = torch.from_numpy(rng.standard_normal((B, Hkv, T, D)).astype(np.float32))
+    v = torch.from_numpy(rng.standard_normal((B, Hkv, T, D)).astype(np.float32))
+    vis = torch.zeros(B, T, dtype=torch.bool)
+    vis[:, 4:30] = True
+    out, idx, n, imp = mmfa_torch.multimodal_attention(q, k, v, vis, 0.5, is_causal=True, implementation="interpret")
+    r = jax_multimodal(*(jnp.asarray(x.numpy().transpose(0, 2, 1, 3)) for x in (q, k, v)), jnp.asarray(vis.numpy()),
+                       0.5, is_causal=True, implementation="xla")
+    np.testing.assert_array_equal(idx.numpy(), np.asarray(r.indices))
+    np.testing.assert_array_equal(n.numpy(), np.asarray(r.lengths))
+    np.testing.assert_allclose(imp.numpy(), np.asarray(r.importance), atol=1e-6)
+    np.testing.assert_allclose(out.numpy(), np.asarray(r.out).transpose(0, 2, 1, 3), atol=2e-5)
