@@ -1,8 +1,10 @@
 """The ``mmfa`` command.
 
-    mmfa demo                 # attention demo: mmfa against jax's attention, a table of time,
-                              # memory and error; runs on the CPU (interpreted kernels) and GPU
-    mmfa demo --seq-len 8192 --heads 16 --head-dim 128 --causal
+    mmfa demo                 # prune a real image's visual tokens with a colour prompt, time
+                              # attention before and after, write a PNG of the kept patches
+    mmfa demo --image photo.jpg --prompt "the red parts" --keep 0.25
+    mmfa attention            # attention alone: mmfa against jax's attention (time, memory, error)
+    mmfa attention --seq-len 8192 --heads 16 --head-dim 128 --causal
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ def _median_time(fn, args, repeats: int) -> float:
     return statistics.median(samples)
 
 
-def demo(args) -> int:
+def attention_demo(args) -> int:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -83,32 +85,145 @@ def demo(args) -> int:
     return 0
 
 
+def image_demo(args) -> int:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import mmfa_jax
+    from mmfa_jax import demo
+
+    gpu = mmfa_jax.pallas_available()
+    impl = "pallas" if gpu else "interpret"
+    paths = args.video or [args.image or demo.default_image()]
+    configs = [("cpu", demo.CONFIGS["cpu"])] if not gpu else [(n, demo.CONFIGS[n]) for n in ("moderate", "heavy")]
+    if args.size:
+        configs = [(name, (h, d, args.size, b)) for name, (h, d, _, b) in configs]
+    print(f"mmfa demo on {jax.devices()[0].device_kind}: kernels run as '{impl}'; {len(paths)} frame(s) from "
+          f"{paths[0]}{' ...' if len(paths) > 1 else ''}; prompt {args.prompt!r}, keep {args.keep}")
+    rows, status = [], 0
+    for name, (heads, head_dim, size, batch) in configs:
+        frames = demo.load_frames(paths, size)
+        tok = demo.build_tokens(frames, args.patch, args.prompt, heads, head_dim, batch, jnp.dtype(args.dtype))
+        B, T = tok.visual_mask.shape
+        V = len(tok.colours)
+        result = mmfa_jax.multimodal_attention(tok.q, tok.k, tok.v, tok.visual_mask, args.keep, is_causal=True,
+                                               implementation=impl)
+        idx = np.asarray(result.indices[0, : int(result.lengths[0])])
+        kept = idx[(idx >= 2) & (idx < 2 + V)] - 2
+        answer = demo.colour_answer(tok.colours, tok.target, len(kept))
+        overlap = len(np.intersect1d(kept, answer)) / max(len(kept), 1)
+        print(f"\n[{name}] batch {B}, {heads} heads x {head_dim}, {size}px: {V} visual + {T - V} text tokens -> "
+              f"kept {len(kept)} visual; {overlap:.0%} of them are among the {len(kept)} patches closest to "
+              f"{args.prompt!r} by colour")
+        if overlap < 0.8:
+            print(f"  overlap {overlap:.0%} is under 80%: the scores did not find the colour", file=sys.stderr)
+            status = 1
+        if name == configs[0][0]:
+            per_frame = (size // args.patch) ** 2
+            first = kept[kept < per_frame]
+            demo.save_overlay(frames[0], first, args.patch, args.out,
+                              f"kept {len(kept)}/{V} patches for {args.prompt!r}")
+            print(f"  wrote {args.out}")
+        rows += _time_demo(name, tok, result, args, impl)
+    print(f"\n{'config':<10} {'what':<52} {'tokens':>7} {'ms':>9}")
+    for name, what, tokens, ms in rows:
+        print(f"{name:<10} {what:<52} {tokens:>7} {ms:>9.2f}")
+    return status
+
+
+def _time_demo(name, tok, result, args, impl):
+    """Median times: dense over the full sequence, the whole pruning pipeline, attention on the
+    kept tokens alone, and torch's SDPA and eager attention over the full sequence."""
+    import jax
+    import jax.numpy as jnp
+
+    import mmfa_jax
+
+    T, L = tok.q.shape[1], result.out.shape[1]
+    dense = jax.jit(lambda q, k, v: mmfa_jax.attention(q, k, v, is_causal=True, implementation=impl))
+    kept = [mmfa_jax.gather_tokens(x, result.indices) for x in (tok.q, tok.k, tok.v)]
+    short = jax.jit(lambda q, k, v, n: mmfa_jax.attention(q, k, v, is_causal=True, query_seq_lengths=n,
+                                                          key_value_seq_lengths=n, implementation=impl))
+
+    def pipeline():
+        return mmfa_jax.multimodal_attention(tok.q, tok.k, tok.v, tok.visual_mask, args.keep, is_causal=True,
+                                             implementation=impl, output_length=L).out
+
+    rows = [
+        (name, "mmfa dense attention, full sequence", T,
+         _median_ms(lambda: jax.block_until_ready(dense(tok.q, tok.k, tok.v)), args.repeats)),
+        (name, f"mmfa pipeline: score + prune + attend (keep {args.keep})", L,
+         _median_ms(lambda: jax.block_until_ready(pipeline()), args.repeats)),
+        (name, "mmfa attention on the kept tokens alone", L,
+         _median_ms(lambda: jax.block_until_ready(short(*kept, result.lengths)), args.repeats)),
+    ]
+    try:
+        import torch
+    except ImportError:
+        print("  (torch not installed: no SDPA / eager rows)")
+        return rows
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dt = getattr(torch, jnp.dtype(tok.q.dtype).name)
+    q, k, v = (torch.tensor(jnp.asarray(x, jnp.float32).__array__(), device=device).to(dt).transpose(1, 2)
+               for x in (tok.q, tok.k, tok.v))
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def eager():
+        s = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+        s = s.masked_fill(torch.ones(T, T, dtype=torch.bool, device=device).triu(1), float("-inf"))
+        return torch.softmax(s.float(), -1).to(dt) @ v
+
+    with torch.no_grad():
+        rows.append((name, "torch SDPA, full sequence", T, _median_ms(
+            lambda: (torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True), sync()),
+            args.repeats)))
+        rows.append((name, "torch eager attention, full sequence", T, _median_ms(lambda: (eager(), sync()),
+                                                                                  args.repeats)))
+    return rows
+
+
+def _median_ms(fn, repeats: int) -> float:
+    from mmfa_jax.demo import median_ms
+
+    return median_ms(fn, repeats)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="mmfa", description="Multimodal Flash-Attention")
     sub = ap.add_subparsers(dest="command")
-    d = sub.add_parser("demo", help="attention demo: time, memory and error against jax's attention")
-    d.add_argument("--batch", type=int, default=1)
-    d.add_argument("--seq-len", type=int, default=None, help="default: 512 on the CPU, 8192 on a GPU")
-    d.add_argument("--heads", type=int, default=None, help="default: 4 on the CPU, 16 on a GPU")
-    d.add_argument("--kv-heads", type=int, default=None, help="fewer key/value heads: GQA")
-    d.add_argument("--head-dim", type=int, default=None, help="default: 64 on the CPU, 128 on a GPU")
-    d.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    d.add_argument("--causal", action="store_true")
-    d.add_argument("--repeats", type=int, default=5)
-    d.add_argument("--seed", type=int, default=0)
+    d = sub.add_parser("demo", help="prune a real image's visual tokens with a colour prompt; time it; write a PNG")
+    d.add_argument("--image", help="an image file (default: a photograph that ships with matplotlib)")
+    d.add_argument("--video", nargs="+", metavar="FRAME", help="image files taken as the frames of a video")
+    d.add_argument("--prompt", default="the blue background", help="must name a colour")
+    d.add_argument("--keep", type=float, default=0.25, help="ratio of visual tokens kept")
+    d.add_argument("--patch", type=int, default=14)
+    d.add_argument("--size", type=int, default=None, help="image side in pixels (default per configuration)")
+    d.add_argument("--dtype", default="float32", choices=["bfloat16", "float16", "float32"])
+    d.add_argument("--repeats", type=int, default=3)
+    d.add_argument("--out", default="mmfa_demo.png")
+    a = sub.add_parser("attention", help="attention alone: time, memory and error against jax's attention")
+    a.add_argument("--batch", type=int, default=1)
+    a.add_argument("--seq-len", type=int, default=None, help="default: 512 on the CPU, 8192 on a GPU")
+    a.add_argument("--heads", type=int, default=None, help="default: 4 on the CPU, 16 on a GPU")
+    a.add_argument("--kv-heads", type=int, default=None, help="fewer key/value heads: GQA")
+    a.add_argument("--head-dim", type=int, default=None, help="default: 64 on the CPU, 128 on a GPU")
+    a.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    a.add_argument("--causal", action="store_true")
+    a.add_argument("--repeats", type=int, default=5)
+    a.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    if args.command in (None, "demo"):
-        if args.command is None:
-            args = d.parse_args([])
-        import mmfa_jax
+    if args.command is None:
+        args = ap.parse_args(["demo", *(argv or [])])
+    if args.command == "demo":
+        return image_demo(args)
+    import mmfa_jax
 
-        gpu = mmfa_jax.pallas_available()
-        args.seq_len = args.seq_len or (8192 if gpu else 512)
-        args.heads = args.heads or (16 if gpu else 4)
-        args.head_dim = args.head_dim or (128 if gpu else 64)
-        return demo(args)
-    ap.print_help()
-    return 2
+    gpu = mmfa_jax.pallas_available()
+    args.seq_len = args.seq_len or (8192 if gpu else 512)
+    args.heads = args.heads or (16 if gpu else 4)
+    args.head_dim = args.head_dim or (128 if gpu else 64)
+    return attention_demo(args)
 
 
 if __name__ == "__main__":
