@@ -61,7 +61,8 @@ def attention(
 
     Shapes (layout "BTNH", as ``jax.nn.dot_product_attention``): query (B, T, N, H), key and
     value (B, S, K, H), where K divides N (GQA/MQA: query head n reads key/value head
-    n // (N // K); K/V are never repeated). The batch axis may be left out of all three.
+    n // (N // K); K/V are never repeated). The batch axis may be left out of all three (the
+    per-example arrays, segment ids and lengths, keep theirs: batch 1).
     With ``layout="BNTH"`` the arrays are (B, N, T, H) and (B, K, S, H) instead (PyTorch's
     order; the output follows the same layout).
 
@@ -300,13 +301,13 @@ def normalise_window(window) -> tuple[int | None, int | None]:
     """local_window_size as (left, right), None for an open side; ValueError when malformed."""
     if window is None:
         return (None, None)
-    if isinstance(window, (int, np.integer)):
+    if isinstance(window, (int, np.integer)) and not isinstance(window, bool):
         window = (int(window), int(window))
     if not (isinstance(window, (tuple, list)) and len(window) == 2):
         raise ValueError(f"local_window_size must be an int, a pair (left, right) or None, got {window!r}")
     out = []
     for side, w in zip(("left", "right"), window):
-        if w is not None and (not isinstance(w, (int, np.integer)) or w < 0):
+        if w is not None and (not isinstance(w, (int, np.integer)) or isinstance(w, bool) or w < 0):
             raise ValueError(f"local_window_size {side} must be a non-negative int or None, got {w!r}")
         out.append(None if w is None else int(w))
     return tuple(out)

@@ -58,9 +58,11 @@ def select_visual_tokens(importance, visual_mask, keep, *, valid_lengths=None, o
         jnp.arange(S)[None, :] < jnp.asarray(valid_lengths)[:, None])
     visual = visual_mask & valid
     n_keep = keep_counts(visual, keep)
-    # Rank visual tokens by score, best first; a stable sort keeps earlier positions ahead on ties.
-    score = jnp.where(visual, importance.astype(jnp.float32), -jnp.inf)
-    order = jnp.argsort(-score, axis=1, stable=True)
+    # Rank the visual tokens first (whatever their scores: -inf and NaN included, NaN last), best
+    # score first; lexsort is stable, so earlier positions win ties.
+    score = importance.astype(jnp.float32)
+    score = jnp.where(jnp.isnan(score), -jnp.inf, score)
+    order = jnp.lexsort((-score, ~visual), axis=1)
     rank = jnp.argsort(order, axis=1)
     kept = (valid & ~visual_mask) | (visual & (rank < n_keep[:, None]))
     lengths = jnp.sum(kept, axis=1).astype(jnp.int32)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import torch
@@ -84,17 +85,19 @@ def scaled_dot_product_attention(
         _check_broadcast(attn_mask, "attn_mask", (query.shape[0], query.shape[1], query.shape[2], key.shape[2]))
         if attn_mask.dtype == torch.bool:
             mask = attn_mask.contiguous()
-        elif attn_mask.is_floating_point():
+        elif attn_mask.dtype in SUPPORTED_DTYPES:
             bias = attn_mask.contiguous()
         else:
-            raise TypeError(f"attn_mask must be bool or floating point, got {attn_mask.dtype}")
+            raise TypeError(f"attn_mask must be bool, float16, bfloat16 or float32, got {attn_mask.dtype}")
     q_seg = kv_seg = None
     if segment_ids is not None:
+        if isinstance(segment_ids, (tuple, list)) and len(segment_ids) != 2:
+            raise ValueError("segment_ids must be one (B, L) tensor or a pair (query (B, L), key/value (B, S))")
         q_seg, kv_seg = segment_ids if isinstance(segment_ids, (tuple, list)) else (segment_ids, segment_ids)
         q_seg, kv_seg = _int32(q_seg, "segment_ids"), _int32(kv_seg, "segment_ids")
     left, right = (-1 if w is None else w for w in normalise_window(local_window_size))  # -1: open side
-    if scale is not None and not scale > 0:
-        raise ValueError(f"scale must be positive, got {scale}")
+    if scale is not None and not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number, got {scale}")
     if logits_soft_cap is not None and not logits_soft_cap > 0:
         raise ValueError(f"logits_soft_cap must be positive or None, got {logits_soft_cap}")
 
@@ -104,7 +107,8 @@ def scaled_dot_product_attention(
     out, lse = ops.attention_forward(
         q, k, v, bias, mask, q_seg, kv_seg, _int32(query_seq_lengths, "query_seq_lengths"),
         _int32(key_value_seq_lengths, "key_value_seq_lengths"),
-        float(scale or 0.0), bool(is_causal), int(left), int(right), float(logits_soft_cap or 0.0), layout,
+        None if scale is None else float(scale), bool(is_causal), int(left), int(right),
+        None if logits_soft_cap is None else float(logits_soft_cap), layout,
         implementation)
     if layout == "BTNH":
         out = out.transpose(1, 2)

@@ -2,7 +2,7 @@
 
 The ops take contiguous tensors in a declared layout ("BNTH" = torch's (B, H, S, D), or "BTNH" =
 (B, S, H, D)) and return contiguous tensors in the same layout, so the hand-off to jax is a pure
-DLPack view. Static arguments travel as plain numbers and strings (None encoded as -1 / 0.0)
+DLPack view. Static arguments travel as plain numbers and strings (an open window side as -1)
 so that torch.compile can trace calls to the ops.
 """
 
@@ -18,13 +18,14 @@ Tensor = torch.Tensor
 
 
 @functools.lru_cache(maxsize=256)
-def _options(scale: float, is_causal: bool, window_left: int, window_right: int, softcap: float, layout: str,
+def _options(scale: Optional[float], is_causal: bool, window_left: int, window_right: int, softcap: Optional[float],
+             layout: str,
              implementation: str) -> Options:
     return Options.make(
-        scale=None if scale <= 0 else scale,
+        scale=scale,
         is_causal=is_causal,
         local_window_size=(None if window_left < 0 else window_left, None if window_right < 0 else window_right),
-        logits_soft_cap=None if softcap <= 0 else softcap,
+        logits_soft_cap=softcap,
         implementation=implementation,
         layout=layout,
     )
@@ -38,7 +39,7 @@ def _segments(q_seg, kv_seg):
 def attention_forward(
     q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], mask: Optional[Tensor], q_seg: Optional[Tensor],
     kv_seg: Optional[Tensor], q_lengths: Optional[Tensor], kv_lengths: Optional[Tensor],
-    scale: float, is_causal: bool, window_left: int, window_right: int, softcap: float, layout: str,
+    scale: Optional[float], is_causal: bool, window_left: int, window_right: int, softcap: Optional[float], layout: str,
     implementation: str,
 ) -> tuple[Tensor, Tensor]:
     opts = _options(scale, is_causal, window_left, window_right, softcap, layout, implementation)
@@ -60,7 +61,7 @@ def attention_backward(
     q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], mask: Optional[Tensor], q_seg: Optional[Tensor],
     kv_seg: Optional[Tensor], q_lengths: Optional[Tensor], kv_lengths: Optional[Tensor], out: Tensor, lse: Tensor,
     d_out: Tensor, d_lse: Tensor,
-    scale: float, is_causal: bool, window_left: int, window_right: int, softcap: float, layout: str,
+    scale: Optional[float], is_causal: bool, window_left: int, window_right: int, softcap: Optional[float], layout: str,
     implementation: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns (dq, dk, dv, dbias); dbias is empty without a bias, else shaped (Bb, Nb, T, S)."""

@@ -19,16 +19,17 @@ Tensor = torch.Tensor
 @torch.library.custom_op("mmfa::visual_token_importance", mutates_args=())
 def _importance_op(query: Tensor, key: Tensor, lse: Tensor, visual_mask: Tensor, scorers: Optional[Tensor], rule: str,
                    segment_ids: Optional[Tensor], query_seq_lengths: Optional[Tensor],
-                   key_value_seq_lengths: Optional[Tensor], per_head: bool, max_scorers: int, scale: float,
-                   is_causal: bool, window_left: int, window_right: int, softcap: float, layout: str,
+                   key_value_seq_lengths: Optional[Tensor], per_head: bool, max_scorers: Optional[int],
+                   scale: Optional[float], is_causal: bool, window_left: int, window_right: int,
+                   softcap: Optional[float], layout: str,
                    implementation: str) -> Tensor:
     out = _jax_importance(
         to_jax(query), to_jax(key), to_jax(lse), to_jax(visual_mask), rule if scorers is None else to_jax(scorers),
         per_head=per_head,
-        max_scorers=None if max_scorers <= 0 else max_scorers, scale=None if scale <= 0 else scale,
+        max_scorers=max_scorers, scale=scale,
         is_causal=is_causal, local_window_size=(None if window_left < 0 else window_left,
                                                 None if window_right < 0 else window_right),
-        logits_soft_cap=None if softcap <= 0 else softcap, segment_ids=to_jax(segment_ids),
+        logits_soft_cap=softcap, segment_ids=to_jax(segment_ids),
         query_seq_lengths=to_jax(query_seq_lengths), key_value_seq_lengths=to_jax(key_value_seq_lengths),
         implementation=implementation, layout=layout)
     return to_torch(out)
@@ -67,8 +68,13 @@ def visual_token_importance(query: Tensor, key: Tensor, lse: Tensor, visual_mask
     return _importance_op(q.detach(), k.detach(), lse.detach(), visual_mask.contiguous(), scorers, rule,
                           _int32(segment_ids, "segment_ids"), _int32(query_seq_lengths, "query_seq_lengths"),
                           _int32(key_value_seq_lengths, "key_value_seq_lengths"), bool(per_head),
-                          int(max_scorers or 0), float(scale or 0.0), bool(is_causal), int(left), int(right),
-                          float(logits_soft_cap or 0.0), layout, _implementation(implementation, query.device))
+                          None if max_scorers is None else int(max_scorers), _float(scale), bool(is_causal),
+                          int(left), int(right), _float(logits_soft_cap), layout,
+                          _implementation(implementation, query.device))
+
+
+def _float(x):
+    return None if x is None else float(x)
 
 
 def select_visual_tokens(importance: Tensor, visual_mask: Tensor, keep, *, valid_lengths: Tensor | None = None,
@@ -99,16 +105,17 @@ def gather_tokens(x: Tensor, indices: Tensor, dim: int = 1) -> Tensor:
 
 @torch.library.custom_op("mmfa::multimodal_attention", mutates_args=())
 def _multimodal_op(query: Tensor, key: Tensor, value: Tensor, visual_mask: Tensor, scorers: Optional[Tensor],
-                   rule: str, query_seq_lengths: Optional[Tensor], keep: float, keep_count: int, max_scorers: int,
-                   output_length: int, scale: float, is_causal: bool, softcap: float,
+                   rule: str, query_seq_lengths: Optional[Tensor], keep: float, keep_count: int,
+                   max_scorers: Optional[int], output_length: Optional[int], scale: Optional[float], is_causal: bool,
+                   softcap: Optional[float],
                    implementation: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     from mmfa_jax.multimodal import multimodal_attention as _jax_multimodal
 
     r = _jax_multimodal(
         to_jax(query), to_jax(key), to_jax(value), to_jax(visual_mask), keep_count if keep_count > 0 else keep,
-        scorers=rule if scorers is None else to_jax(scorers), max_scorers=max_scorers if max_scorers > 0 else None,
-        scale=None if scale <= 0 else scale, is_causal=is_causal, logits_soft_cap=None if softcap <= 0 else softcap,
-        query_seq_lengths=to_jax(query_seq_lengths), output_length=output_length if output_length > 0 else None,
+        scorers=rule if scorers is None else to_jax(scorers), max_scorers=max_scorers, scale=scale,
+        is_causal=is_causal, logits_soft_cap=softcap, query_seq_lengths=to_jax(query_seq_lengths),
+        output_length=output_length,
         implementation=implementation)
     return to_torch(r.out), to_torch(r.indices), to_torch(r.lengths), to_torch(r.importance)
 
@@ -117,7 +124,7 @@ def _multimodal_op(query: Tensor, key: Tensor, value: Tensor, visual_mask: Tenso
 def _(query, key, value, visual_mask, scorers, rule, query_seq_lengths, keep, keep_count, max_scorers, output_length,
       scale, is_causal, softcap, implementation):
     B, T, N, D = query.shape
-    L = output_length if output_length > 0 else torch.library.get_ctx().new_dynamic_size()
+    L = output_length if output_length is not None else torch.library.get_ctx().new_dynamic_size()
     return (query.new_empty((B, L, N, D)), query.new_empty((B, L), dtype=torch.int32),
             query.new_empty((B,), dtype=torch.int32), query.new_empty((B, T), dtype=torch.float32))
 
@@ -139,8 +146,10 @@ def multimodal_attention(query: Tensor, key: Tensor, value: Tensor, visual_mask:
     q, k, v = (t.detach().transpose(1, 2).contiguous() for t in (query, key, value))  # (B, T, H, D)
     out, idx, lengths, importance = _multimodal_op(
         q, k, v, visual_mask.contiguous(), scorers, rule, _int32(query_seq_lengths, "query_seq_lengths"),
-        float(keep) if isinstance(keep, float) else 0.0, keep if isinstance(keep, int) else 0, int(max_scorers or 0),
-        int(output_length or 0), float(scale or 0.0), bool(is_causal), float(logits_soft_cap or 0.0),
+        float(keep) if isinstance(keep, float) else 0.0, keep if isinstance(keep, int) else 0,
+        None if max_scorers is None else int(max_scorers),
+        None if output_length is None else int(output_length), _float(scale), bool(is_causal),
+        _float(logits_soft_cap),
         _implementation(implementation, query.device))
     return out.transpose(1, 2), idx, lengths, importance
 

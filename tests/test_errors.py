@@ -334,8 +334,9 @@ def test_torch_soft_cap_not_positive(tqkv, cap):
         tattn(*tqkv, logits_soft_cap=cap)
 
 
-@pytest.mark.parametrize("scale", [0.0, -1.0])
-def test_torch_scale_not_positive(tqkv, scale):
+@pytest.mark.parametrize("scale", [float("nan"), float("inf")])
+def test_torch_scale_not_finite(tqkv, scale):
+    """Any finite scale is valid (as in torch); NaN and infinity are not."""
     with pytest.raises(ValueError, match="scale"):
         tattn(*tqkv, scale=scale)
 
@@ -379,3 +380,39 @@ def test_torch_valid_call_still_works(tqkv):
     out = tattn(*tqkv)
     assert out.shape == tqkv[0].shape and torch.isfinite(out).all()
     assert np.isfinite(out.numpy()).all()
+
+
+def test_review_findings_on_argument_checks():
+    """Found in review: bools as windows, float64 torch masks, malformed segment pairs, negative
+    torch scales (valid, as in torch), torch importance options passed through unchanged."""
+    import torch
+
+    import mmfa_jax
+    import mmfa_torch
+
+    q = np.random.default_rng(0).standard_normal((1, 6, 2, 8)).astype(np.float32)
+    for window in (True, (True, None)):
+        with pytest.raises(ValueError, match="local_window_size"):
+            mmfa_jax.attention(q, q, q, local_window_size=window, implementation="xla")
+    t = torch.from_numpy(q).transpose(1, 2).contiguous()
+    with pytest.raises(TypeError, match="attn_mask"):
+        mmfa_torch.attention(t, t, t, attn_mask=torch.zeros(6, 6, dtype=torch.float64), implementation="xla")
+    seg = torch.zeros(1, 6, dtype=torch.int32)
+    with pytest.raises(ValueError, match="segment_ids"):
+        mmfa_torch.attention(t, t, t, segment_ids=(seg, seg, seg), implementation="xla")
+    got = mmfa_torch.attention(t, t, t, scale=-0.5, implementation="xla")
+    want = mmfa_jax.attention(q, q, q, scale=-0.5, implementation="xla")
+    np.testing.assert_allclose(got.transpose(1, 2).numpy(), np.asarray(want), atol=1e-6)
+    vis = torch.zeros(1, 6, dtype=torch.bool)
+    vis[:, 1:4] = True
+    _, lse = mmfa_torch.attention(t, t, t, return_lse=True, scale=-0.5, implementation="xla")
+    imp_t = mmfa_torch.visual_token_importance(t, t, lse, vis, "text", scale=-0.5, implementation="xla")
+    imp_j = mmfa_jax.visual_token_importance(q, q, np.asarray(jnp_swap(lse)), vis.numpy(), "text", scale=-0.5,
+                                             implementation="xla")
+    np.testing.assert_allclose(imp_t.numpy(), np.asarray(imp_j), atol=1e-6)
+    with pytest.raises(ValueError, match="max_scorers"):
+        mmfa_torch.visual_token_importance(t, t, lse, vis, "text", max_scorers=0, implementation="xla")
+
+
+def jnp_swap(lse):
+    return lse.numpy().transpose(0, 2, 1)

@@ -85,3 +85,15 @@ def test_bad_shapes():
         select_visual_tokens(jnp.ones((1, 5)), jnp.ones((1, 4), bool), 0.5)
     with pytest.raises(ValueError, match="batch axis"):
         gather_tokens(jnp.ones((3, 4, 2)), jnp.zeros((2, 2), jnp.int32))
+
+
+def test_infinite_and_nan_scores_still_keep_the_count():
+    """-inf or NaN scores on visual tokens must not let text tokens take their places."""
+    vis = jnp.asarray([[False, True, True, True, False, True]])
+    for scores in ([0, -np.inf, -np.inf, 1, 0, -np.inf], [0, np.nan, np.nan, np.nan, 0, np.nan],
+                   [0, np.nan, 2.0, np.nan, 0, 1.0]):
+        idx, n = select_visual_tokens(jnp.asarray([scores], jnp.float32), vis, 3)
+        kept = np.asarray(idx[0, :int(n[0])])
+        assert len(kept) == 5 and {0, 4} <= set(kept.tolist()), (scores, kept)
+    idx, n = select_visual_tokens(jnp.asarray([[0, np.nan, 2.0, np.nan, 0, 1.0]], jnp.float32), vis, 2)
+    np.testing.assert_array_equal(np.asarray(idx[0, :int(n[0])]), [0, 2, 4, 5])  # NaN ranks last
