@@ -11,7 +11,7 @@ from mmfa_jax.attention import (
     dot_product_attention,
     pallas_available,
 )
-from mmfa_jax.importance import scorer_rows, visual_token_importance
+from mmfa_jax.importance import scorer_rows, sparsevlm_raters, visual_token_importance
 from mmfa_jax.multimodal import MultimodalResult, multimodal_attention
 from mmfa_jax.pruning import gather_tokens, select_visual_tokens
 from mmfa_jax.tuning import AttentionConfig, KernelConfig
@@ -29,6 +29,7 @@ __all__ = [
     "pallas_available",
     "scorer_rows",
     "select_visual_tokens",
+    "sparsevlm_raters",
     "visual_token_importance",
 ]
 __version__ = "0.1.0"

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmfa_jax import tuning
-from mmfa_jax.attention import Options, _normalise
+from mmfa_jax.attention import Options, _normalise, attention
 from mmfa_jax.kernels import flash_attention as flash
 from mmfa_jax.masking import band_visible, combine
 
@@ -40,6 +40,30 @@ def scorer_rows(rule: str, visual_mask, query_seq_lengths=None):
     if rule == "last":
         return valid & (rows == length[:, None] - 1)
     raise ValueError(f"scorers must be one of {SCORER_RULES} or a boolean (B, T) array, got {rule!r}")
+
+
+def sparsevlm_raters(query, key, visual_mask, text_mask=None, *, is_causal: bool = False, scale=None,
+                     logits_soft_cap=None, query_seq_lengths=None, implementation=None):
+    """SparseVLM's raters: the text rows that attend to the visual tokens more than the average
+    text row does. Boolean (B, T) for self-attention (T == S); use it as ``scorers``.
+
+    A row's visual attention mass, sum over visual keys of its attention probability, comes from
+    the flash kernel itself: attention with a value that is 1 on visual keys and 0 elsewhere (in
+    every channel, as the kernels want value and key to share a head dim), so no (T, S) matrix is
+    formed. ``text_mask`` defaults to the valid rows that are not visual.
+    """
+    query, key, visual_mask = jnp.asarray(query), jnp.asarray(key), jnp.asarray(visual_mask)
+    B, T, _, _ = query.shape
+    if visual_mask.shape != (B, T) or visual_mask.dtype != jnp.bool_:
+        raise ValueError(f"visual_mask must be a boolean (B, T) = {(B, T)} array, got {visual_mask.dtype} "
+                         f"{visual_mask.shape}")
+    text = scorer_rows("text", visual_mask, query_seq_lengths) if text_mask is None else jnp.asarray(text_mask)
+    indicator = jnp.broadcast_to(visual_mask[:, :, None, None], key.shape).astype(key.dtype)
+    mass = attention(query, key, indicator, scale=scale, is_causal=is_causal, logits_soft_cap=logits_soft_cap,
+                     query_seq_lengths=query_seq_lengths, key_value_seq_lengths=query_seq_lengths,
+                     implementation=implementation)[..., 0].astype(jnp.float32).mean(axis=2)  # (B, T)
+    mean = jnp.sum(jnp.where(text, mass, 0.0), axis=1) / jnp.maximum(jnp.sum(text, axis=1), 1)
+    return text & (mass >= mean[:, None])
 
 
 def visual_token_importance(query, key, lse, visual_mask, scorers="text", *, per_head: bool = False,

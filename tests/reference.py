@@ -175,3 +175,8 @@ def select_reference(importance, visual_mask, keep, valid_lengths=None):
         best = sorted(vis, key=lambda s: (-importance[b, s], s))[:n]
         out.append(np.array(sorted(text + best), dtype=np.int64))
     return out
+
+
+def attention_probabilities(q, k, **options):
+    """The attention probabilities (B, N, T, S) in float64 (zeros for rows that see nothing)."""
+    return _forward_parts(q, k, k, **options)["p"]

@@ -150,3 +150,24 @@ def test_importance_bnth_layout(rng, impl, kind):
     want = importance_reference(q64, k64, vis, np.asarray(scorer_rows("text", jnp.asarray(vis))),
                                 **_reference_options(opts))
     assert_close(got, want, TOL, "importance, BNTH")
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_sparsevlm_raters(rng, impl, causal):
+    """Raters: text rows whose attention mass on visual keys is at least the text rows' mean."""
+    from reference import attention_probabilities
+
+    from mmfa_jax.importance import sparsevlm_raters
+
+    B, T, N, K, H = 2, 40, 4, 2, 32
+    q, q64 = normal(rng, (B, T, N, H))
+    k, k64 = normal(rng, (B, T, K, H))
+    vis = _visual_mask(rng, B, T)
+    got = np.asarray(sparsevlm_raters(q, k, jnp.asarray(vis), is_causal=causal, implementation=impl))
+    mass = (attention_probabilities(q64, k64, is_causal=causal) * vis[:, None, None, :]).sum(-1).mean(1)  # (B, T)
+    text = ~vis
+    mean = (mass * text).sum(1) / text.sum(1)
+    want = text & (mass >= mean[:, None])
+    clear = np.abs(mass - mean[:, None]) > 1e-5  # float32 may fall either side of a near-tie
+    np.testing.assert_array_equal(got[clear], want[clear])
+    assert not got[vis].any(), "visual rows are never raters"
