@@ -102,7 +102,7 @@ def scaled_dot_product_attention(
         raise ValueError(f"logits_soft_cap must be positive or None, got {logits_soft_cap}")
 
     # Hand the kernels the memory order the tensors already have: no copy either way.
-    layout = "BTNH" if (not query.is_contiguous() and query.transpose(1, 2).is_contiguous()) else "BNTH"
+    layout = _layout_of(query)
     q, k, v = (_in_layout(t, layout) for t in (query, key, value))
     out, lse = ops.attention_forward(
         q, k, v, bias, mask, q_seg, kv_seg, _int32(query_seq_lengths, "query_seq_lengths"),
@@ -128,7 +128,15 @@ def _check_broadcast(t: Tensor, name: str, shape: tuple[int, ...]):
         raise ValueError(f"{name} must be broadcastable to (B, Hq, L, S) = {shape}, got shape {tuple(t.shape)}")
 
 
+def _layout_of(query: Tensor) -> str:
+    """The memory order the kernels should take: the transpose(1, 2) view of a (B, L, H, D)-contiguous
+    tensor stays as it is ("BTNH"); anything else is (made) (B, H, L, D)-contiguous ("BNTH")."""
+    return "BTNH" if (not query.is_contiguous() and query.transpose(1, 2).is_contiguous()) else "BNTH"
+
+
 def _in_layout(t: Tensor, layout: str) -> Tensor:
+    """(B, H, L, D) or, for rank 3 (B, H, L) such as an LSE, in the chosen memory order; no copy
+    when it already is."""
     return t.contiguous() if layout == "BNTH" else t.transpose(1, 2).contiguous()
 
 

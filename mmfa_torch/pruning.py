@@ -10,7 +10,7 @@ import torch
 
 from mmfa_jax.importance import visual_token_importance as _jax_importance
 from mmfa_jax.pruning import select_visual_tokens as _jax_select
-from mmfa_torch.attention import _implementation, _int32
+from mmfa_torch.attention import _implementation, _in_layout, _int32, _layout_of
 from mmfa_torch.bridge import to_jax, to_torch
 
 Tensor = torch.Tensor
@@ -58,13 +58,8 @@ def visual_token_importance(query: Tensor, key: Tensor, lse: Tensor, visual_mask
 
     rule, scorers = (scorers, None) if isinstance(scorers, str) else ("mask", scorers.contiguous())
     left, right = (-1 if w is None else w for w in normalise_window(local_window_size))
-    layout = "BTNH" if (not query.is_contiguous() and query.transpose(1, 2).is_contiguous()) else "BNTH"
-
-    def arrange(t):
-        return t.contiguous() if layout == "BNTH" else t.transpose(1, 2).contiguous()
-
-    q, k = arrange(query), arrange(key)
-    lse = lse.contiguous() if layout == "BNTH" else lse.transpose(1, 2).contiguous()
+    layout = _layout_of(query)
+    q, k, lse = (_in_layout(t, layout) for t in (query, key, lse))
     return _importance_op(q.detach(), k.detach(), lse.detach(), visual_mask.contiguous(), scorers, rule,
                           _int32(segment_ids, "segment_ids"), _int32(query_seq_lengths, "query_seq_lengths"),
                           _int32(key_value_seq_lengths, "key_value_seq_lengths"), bool(per_head),
