@@ -25,6 +25,7 @@ import numpy as np  # noqa: E402
 
 import mmfa_jax  # noqa: E402
 from bench.attention import time_it  # noqa: E402
+from mmfa_jax.multimodal import _score  # noqa: E402
 
 PRESETS = {
     "smoke": dict(batch=1, heads=2, head_dim=32, inputs=[("image", 96, 16)], keeps=[0.25, 0.5]),
@@ -35,10 +36,10 @@ PRESETS = {
                   keeps=[0.25, 0.5, 0.75]),
 }
 FIELDS = ["kind", "visual", "text", "batch", "heads", "head_dim", "keep", "kept_tokens", "dense_ms", "pipeline_ms",
-          "speedup", "ideal_speedup", "error"]
+          "speedup", "ideal_speedup", "score_ms", "select_ms", "gather_ms", "attend_ms", "error"]
 
 
-def run_case(kind, n_visual, n_text, batch, heads, head_dim, keeps, dtype, impl, min_time):
+def run_case(kind, n_visual, n_text, batch, heads, head_dim, keeps, dtype, impl, min_time, stages=False):
     rng = np.random.default_rng(n_visual + n_text)
     T = n_visual + n_text
     q, k, v = (jnp.asarray(rng.standard_normal((batch, T, heads, head_dim), np.float32), dtype) for _ in range(3))
@@ -58,10 +59,35 @@ def run_case(kind, n_visual, n_text, batch, heads, head_dim, keeps, dtype, impl,
 
         sec = time_it(lambda: out.__setitem__("p", pipeline(q, k, v, visual)),
                       lambda: jax.block_until_ready(out["p"]), min_time=min_time, repeats=5)
-        rows.append(dict(kind=kind, visual=n_visual, text=n_text, batch=batch, heads=heads, head_dim=head_dim,
-                         keep=keep, kept_tokens=length, dense_ms=dense_s * 1e3, pipeline_ms=sec * 1e3,
-                         speedup=dense_s / sec, ideal_speedup=(T / length) ** 2, error=""))
+        row = dict(kind=kind, visual=n_visual, text=n_text, batch=batch, heads=heads, head_dim=head_dim,
+                   keep=keep, kept_tokens=length, dense_ms=dense_s * 1e3, pipeline_ms=sec * 1e3,
+                   speedup=dense_s / sec, ideal_speedup=(T / length) ** 2, error="")
+        if stages:
+            row.update(_stage_times(q, k, v, visual, keep, n_text, length, impl, min_time))
+        rows.append(row)
     return rows
+
+
+def _stage_times(q, k, v, visual, keep, n_text, length, impl, min_time):
+    """The pipeline's stages timed one by one (each jitted alone), to see where the time goes."""
+    rows = mmfa_jax.scorer_rows("text", visual)
+    score = jax.jit(lambda q, k, visual, rows: _score(q, k, visual, rows, n_text, None, scale=None, is_causal=True,
+                                                       softcap=None, implementation=impl))
+    select = jax.jit(lambda imp, visual: mmfa_jax.select_visual_tokens(imp, visual, keep, output_length=length))
+    gather = jax.jit(lambda q, k, v, idx: [mmfa_jax.gather_tokens(x, idx) for x in (q, k, v)])
+    attend = jax.jit(lambda q, k, v, n: mmfa_jax.attention(q, k, v, is_causal=True, query_seq_lengths=n,
+                                                           key_value_seq_lengths=n, implementation=impl))
+    imp = score(q, k, visual, rows)
+    idx, n = select(imp, visual)
+    kept = gather(q, k, v, idx)
+    stages = {"score_ms": (score, (q, k, visual, rows)), "select_ms": (select, (imp, visual)),
+              "gather_ms": (gather, (q, k, v, idx)), "attend_ms": (attend, (*kept, n))}
+    times, box = {}, {}
+    for name, (fn, args) in stages.items():
+        sec = time_it(lambda fn=fn, args=args: box.__setitem__("r", fn(*args)),
+                      lambda: jax.block_until_ready(box["r"]), min_time=min_time, repeats=5)
+        times[name] = sec * 1e3
+    return times
 
 
 def main(argv=None):
@@ -70,6 +96,7 @@ def main(argv=None):
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--min-time", type=float, default=0.05)
     ap.add_argument("--out", default="results/mmfa.csv")
+    ap.add_argument("--stages", action="store_true", help="also time score, select, gather and attend one by one")
     args = ap.parse_args(argv)
     p = PRESETS[args.preset]
     impl = "pallas" if mmfa_jax.pallas_available() else "interpret"
@@ -82,7 +109,7 @@ def main(argv=None):
     for kind, n_visual, n_text in p["inputs"]:
         try:
             new = run_case(kind, n_visual, n_text, p["batch"], p["heads"], p["head_dim"], p["keeps"],
-                           jnp.dtype(args.dtype), impl, args.min_time)
+                           jnp.dtype(args.dtype), impl, args.min_time, args.stages)
         except Exception as e:  # recorded, not fatal
             new = [dict(kind=kind, visual=n_visual, text=n_text, error=str(e).splitlines()[0][:100])]
         with open(args.out, "a", newline="") as f:
@@ -95,6 +122,9 @@ def main(argv=None):
                 print(f"{kind:<6} {n_visual:>6}+{n_text:<4} keep {r['keep']:<5} dense {r['dense_ms']:8.3f} ms  "
                       f"pipeline {r['pipeline_ms']:8.3f} ms  speedup {r['speedup']:5.2f}x "
                       f"(attention alone would give {r['ideal_speedup']:5.1f}x)", flush=True)
+                if args.stages:
+                    print("       stages: " + "  ".join(f"{s[:-3]} {r[s]:.3f} ms" for s in FIELDS if s.endswith("_ms")
+                                                         and s not in ("dense_ms", "pipeline_ms")), flush=True)
     print(f"wrote {args.out}")
 
 

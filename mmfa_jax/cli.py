@@ -96,15 +96,16 @@ def image_demo(args) -> int:
     gpu = mmfa_jax.pallas_available()
     impl = "pallas" if gpu else "interpret"
     paths = args.video or [args.image or demo.default_image()]
+    dtype = jnp.dtype(args.dtype or ("bfloat16" if gpu else "float32"))
     configs = [("cpu", demo.CONFIGS["cpu"])] if not gpu else [(n, demo.CONFIGS[n]) for n in ("moderate", "heavy")]
     if args.size:
         configs = [(name, (h, d, args.size, b)) for name, (h, d, _, b) in configs]
-    print(f"mmfa demo on {jax.devices()[0].device_kind}: kernels run as '{impl}'; {len(paths)} frame(s) from "
-          f"{paths[0]}{' ...' if len(paths) > 1 else ''}; prompt {args.prompt!r}, keep {args.keep}")
+    print(f"mmfa demo on {jax.devices()[0].device_kind}: kernels run as '{impl}' in {dtype.name}; {len(paths)} "
+          f"frame(s) from {paths[0]}{' ...' if len(paths) > 1 else ''}; prompt {args.prompt!r}, keep {args.keep}")
     rows, status = [], 0
     for name, (heads, head_dim, size, batch) in configs:
         frames = demo.load_frames(paths, size)
-        tok = demo.build_tokens(frames, args.patch, args.prompt, heads, head_dim, batch, jnp.dtype(args.dtype))
+        tok = demo.build_tokens(frames, args.patch, args.prompt, heads, head_dim, batch, dtype)
         B, T = tok.visual_mask.shape
         V = len(tok.colours)
         result = mmfa_jax.multimodal_attention(tok.q, tok.k, tok.v, tok.visual_mask, args.keep, is_causal=True,
@@ -146,9 +147,14 @@ def _time_demo(name, tok, result, args, impl):
     short = jax.jit(lambda q, k, v, n: mmfa_jax.attention(q, k, v, is_causal=True, query_seq_lengths=n,
                                                           key_value_seq_lengths=n, implementation=impl))
 
+    # Jitted whole, as a model would run it: one dispatch, with the scorer bound known statically.
+    n_scorers = int(jnp.max(jnp.sum(mmfa_jax.scorer_rows("text", tok.visual_mask), axis=1)))
+    pipeline_jit = jax.jit(lambda q, k, v, visual: mmfa_jax.multimodal_attention(
+        q, k, v, visual, args.keep, is_causal=True, implementation=impl, output_length=L,
+        max_scorers=n_scorers).out)
+
     def pipeline():
-        return mmfa_jax.multimodal_attention(tok.q, tok.k, tok.v, tok.visual_mask, args.keep, is_causal=True,
-                                             implementation=impl, output_length=L).out
+        return pipeline_jit(tok.q, tok.k, tok.v, tok.visual_mask)
 
     rows = [
         (name, "mmfa dense attention, full sequence", T,
@@ -199,7 +205,8 @@ def main(argv=None) -> int:
     d.add_argument("--keep", type=float, default=0.25, help="ratio of visual tokens kept")
     d.add_argument("--patch", type=int, default=14)
     d.add_argument("--size", type=int, default=None, help="image side in pixels (default per configuration)")
-    d.add_argument("--dtype", default="float32", choices=["bfloat16", "float16", "float32"])
+    d.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                   help="default: float32 on the CPU, bfloat16 on a GPU")
     d.add_argument("--repeats", type=int, default=3)
     d.add_argument("--out", default="mmfa_demo.png")
     a = sub.add_parser("attention", help="attention alone: time, memory and error against jax's attention")
