@@ -19,6 +19,7 @@ from mmfa_jax import tuning
 from mmfa_jax.attention import Options, _normalise, attention
 from mmfa_jax.kernels import flash_attention as flash
 from mmfa_jax.masking import band_visible, combine
+from mmfa_jax.pruning import gather_tokens, packed_positions
 
 SCORER_RULES = ("text", "last")
 
@@ -74,7 +75,9 @@ def visual_token_importance(query, key, lse, visual_mask, scorers="text", *, per
 
     Args:
       query: (B, T, N, H); key: (B, S, K, H), as given to ``attention``.
-      lse: (B, T, N) float32, the LSE of the full attention (``attention(..., return_lse=True)``).
+      lse: (B, T, N) float32, the LSE of the full attention (``attention(..., return_lse=True)``),
+        or None: then the scorer rows' LSE is computed here, one more pass over the keys for those
+        rows alone (what ``multimodal_attention`` does: no attention over all T rows is needed).
       visual_mask: boolean (B, S): which keys are visual tokens. Other keys get importance 0.
       scorers: "text" (valid rows that are not visual; needs T == S), "last" (the last valid row,
         as FastV; needs T == S), or a boolean (B, T) array of scorer rows.
@@ -99,9 +102,9 @@ def visual_token_importance(query, key, lse, visual_mask, scorers="text", *, per
     seq_axis, head_axis = (1, 2) if layout == "BTNH" else (2, 1)
     B, T, N = query.shape[0], query.shape[seq_axis], query.shape[head_axis]
     S = key.shape[seq_axis]
-    lse = jnp.asarray(lse)
+    lse = None if lse is None else jnp.asarray(lse)
     lse_shape = (B, T, N) if layout == "BTNH" else (B, N, T)
-    if lse.shape != lse_shape:
+    if lse is not None and lse.shape != lse_shape:
         raise ValueError(f"lse must have shape {lse_shape} (attention's return_lse), got {lse.shape}")
     visual_mask = jnp.asarray(visual_mask)
     if visual_mask.shape != (B, S) or visual_mask.dtype != jnp.bool_:
@@ -137,27 +140,40 @@ def visual_token_importance(query, key, lse, visual_mask, scorers="text", *, per
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _importance(opts: Options, R: int, query, key, lse, scorers, segment_ids, q_lengths, kv_lengths):
     """Summed probabilities (B, N, S) over the first R scorer rows of each example."""
-    problem, (q, k, _, _, _, q_seg, kv_seg, _, kv_lengths) = _normalise(
+    problem, (q, k, _, _, _, q_seg, kv_seg, q_lengths, kv_lengths) = _normalise(
         opts, query, key, key, None, None, segment_ids, q_lengths, kv_lengths)
     if opts.layout == "BNTH":  # the scorer rows are gathered into (B, R, N, H) either way
-        q, lse = jnp.swapaxes(q, 1, 2), jnp.swapaxes(lse, 1, 2)
-    # Scorer rows first, in their original order (a stable sort on "not a scorer").
-    order = jnp.argsort(jnp.logical_not(scorers), axis=1, stable=True)[:, :R].astype(jnp.int32)
+        q = jnp.swapaxes(q, 1, 2)
+        lse = None if lse is None else jnp.swapaxes(lse, 1, 2)
+    # Scorer rows first, in their original order.
+    order = packed_positions(scorers, R)
     counts = jnp.minimum(jnp.sum(scorers, axis=1), R).astype(jnp.int32)
     live = jnp.arange(R)[None, :] < counts[:, None]
-    q_rows = jnp.take_along_axis(q, order[:, :, None, None], axis=1)
-    lse_rows = jnp.take_along_axis(lse.astype(jnp.float32), order[:, :, None], axis=1)
-    lse_rows = jnp.swapaxes(jnp.where(live[:, :, None], lse_rows, -jnp.inf), 1, 2)  # (B, N, R)
+    if q_lengths is not None:  # rows past the query length attend to nothing (as in attention)
+        live = live & (order < q_lengths[:, None])
+    q_rows = gather_tokens(q, order)
     q_seg_rows = None if q_seg is None else jnp.take_along_axis(q_seg, order, axis=1)
-    if opts.implementation == "xla":
+    xla = opts.implementation == "xla"
+    if not xla:
+        cfg = (opts.config or tuning.config_for(
+            problem.head_dim_padded, q.dtype, "any" if opts.implementation == "interpret" else tuning.gpu_family())
+        ).forward
+        interpret = opts.implementation == "interpret"
+    if lse is None:
+        lse_rows = (_scorer_lse_xla(problem, q_rows, k, order, q_seg_rows, kv_seg, kv_lengths) if xla else
+                    flash.scorer_lse(problem, cfg, q_rows, k, order, q_seg_rows, kv_seg, kv_lengths, counts,
+                                     interpret=interpret))
+    else:
+        lse_rows = jnp.swapaxes(jnp.take_along_axis(lse.astype(jnp.float32), order[:, :, None], axis=1), 1, 2)
+    lse_rows = jnp.where(live[:, None, :], lse_rows, -jnp.inf)  # (B, N, R)
+    if xla:
         return _importance_xla(problem, q_rows, k, lse_rows, order, q_seg_rows, kv_seg, kv_lengths)
-    config = opts.config or tuning.config_for(
-        problem.head_dim_padded, q.dtype, "any" if opts.implementation == "interpret" else tuning.gpu_family())
-    return flash.importance(problem, config.forward, q_rows, k, lse_rows, order, q_seg_rows, kv_seg, kv_lengths,
-                            counts, interpret=opts.implementation == "interpret")
+    return flash.importance(problem, cfg, q_rows, k, lse_rows, order, q_seg_rows, kv_seg, kv_lengths, counts,
+                            interpret=interpret)
 
 
-def _importance_xla(p, q_rows, k, lse_rows, positions, q_seg_rows, kv_seg, kv_lengths):
+def _scorer_logits_xla(p, q_rows, k, positions, q_seg_rows, kv_seg, kv_lengths):
+    """(B, N, R, S) float32 logits of the scorer rows, -inf where the attention hides a key."""
     if p.layout == "BNTH":
         k = jnp.swapaxes(k, 1, 2)
     B, R, N, H = q_rows.shape
@@ -173,5 +189,14 @@ def _importance_xla(p, q_rows, k, lse_rows, positions, q_seg_rows, kv_seg, kv_le
     band = None if band is None else jax.vmap(lambda pos: band_visible(p.band, pos, k_pos))(positions)[:, None]
     visible = combine((k_pos[None, :] < kv_valid[:, None])[:, None, None, :], band,
                       None if q_seg_rows is None else (q_seg_rows[:, :, None] == kv_seg[:, None, :])[:, None])
-    probs = jnp.where(visible, jnp.exp(s - jnp.where(jnp.isinf(lse_rows), jnp.inf, lse_rows)[..., None]), 0.0)
-    return jnp.sum(probs, axis=2)
+    return jnp.where(visible, s, -jnp.inf)
+
+
+def _scorer_lse_xla(p, q_rows, k, positions, q_seg_rows, kv_seg, kv_lengths):
+    s = _scorer_logits_xla(p, q_rows, k, positions, q_seg_rows, kv_seg, kv_lengths)
+    return jax.nn.logsumexp(s, axis=-1)  # -inf for a row that sees nothing
+
+
+def _importance_xla(p, q_rows, k, lse_rows, positions, q_seg_rows, kv_seg, kv_lengths):
+    s = _scorer_logits_xla(p, q_rows, k, positions, q_seg_rows, kv_seg, kv_lengths)
+    return jnp.sum(jnp.exp(s - jnp.where(jnp.isinf(lse_rows), jnp.inf, lse_rows)[..., None]), axis=2)

@@ -2,9 +2,9 @@
 
 ``multimodal_attention`` runs self-attention prefill over a mixed text + visual sequence:
 
-1. the scorer rows (a few text rows) attend over all keys; their softmax, averaged over rows
-   and heads, is each visual token's importance (the probabilities of the full attention, masked
-   as it is; the full (T, S) matrix is never formed);
+1. the scorer rows (a few text rows) are scored against all keys: their softmax, averaged over
+   rows and heads, is each visual token's importance (the probabilities of the full attention,
+   masked as it is; the full (T, S) matrix is never formed, nor attention over all T rows);
 2. per example the top ``keep`` visual tokens survive, with every text token, in order;
 3. attention runs on the kept sequence (flash kernels), padded to a static length with
    per-example lengths.
@@ -90,19 +90,8 @@ def _concrete_max(x, default: int) -> int:
 
 
 def _score(q, k, visual_mask, scorers, R: int, lengths, *, scale, is_causal, softcap, implementation):
-    """Importance (B, S) from the first R scorer rows of each example, with the flash kernels:
-    the compacted rows attend over all keys (their original positions enter as a small (R, S)
-    causal mask) to give their LSE, then the importance kernel turns it into probabilities."""
-    B, T, N, _ = q.shape
-    order = jnp.argsort(~scorers, axis=1, stable=True)[:, :R]  # scorer rows first, in order
-    counts = jnp.minimum(jnp.sum(scorers, axis=1), R)
-    q_rows = gather_tokens(q, order)
-    causal = (jnp.arange(T)[None, None, :] <= order[:, :, None])[:, None] if is_causal else None
-    _, lse_rows = attention(q_rows, k, k, mask=causal, scale=scale, logits_soft_cap=softcap,
-                            query_seq_lengths=counts, key_value_seq_lengths=lengths, return_lse=True,
-                            implementation=implementation)
-    # Back to (B, T, N); rows that are not scorers keep -inf and are not read.
-    lse = jnp.full((B, T, N), -jnp.inf, jnp.float32).at[jnp.arange(B)[:, None], order].set(lse_rows)
-    return visual_token_importance(q, k, lse, visual_mask, scorers, max_scorers=R, scale=scale, is_causal=is_causal,
+    """Importance (B, S) from the first R scorer rows of each example: their LSE and then their
+    probabilities, two passes over the keys for those rows alone (no attention over all T rows)."""
+    return visual_token_importance(q, k, None, visual_mask, scorers, max_scorers=R, scale=scale, is_causal=is_causal,
                                    logits_soft_cap=softcap, query_seq_lengths=lengths, key_value_seq_lengths=lengths,
                                    implementation=implementation)

@@ -58,13 +58,8 @@ def select_visual_tokens(importance, visual_mask, keep, *, valid_lengths=None, o
         jnp.arange(S)[None, :] < jnp.asarray(valid_lengths)[:, None])
     visual = visual_mask & valid
     n_keep = keep_counts(visual, keep)
-    # Rank the visual tokens first (whatever their scores: -inf and NaN included, NaN last), best
-    # score first; lexsort is stable, so earlier positions win ties.
-    score = importance.astype(jnp.float32)
-    score = jnp.where(jnp.isnan(score), -jnp.inf, score)
-    order = jnp.lexsort((-score, ~visual), axis=1)
-    rank = jnp.argsort(order, axis=1)
-    kept = (valid & ~visual_mask) | (visual & (rank < n_keep[:, None]))
+    chosen = _top_visual(importance.astype(jnp.float32), visual, n_keep)
+    kept = (valid & ~visual_mask) | chosen
     lengths = jnp.sum(kept, axis=1).astype(jnp.int32)
     if output_length is None:
         try:
@@ -73,10 +68,50 @@ def select_visual_tokens(importance, visual_mask, keep, *, valid_lengths=None, o
             output_length = S
     if not 1 <= output_length <= S:
         raise ValueError(f"output_length must be in [1, S={S}], got {output_length}")
-    indices = jnp.argsort(~kept, axis=1, stable=True)[:, :output_length].astype(jnp.int32)
-    last = jnp.take_along_axis(indices, jnp.maximum(lengths - 1, 0)[:, None], axis=1)
-    indices = jnp.where(jnp.arange(output_length)[None, :] < lengths[:, None], indices, last)
-    return indices, lengths
+    return packed_positions(kept, output_length), lengths
+
+
+def _top_visual(score, visual, n_keep):
+    """Bool (B, S): per example the ``n_keep`` visual tokens of highest score, earlier positions
+    first among equal scores, NaN counted as -inf. Exact and without a sort: a radix select finds
+    the n_keep-th largest score from two 65,536-bin histograms (its high and low 16 bits), then
+    everything above that threshold is kept, and the first of those equal to it up to the count."""
+    B, S = score.shape
+    rows = jnp.arange(B)[:, None]
+    score = jnp.where(jnp.isnan(score), -jnp.inf, score)
+    score = jnp.where(score == 0, 0.0, score)  # -0.0 and +0.0 are one score
+    bits = jax.lax.bitcast_convert_type(score, jnp.uint32)
+    key = jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(1 << 31))  # unsigned order = float order
+
+    def threshold_digit(digit, among, need):
+        """The largest d with count(among & digit >= d) >= need, and count(among & digit > d)."""
+        hist = jnp.zeros((B, 1 << 16), jnp.int32).at[rows, digit].add(among.astype(jnp.int32))
+        at_least = jnp.cumsum(hist[:, ::-1], axis=1)[:, ::-1]  # at_least[d] = count(digit >= d)
+        d = jnp.sum(at_least >= need[:, None], axis=1) - 1
+        above = jnp.where(d + 1 < 1 << 16, jnp.take_along_axis(at_least, jnp.minimum(d + 1, (1 << 16) - 1)[:, None],
+                                                                axis=1)[:, 0], 0)
+        return d.astype(jnp.uint32), above
+
+    high, low = (key >> 16).astype(jnp.int32), (key & 0xFFFF).astype(jnp.int32)
+    h, above_h = threshold_digit(high, visual, n_keep)
+    l, above_l = threshold_digit(low, visual & (key >> 16 == h[:, None]), n_keep - above_h)
+    threshold = ((h << 16) | l)[:, None]
+    equal = visual & (key == threshold)
+    rest = (n_keep - above_h - above_l)[:, None]
+    return (visual & (key > threshold)) | (equal & (jnp.cumsum(equal, axis=1) <= rest))
+
+
+def packed_positions(mask, length: int):
+    """(B, length) int32: the positions where ``mask`` (B, S) is True, in increasing order, packed
+    to the front (a prefix sum and a scatter, no sort); the tail repeats the last of them (0 for
+    an example with none), so it is harmless to gather. Positions past ``length`` are dropped."""
+    B, S = mask.shape
+    count = jnp.sum(mask, axis=1)
+    slot = jnp.where(mask, jnp.cumsum(mask, axis=1) - 1, length)
+    positions = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+    packed = jnp.zeros((B, length), jnp.int32).at[jnp.arange(B)[:, None], slot].set(positions, mode="drop")
+    last = jnp.take_along_axis(packed, jnp.clip(count - 1, 0, length - 1)[:, None], axis=1)
+    return jnp.where(jnp.arange(length)[None, :] < count[:, None], packed, last)
 
 
 def gather_tokens(x, indices, axis: int = 1):
@@ -91,7 +126,8 @@ def gather_tokens(x, indices, axis: int = 1):
     if x.shape[axis - 1] != indices.shape[0]:
         raise ValueError(f"batch axis {axis - 1} of x has size {x.shape[axis - 1]}, indices have batch "
                          f"{indices.shape[0]}")
-    shape = [1] * x.ndim
-    shape[axis - 1], shape[axis] = indices.shape
-    idx = jnp.broadcast_to(indices.reshape(shape), x.shape[:axis] + (indices.shape[1],) + x.shape[axis + 1:])
-    return jnp.take_along_axis(x, idx, axis=axis)
+    # Advanced indexing on (batch, axis) gathers whole trailing slices per index, rather than an
+    # index per element as take_along_axis would.
+    moved = jnp.moveaxis(x, (axis - 1, axis), (0, 1))
+    out = moved[jnp.arange(indices.shape[0])[:, None], indices]
+    return jnp.moveaxis(out, (0, 1), (axis - 1, axis))

@@ -11,6 +11,7 @@ from reference import importance_reference
 
 import mmfa_jax
 from mmfa_jax.importance import scorer_rows, visual_token_importance
+from mmfa_jax.kernels import flash_attention as flash
 
 TOL = 1e-5  # float32 data: probabilities are computed in float32 from an LSE accurate to ~1e-7
 
@@ -68,6 +69,30 @@ def test_importance_matches_softmax(rng, impl, kind, rule, heads):
     mean = visual_token_importance(q, k, lse, jnp.asarray(vis), jnp.asarray(scorers), implementation=impl, **opts)
     assert_close(mean, want.mean(axis=1), TOL, "importance")
     assert (np.asarray(mean)[~vis] == 0).all(), "non-visual keys must get exactly 0"
+
+
+@pytest.mark.parametrize("kind", ["plain", "causal", "window+softcap", "lengths", "segments"])
+@pytest.mark.parametrize("heads", [(4, 4), (4, 1)])
+@pytest.mark.parametrize("programs", [512, 1])
+def test_importance_computes_the_scorer_lse_itself(rng, impl, kind, heads, programs, monkeypatch):
+    """lse=None: the scorer rows' LSE comes from the scorer-stats pass (no attention over all rows)
+    and the importance still equals the full attention's softmax. Key counts not a multiple of
+    the key block and more scorer rows than one row tile exercise the kernels' edges; aiming at
+    a single program puts every key block of a head into one chunk (the in-program key loop)."""
+    monkeypatch.setattr(flash, "_SCORER_PROGRAMS", programs)
+    jax.clear_caches()
+    B, T, (N, K), H = 2, 150, heads, 40
+    q, q64 = normal(rng, (B, T, N, H))
+    k, k64 = normal(rng, (B, T, K, H))
+    opts = _options(rng, kind, B, T)
+    vis = _visual_mask(rng, B, T)
+    scorers = rng.random((B, T)) < 0.5
+    scorers[0, :] = False
+    scorers[0, [0, T - 1]] = True  # example 0: the first row (sees one key when causal) and the last
+    got = visual_token_importance(q, k, None, jnp.asarray(vis), jnp.asarray(scorers), implementation=impl,
+                                  per_head=True, **opts)
+    want = importance_reference(q64, k64, vis, scorers, per_head=True, **_reference_options(opts))
+    assert_close(got, want, TOL, "per-head importance from the scorer-stats LSE")
 
 
 def test_text_rows_spread_one_unit_of_probability(rng, impl):

@@ -97,3 +97,22 @@ def test_infinite_and_nan_scores_still_keep_the_count():
         assert len(kept) == 5 and {0, 4} <= set(kept.tolist()), (scores, kept)
     idx, n = select_visual_tokens(jnp.asarray([[0, np.nan, 2.0, np.nan, 0, 1.0]], jnp.float32), vis, 2)
     np.testing.assert_array_equal(np.asarray(idx[0, :int(n[0])]), [0, 2, 4, 5])  # NaN ranks last
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**31), S=st.sampled_from([1, 9, 300]), keep=st.floats(0.01, 1.0))
+def test_selection_exact_on_awkward_scores(seed, S, keep):
+    """The radix select against a plain sort, on scores that stress it: signed zeros, infinities,
+    NaN, neighbours one ulp apart and values sharing their high 16 bits, with many ties."""
+    rng = np.random.default_rng(seed)
+    one = np.float32(1.0)
+    pool = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, -1.5, 1e-30, -1e-30, one, np.nextafter(one, np.float32(2)),
+                     np.nextafter(one, np.float32(0)), 1.0 + 2**-10, 3e38, -3e38], np.float32)
+    B = 2
+    imp = np.where(rng.random((B, S)) < 0.5, rng.choice(pool, (B, S)), rng.standard_normal((B, S))).astype(np.float32)
+    vis = rng.random((B, S)) < 0.7
+    want = select_reference(np.where(np.isnan(imp), -np.inf, imp), vis, keep)  # NaN ranks as -inf
+    if max(len(w) for w in want) == 0:
+        return
+    idx, n = select_visual_tokens(jnp.asarray(imp), jnp.asarray(vis), keep)
+    _check(idx, n, want)

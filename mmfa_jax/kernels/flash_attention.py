@@ -226,6 +226,16 @@ def _skip_dead_rows(ranges, any_live_row):
     return tuple(jnp.where(any_live_row, r, lo) for r in ranges)
 
 
+def _query_tile(p: Problem):
+    """This program's query tile. Under a causal band (no left bound) later tiles see more keys:
+    hand them out first, so that the short tiles fill the last wave instead of a long one
+    running alone at the end."""
+    t = pl.program_id(0)
+    if p.band.right is not None and p.band.left is None:
+        return pl.num_programs(0) - 1 - t
+    return t
+
+
 def _column_mask(p: Problem):
     hp = p.head_dim_padded
     return None if hp == p.head_dim else (jnp.arange(hp) < p.head_dim)[None, :]
@@ -237,7 +247,7 @@ def _column_mask(p: Problem):
 
 def _forward_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, qseg_ref, kvseg_ref, qlen_ref, kvlen_ref,
                     o_ref, lse_ref, *, p: Problem, block_q: int, block_k: int):
-    t = pl.program_id(0)
+    t = _query_tile(p)
     q_start = t * block_q
     q_pos = q_start + jnp.arange(block_q)
     q_rows = pl.ds(q_start, block_q)
@@ -334,7 +344,7 @@ def _grad_logits(p: Problem, probs, dp, delta, tanh):
 def _dq_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, qseg_ref, kvseg_ref, qlen_ref, kvlen_ref,
                do_ref, lse_ref, delta_ref, dq_ref, *dbias_refs, p: Problem, block_q: int, block_k: int):
     dbias_ref = dbias_refs[0] if dbias_refs else None
-    t = pl.program_id(0)
+    t = _query_tile(p)
     q_start = t * block_q
     q_pos = q_start + jnp.arange(block_q)
     q_rows = pl.ds(q_start, block_q)
@@ -482,41 +492,159 @@ def backward(p: Problem, dq_cfg: KernelConfig, dkv_cfg: KernelConfig, q, k, v, b
 
 
 # --------------------------------------------------------------------------------------------
-# Importance: for every key, the attention probability it receives, summed over a few scorer
-# query rows. The rows come compacted (R of them, with their original positions), so the cost is
-# one pass over the keys for R rows, never T x S.
+# Scorer rows: a few query rows (compacted, with their original positions) over all keys. The grid
+# runs over chunks of keys, so every SM has work however few the rows; within a program the loop
+# over the chunk's key blocks is the inner one, so Triton pipelines its loads. Two passes read K:
+# the first gives each row's max and sum of exp per chunk (combined into the LSE outside), the
+# second the attention probability each key receives, summed over the rows. Cost: two passes over
+# K for R rows, never T x S.
+
+
+class _Scorers:
+    """The R scorer rows against the key blocks of this program's chunk."""
+
+    def __init__(self, p: Problem, rows: int, block_q: int, block_k: int, blocks_per_chunk: int, q_ref, k_ref,
+                 pos_ref, qseg_ref, kvseg_ref, kvlen_ref, count_ref):
+        self.p, self.rows, self.block_q, self.block_k = p, rows, block_q, block_k
+        self.q_ref, self.k_ref, self.pos_ref, self.qseg_ref, self.kvseg_ref = q_ref, k_ref, pos_ref, qseg_ref, kvseg_ref
+        self.cols = _column_mask(p)
+        self.kv_valid = jnp.minimum(_scalar(kvlen_ref, p.kv_len), p.kv_len)
+        self.count = jnp.minimum(count_ref[...], rows)
+        first = pl.program_id(0) * blocks_per_chunk
+        self.blocks = (first, jnp.minimum(first + blocks_per_chunk, pl.cdiv(p.kv_len, block_k)))
+
+    @property
+    def num_row_tiles(self):
+        return pl.cdiv(self.count, self.block_q)
+
+    def row_tile(self, i):
+        """Rows i*block_q ...: (row slice, row is real, q tile, positions, segments or None)."""
+        r = i * self.block_q + jnp.arange(self.block_q)
+        r_rows = pl.ds(i * self.block_q, self.block_q)
+        in_r = r < self.count
+        q = _load(self.q_ref, r_rows, r < self.rows, self.cols)
+        q_pos = plgpu.load(self.pos_ref.at[r_rows], mask=in_r, other=0)
+        q_seg = None if self.qseg_ref is None else plgpu.load(self.qseg_ref.at[r_rows], mask=in_r, other=-1)
+        return r_rows, in_r, q, q_pos, q_seg
+
+    def logits(self, tile, j):
+        """Key block j: (key slice, key in range, base-2 logits (block_q, block_k), -inf where hidden)."""
+        p, bk = self.p, self.block_k
+        _, in_r, q, q_pos, q_seg = tile
+        k_pos = j * bk + jnp.arange(bk)
+        k_rows = pl.ds(j * bk, bk)
+        in_k = k_pos < p.kv_len
+        k = _load(self.k_ref, k_rows, in_k, self.cols)
+        s, _ = _logits(p, _dot(p, q, k, trans_b=True), None)
+        vis = combine(k_pos[None, :] < self.kv_valid, band_visible(p.band, q_pos, k_pos))
+        if q_seg is not None:
+            kv_seg = plgpu.load(self.kvseg_ref.at[k_rows], mask=in_k, other=-2)
+            vis = vis & (q_seg[:, None] == kv_seg[None, :])
+        return k_rows, in_k, jnp.where(vis & in_r[:, None], s, -jnp.inf)
+
+
+def _scorer_stats_kernel(q_ref, k_ref, pos_ref, qseg_ref, kvseg_ref, kvlen_ref, count_ref, m_ref, l_ref, *,
+                         p: Problem, rows: int, block_q: int, block_k: int, blocks_per_chunk: int):
+    sc = _Scorers(p, rows, block_q, block_k, blocks_per_chunk, q_ref, k_ref, pos_ref, qseg_ref, kvseg_ref, kvlen_ref,
+                  count_ref)
+
+    def row_tile(i, carry):
+        tile = sc.row_tile(i)
+
+        def key_block(j, ml):  # online max and sum of exp over the chunk
+            m, l = ml
+            _, _, s = sc.logits(tile, j)
+            m_new = jnp.maximum(m, jnp.max(s, axis=1))
+            shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+            return m_new, l * jnp.exp2(m - shift) + jnp.sum(jnp.exp2(s - shift[:, None]), axis=1)
+
+        init = (jnp.full((block_q,), -jnp.inf, jnp.float32), jnp.zeros((block_q,), jnp.float32))
+        m, l = lax.fori_loop(*sc.blocks, key_block, init)
+        r_rows, in_r = tile[0], tile[1]
+        plgpu.store(m_ref.at[r_rows], m, mask=in_r)
+        plgpu.store(l_ref.at[r_rows], l, mask=in_r)
+        return carry
+
+    lax.fori_loop(0, sc.num_row_tiles, row_tile, 0)
 
 
 def _importance_kernel(q_ref, k_ref, lse_ref, pos_ref, qseg_ref, kvseg_ref, kvlen_ref, count_ref, out_ref, *,
-                       p: Problem, rows: int, block_q: int, block_k: int):
-    t = pl.program_id(0)
-    k_start = t * block_k
-    k_pos = k_start + jnp.arange(block_k)
-    k_rows = pl.ds(k_start, block_k)
-    cols = _column_mask(p)
-    kv_valid = jnp.minimum(_scalar(kvlen_ref, p.kv_len), p.kv_len)
-    count = jnp.minimum(count_ref[...], rows)
-    in_k = k_pos < p.kv_len
-    k = _load(k_ref, k_rows, in_k, cols)
-    kv_seg = None if kvseg_ref is None else plgpu.load(kvseg_ref.at[k_rows], mask=in_k, other=-2)
+                       p: Problem, rows: int, block_q: int, block_k: int, blocks_per_chunk: int):
+    sc = _Scorers(p, rows, block_q, block_k, blocks_per_chunk, q_ref, k_ref, pos_ref, qseg_ref, kvseg_ref, kvlen_ref,
+                  count_ref)
 
-    def body(i, acc):
-        r = i * block_q + jnp.arange(block_q)
-        r_rows = pl.ds(i * block_q, block_q)
-        in_r = r < count
-        q = _load(q_ref, r_rows, r < rows, cols)
-        lse = _backward_lse(plgpu.load(lse_ref.at[r_rows], mask=in_r, other=-jnp.inf))
-        q_pos = plgpu.load(pos_ref.at[r_rows], mask=in_r, other=0)
-        s, _ = _logits(p, _dot(p, q, k, trans_b=True), None)
-        vis = combine(k_pos[None, :] < kv_valid, band_visible(p.band, q_pos, k_pos))
-        if kv_seg is not None:
-            q_seg = plgpu.load(qseg_ref.at[r_rows], mask=in_r, other=-1)
-            vis = vis & (q_seg[:, None] == kv_seg[None, :])
-        probs = jnp.exp2(jnp.where(vis, s, -jnp.inf) - lse[:, None])
-        return acc + jnp.sum(probs, axis=0)
+    def row_tile(i, carry):
+        tile = sc.row_tile(i)
+        lse = _backward_lse(plgpu.load(lse_ref.at[tile[0]], mask=tile[1], other=-jnp.inf))
 
-    acc = lax.fori_loop(0, pl.cdiv(count, block_q), body, jnp.zeros((block_k,), jnp.float32))
-    plgpu.store(out_ref.at[k_rows], acc, mask=in_k)
+        def key_block(j, carry):
+            k_rows, in_k, s = sc.logits(tile, j)
+            probs = jnp.sum(jnp.exp2(s - lse[:, None]), axis=0)
+            # This program owns these keys: the first row tile writes, later ones add.
+            before = plgpu.load(out_ref.at[k_rows], mask=in_k & (i > 0), other=0.0)
+            plgpu.store(out_ref.at[k_rows], before + probs, mask=in_k)
+            return carry
+
+        return lax.fori_loop(*sc.blocks, key_block, carry)
+
+    # At least one row tile, so that an example without scorer rows still writes its zeros.
+    lax.fori_loop(0, jnp.maximum(sc.num_row_tiles, 1), row_tile, 0)
+
+
+# Aim for this many programs (chunks x heads x batch): a few waves of the GPU's SMs.
+_SCORER_PROGRAMS = 512
+
+
+def _scorer_call(kernel, p: Problem, cfg: KernelConfig, q_rows, k, lse_rows, positions, q_seg_rows, kv_seg,
+                 kv_lengths, counts, out_specs, out_shape, interpret: bool, name: str):
+    R = q_rows.shape[1]
+    block_q, block_k = _tile(R, cfg.block_q), _tile(p.kv_len, cfg.block_k)
+    num_blocks = pl.cdiv(p.kv_len, block_k)
+    per_chunk = _blocks_per_chunk(p, num_blocks)
+    hp = p.head_dim_padded
+    grid = (pl.cdiv(num_blocks, per_chunk), p.q_heads, p.batch)
+    in_specs = [
+        pl.BlockSpec((None, R, None, hp), lambda t, n, b: (b, 0, n, 0)),
+        _seq_spec(p, p.kv_len, None, lambda n: n // p.group),
+        _optional(lse_rows is not None, pl.BlockSpec((None, None, R), lambda t, n, b: (b, n, 0))),
+        _batch_spec(R),
+        _optional(q_seg_rows is not None, _batch_spec(R)),
+        _optional(kv_seg is not None, _batch_spec(p.kv_len)),
+        _optional(kv_lengths is not None, _batch_spec(None)),
+        _batch_spec(None),
+    ]
+    args = [q_rows, k, lse_rows, positions, q_seg_rows, kv_seg, kv_lengths, counts]
+    if lse_rows is None:  # the stats kernel takes no LSE
+        del in_specs[2], args[2]
+    kernel = functools.partial(kernel, p=p, rows=R, block_q=block_q, block_k=block_k, blocks_per_chunk=per_chunk)
+    return pl.pallas_call(
+        kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+        compiler_params=_params(cfg), interpret=interpret, name=name,
+    )(*args)
+
+
+def _blocks_per_chunk(p: Problem, num_blocks: int) -> int:
+    return max(1, min(16, num_blocks * p.q_heads * p.batch // _SCORER_PROGRAMS))
+
+
+def scorer_lse(p: Problem, cfg: KernelConfig, q_rows, k, positions, q_seg_rows, kv_seg, kv_lengths, counts, *,
+               interpret: bool = False):
+    """LSE of the scorer rows over the full key set, (B, N, R) float32 (-inf for rows past
+    ``counts`` and rows that see no key). Arguments as for ``importance``."""
+    R = q_rows.shape[1]
+    num_blocks = pl.cdiv(p.kv_len, _tile(p.kv_len, cfg.block_k))
+    num_blocks = pl.cdiv(num_blocks, _blocks_per_chunk(p, num_blocks))  # one (m, l) per chunk
+    spec = pl.BlockSpec((None, None, None, R), lambda t, n, b: (b, n, t, 0))
+    shape = jax.ShapeDtypeStruct((p.batch, p.q_heads, num_blocks, R), jnp.float32)
+    # Rows past ``counts`` are never stored: start from -inf / 0 so they combine to -inf.
+    m, l = _scorer_call(_scorer_stats_kernel, p, cfg, q_rows, k, None, positions, q_seg_rows, kv_seg, kv_lengths,
+                        counts, [spec, spec], [shape, shape], interpret, "mmfa_scorer_stats")
+    live = jnp.arange(R)[None, None, None, :] < counts[:, None, None, None]
+    m = jnp.where(live, m, -jnp.inf)
+    l = jnp.where(live, l, 0.0)
+    top = jnp.max(m, axis=2)
+    total = jnp.sum(l * jnp.exp2(m - jnp.where(top == -jnp.inf, 0.0, top)[:, :, None]), axis=2)
+    return jnp.where(total > 0, (top + jnp.log2(jnp.where(total > 0, total, 1.0))) * LN2, -jnp.inf)
 
 
 def importance(p: Problem, cfg: KernelConfig, q_rows, k, lse_rows, positions, q_seg_rows, kv_seg, kv_lengths, counts,
@@ -528,24 +656,7 @@ def importance(p: Problem, cfg: KernelConfig, q_rows, k, lse_rows, positions, q_
     query (for the causal/window band); q_seg_rows: (B, R) or None; counts: (B,) int32, how many
     of the R rows are real. ``p`` describes the original (T-row) attention; k is in its layout.
     """
-    R = q_rows.shape[1]
-    block_q, block_k = _tile(R, cfg.block_q), _tile(p.kv_len, cfg.block_k)
-    hp = p.head_dim_padded
-    grid = (pl.cdiv(p.kv_len, block_k), p.q_heads, p.batch)
-    in_specs = [
-        pl.BlockSpec((None, R, None, hp), lambda t, n, b: (b, 0, n, 0)),
-        _seq_spec(p, p.kv_len, None, lambda n: n // p.group),
-        pl.BlockSpec((None, None, R), lambda t, n, b: (b, n, 0)),
-        _batch_spec(R),
-        _optional(q_seg_rows is not None, _batch_spec(R)),
-        _optional(kv_seg is not None, _batch_spec(p.kv_len)),
-        _optional(kv_lengths is not None, _batch_spec(None)),
-        _batch_spec(None),
-    ]
     out_spec = pl.BlockSpec((None, None, p.kv_len), lambda t, n, b: (b, n, 0))
-    kernel = functools.partial(_importance_kernel, p=p, rows=R, block_q=block_q, block_k=block_k)
-    return pl.pallas_call(
-        kernel, grid=grid, in_specs=in_specs, out_specs=out_spec,
-        out_shape=jax.ShapeDtypeStruct((p.batch, p.q_heads, p.kv_len), jnp.float32),
-        compiler_params=_params(cfg), interpret=interpret, name="mmfa_importance",
-    )(q_rows, k, lse_rows, positions, q_seg_rows, kv_seg, kv_lengths, counts)
+    shape = jax.ShapeDtypeStruct((p.batch, p.q_heads, p.kv_len), jnp.float32)
+    return _scorer_call(_importance_kernel, p, cfg, q_rows, k, lse_rows, positions, q_seg_rows, kv_seg, kv_lengths,
+                        counts, out_spec, shape, interpret, "mmfa_importance")

@@ -1,0 +1,58 @@
+"""Where the pipeline's GPU time goes, kernel by kernel.
+
+torch.profiler records every CUDA kernel in the process through CUPTI, jax's included, so it
+serves as a kernel timeline for the jitted ``multimodal_attention`` without another tool.
+
+    python bench/profile_pipeline.py --visual 16384 --text 64 --keep 0.25
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import mmfa_jax  # noqa: E402
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--visual", type=int, default=16384)
+    ap.add_argument("--text", type=int, default=64)
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--keep", type=float, default=0.25)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--calls", type=int, default=20)
+    ap.add_argument("--top", type=int, default=20)
+    args = ap.parse_args(argv)
+    T = args.visual + args.text
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.standard_normal((1, T, args.heads, args.head_dim), np.float32), args.dtype)
+               for _ in range(3))
+    visual = jnp.zeros((1, T), bool).at[:, :args.visual].set(True)
+    length = args.text + int(np.ceil(args.keep * args.visual))
+    pipeline = jax.jit(lambda q, k, v, vis: mmfa_jax.multimodal_attention(
+        q, k, v, vis, args.keep, is_causal=True, max_scorers=args.text, output_length=length).out)
+    jax.block_until_ready(pipeline(q, k, v, visual))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(args.calls):
+            out = pipeline(q, k, v, visual)
+        jax.block_until_ready(out)
+    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    total = sum(e.device_time_total for e in events) / args.calls
+    print(f"{T} tokens, keep {args.keep} -> {length}: {total:.1f} us of kernels per call")
+    for e in sorted(events, key=lambda e: -e.device_time_total)[: args.top]:
+        per_call = e.device_time_total / args.calls
+        print(f"{per_call:9.1f} us  x{e.count // args.calls:<3} {e.key[:100]}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
