@@ -300,7 +300,7 @@ def _compile(ttir: str, cc: int, num_warps: int, num_stages: int, key: str, labe
         backend.add_stages(stages, options)
     # Unlike triton.compile on an IR file, run the TTIR stage too: its passes (inlining,
     # canonicalisation, combining) are what a kernel written in Triton's Python gets.
-    metadata = {"target": target, **options.__dict__}
+    metadata = {"hash": key, "target": target, **options.__dict__, "triton_version": triton.__version__}
     outputs = {}
     for stage, run in stages.items():
         try:

@@ -61,15 +61,20 @@ TABLE: dict[tuple[str, int], AttentionConfig] = {
     ("sm80", 64): AttentionConfig(K(128, 64, 4, 3), K(128, 32, 4, 2), K(32, 128, 4, 2)),
     ("sm80", 128): AttentionConfig(K(128, 64, 4, 2), K(64, 64, 4, 2), K(64, 64, 4, 2)),
     ("sm80", 256): AttentionConfig(K(64, 32, 4, 2), K(32, 32, 4, 2), K(32, 32, 4, 2)),
-    # Turing (sm_75, through mmfa_jax.triton_route): 64 KiB of shared memory per block and no mma in
-    # Triton's code for it (dots are FMA loops whose operands are staged in shared memory as
-    # float32), so small tiles; no software pipelining without cp.async, so one stage. Every row
-    # is compiled for sm_75 in CI and checked to fit (tests/test_turing.py), float32 included:
-    # float16 and float32 stage the same float32 operands, so float32 is not halved here.
+    # Turing (sm_75, through mmfa_jax.triton_route): 64 KiB of shared memory per block, and no mma
+    # in Triton's code for it (dots are FMA loops whose operands are staged in shared memory), so
+    # small tiles; no cp.async to pipeline loads with, so one stage. float32 has rows of its own
+    # ("sm75-float32"): it stages more (d=256 fits only with 16x16 tiles and 2 warps). Every row
+    # is compiled for sm_75 in CI and checked to fit (tests/test_turing.py); measured bytes:
+    # fwd/dq/dkv 48K/32K/40K (d32), 64K/40K/48K (d64), 48K/48K/64K (d128), 64K/48K/64K (d256).
     ("sm75", 32): AttentionConfig(K(64, 64, 4, 1), K(64, 64, 4, 1), K(64, 64, 4, 1)),
     ("sm75", 64): AttentionConfig(K(64, 64, 4, 1), K(64, 32, 4, 1), K(64, 32, 4, 1)),
     ("sm75", 128): AttentionConfig(K(64, 32, 4, 1), K(32, 32, 4, 1), K(32, 32, 4, 1)),
     ("sm75", 256): AttentionConfig(K(32, 32, 4, 1), K(16, 16, 4, 1), K(16, 16, 4, 1)),
+    ("sm75-float32", 32): AttentionConfig(K(64, 64, 4, 1), K(64, 64, 4, 1), K(64, 64, 4, 1)),
+    ("sm75-float32", 64): AttentionConfig(K(64, 64, 4, 1), K(64, 32, 4, 1), K(64, 32, 4, 1)),
+    ("sm75-float32", 128): AttentionConfig(K(64, 32, 4, 1), K(16, 16, 4, 1), K(16, 16, 4, 1)),
+    ("sm75-float32", 256): AttentionConfig(K(16, 16, 4, 1), K(16, 16, 2, 1), K(16, 16, 2, 1)),
     ("any", 32): AttentionConfig(K(64, 64, 4, 2), K(64, 64, 4, 2), K(64, 64, 4, 2)),
     ("any", 64): AttentionConfig(K(64, 64, 4, 2), K(64, 64, 4, 2), K(64, 64, 4, 2)),
     ("any", 128): AttentionConfig(K(64, 64, 4, 2), K(64, 64, 4, 2), K(64, 64, 4, 2)),
@@ -94,7 +99,9 @@ def gpu_family(device: jax.Device | None = None) -> str:
 
 
 def config_for(head_dim_padded: int, dtype, family: str) -> AttentionConfig:
-    """The table's row for this head size; float32 takes half the tiles."""
+    """The table's row for this head size; float32 takes half the tiles (on Turing: its own rows)."""
+    if family == "sm75" and jnp.dtype(dtype) == jnp.float32:
+        family = "sm75-float32"
     key = min((d for (fam, d) in TABLE if fam == family and d >= head_dim_padded), default=None)
     if key is None:
         raise ValueError(f"no kernel configuration for head_dim {head_dim_padded} on {family}")
