@@ -10,7 +10,8 @@ prints a table.
     python bench/attention.py --preset smoke       # tiny, runs on the CPU too
 
 Implementations (``--impls``): mmfa_jax, mmfa_torch, jax_xla, jax_cudnn, jax_pallas_ref,
-torch_flash, torch_cudnn, mmfa_jax_xla (mmfa's own xla fallback).
+torch_flash, torch_cudnn, mmfa_jax_xla (mmfa's own xla fallback), mmfa_jax_triton and
+mmfa_torch_triton (the same kernels compiled by the official triton package: the Turing route).
 """
 
 from __future__ import annotations
@@ -147,6 +148,9 @@ def build(impl: str, case: Case, seed: int):
     causal, scale = case.causal, 1.0 / case.head_dim**0.5
     if impl == "mmfa_jax":
         return _jax_callable(case, lambda q, k, v: mmfa_jax.attention(q, k, v, is_causal=causal), seed)
+    if impl == "mmfa_jax_triton":
+        return _jax_callable(case, lambda q, k, v: mmfa_jax.attention(q, k, v, is_causal=causal,
+                                                                      implementation="triton"), seed)
     if impl == "mmfa_jax_xla":
         return _jax_callable(case, lambda q, k, v: mmfa_jax.attention(q, k, v, is_causal=causal,
                                                                       implementation="xla"), seed)
@@ -167,6 +171,12 @@ def build(impl: str, case: Case, seed: int):
         launch, wait, _ = _torch_callable(case, lambda q, k, v: mmfa_torch.attention(q, k, v, is_causal=causal), seed)
         # The kernels' memory is JAX's: report the jax face's figure for the same work.
         peak = _jax_callable(case, lambda q, k, v: mmfa_jax.attention(q, k, v, is_causal=causal), seed)[2]
+        return launch, wait, peak
+    if impl == "mmfa_torch_triton":
+        launch, wait, _ = _torch_callable(case, lambda q, k, v: mmfa_torch.attention(
+            q, k, v, is_causal=causal, implementation="triton"), seed)
+        peak = _jax_callable(case, lambda q, k, v: mmfa_jax.attention(q, k, v, is_causal=causal,
+                                                                      implementation="triton"), seed)[2]
         return launch, wait, peak
     if impl in ("torch_flash", "torch_cudnn"):
         from torch.nn.attention import SDPBackend, sdpa_kernel

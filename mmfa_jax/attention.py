@@ -16,22 +16,35 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmfa_jax import tuning
+from mmfa_jax import triton_route, tuning
 from mmfa_jax.kernels import flash_attention as flash
 from mmfa_jax.masking import Band
 from mmfa_jax.xla_attention import xla_attention
 
-Implementation = Literal["pallas", "interpret", "xla"]
-IMPLEMENTATIONS = ("pallas", "interpret", "xla")
+Implementation = Literal["pallas", "triton", "interpret", "xla"]
+IMPLEMENTATIONS = ("pallas", "triton", "interpret", "xla")
+COMPILED = ("pallas", "triton")  # the kernels compiled for a GPU (XLA's Triton or the official one)
 SUPPORTED_DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32)
 MAX_HEAD_DIM = 256
 
 
 def pallas_available(device: jax.Device | None = None) -> bool:
-    """True where the Pallas kernels can run compiled: NVIDIA GPUs of compute capability >= 8.0."""
+    """True where the Pallas kernels can run compiled: NVIDIA GPUs of compute capability >= 8.0
+    (XLA's Triton), and 7.5 up to 8.0 (Turing) when the official ``triton`` package is installed
+    (the Triton route, mmfa_jax.triton_route)."""
+    cc = _compute_capability(device)
+    if cc is None:
+        return False
+    return cc >= triton_route.STOCK_MIN_CC or (cc >= triton_route.MIN_CC and triton_route.available())
+
+
+def _compute_capability(device: jax.Device | None = None) -> int | None:
+    """75 for a Turing GPU, 90 for Hopper; None for anything but an NVIDIA GPU."""
     device = device or jax.devices()[0]
     cc = getattr(device, "compute_capability", None)
-    return device.platform == "gpu" and cc is not None and float(cc) >= 8.0
+    if device.platform != "gpu" or cc is None:
+        return None
+    return int(round(float(cc) * 10))
 
 
 def default_implementation() -> str:
@@ -82,8 +95,10 @@ def attention(
         of its own segment (packed sequences, several images in a row).
       return_lse: also return the log-sum-exp of the visible logits, (B, T, N) float32
         ((B, N, T) with layout "BNTH"); -inf where a row sees nothing.
-      implementation: "pallas" (Triton kernels; the default on NVIDIA GPUs with compute
-        capability >= 8.0), "interpret" (the same kernels in the Pallas interpreter, on any
+      implementation: "pallas" (Triton kernels; the default on NVIDIA GPUs: compiled by XLA's
+        Triton on compute capability >= 8.0, by the official ``triton`` package on Turing, 7.5),
+        "triton" (the same kernels, always compiled by the official ``triton`` package: see
+        ``mmfa_jax.triton_route``), "interpret" (the same kernels in the Pallas interpreter, on any
         backend; slow, for tests), "xla" (plain jax, materialises (T, S) logits; the default
         elsewhere).
       config: block configuration override (see ``mmfa_jax.tuning``); default from the table.
@@ -141,11 +156,18 @@ class Options:
 def _static(opts: Options, arrays):
     """Check and normalise the arrays; returns ((problem, config, interpret), normalised arrays)."""
     problem, args = _normalise(opts, *arrays)
-    config = opts.config
-    if config is None and opts.implementation != "xla":
-        family = "any" if opts.implementation == "interpret" else tuning.gpu_family()
-        config = tuning.config_for(problem.head_dim_padded, args[0].dtype, family)
+    config = None if opts.implementation == "xla" else kernel_config(opts, problem.head_dim_padded, args[0].dtype)
     return (problem, config, opts.implementation == "interpret"), args
+
+
+def kernel_config(opts: Options, head_dim_padded: int, dtype) -> tuning.AttentionConfig:
+    """The block configuration of the kernels: the caller's, or the table's for this GPU; with
+    implementation "triton", compiled by the official Triton (mmfa_jax.triton_route)."""
+    config = opts.config
+    if config is None:
+        family = "any" if opts.implementation == "interpret" else tuning.gpu_family()
+        config = tuning.config_for(head_dim_padded, dtype, family)
+    return config.with_route("triton") if opts.implementation == "triton" else config
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -234,13 +256,22 @@ def _check_implementation(implementation):
         return default_implementation()
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS} or None, got {implementation!r}")
-    if implementation == "pallas" and not pallas_available():
-        dev = jax.devices()[0]
+    if implementation in COMPILED:
+        check_compiled_available(implementation)
+    return implementation
+
+
+def check_compiled_available(implementation: str, device: jax.Device | None = None):
+    """ValueError unless ``implementation`` ("pallas" or "triton") can run on the device."""
+    dev = device or jax.devices()[0]
+    cc = _compute_capability(dev)
+    if cc is None or cc < triton_route.MIN_CC:
         raise ValueError(
-            "implementation='pallas' needs an NVIDIA GPU with compute capability >= 8.0, but the default "
+            f"implementation={implementation!r} needs an NVIDIA GPU with compute capability >= 7.5, but the default "
             f"device is {dev.platform} ({getattr(dev, 'device_kind', '?')}); use 'interpret' (same kernels, "
             "interpreted) or 'xla'")
-    return implementation
+    if implementation == "triton" or cc < triton_route.STOCK_MIN_CC:
+        triton_route.check_available()
 
 
 def _add_batch(x, name, unbatched):

@@ -15,8 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmfa_jax import tuning
-from mmfa_jax.attention import Options, _normalise, attention
+from mmfa_jax.attention import Options, _normalise, attention, kernel_config
 from mmfa_jax.kernels import flash_attention as flash
 from mmfa_jax.masking import band_visible, combine
 from mmfa_jax.pruning import gather_tokens, packed_positions
@@ -155,9 +154,7 @@ def _importance(opts: Options, R: int, query, key, lse, scorers, segment_ids, q_
     q_seg_rows = None if q_seg is None else jnp.take_along_axis(q_seg, order, axis=1)
     xla = opts.implementation == "xla"
     if not xla:
-        cfg = (opts.config or tuning.config_for(
-            problem.head_dim_padded, q.dtype, "any" if opts.implementation == "interpret" else tuning.gpu_family())
-        ).forward
+        cfg = kernel_config(opts, problem.head_dim_padded, q.dtype).forward
         interpret = opts.implementation == "interpret"
     if lse is None:
         lse_rows = (_scorer_lse_xla(problem, q_rows, k, order, q_seg_rows, kv_seg, kv_lengths) if xla else

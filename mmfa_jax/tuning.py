@@ -1,7 +1,7 @@
 """Block configurations of the attention kernels, kept as data.
 
-A row is chosen by GPU family and padded head dimension; float32 inputs take half the tiles
-(their operands are twice as large). Measured on the H100 with ``bench/attention.py --sweep``;
+A row is chosen by GPU family and padded head dimension; on Ampere and Hopper float32 inputs take
+half the tiles (their operands are twice as large). Measured on the H100 with ``bench/attention.py --sweep``;
 figures and the command are in bench/NOTES.md.
 """
 
@@ -25,6 +25,7 @@ class KernelConfig:
     block_k: int
     num_warps: int
     num_stages: int
+    route: str = "auto"  # how the kernel is compiled: see mmfa_jax.triton_route ("auto", "stock", "triton")
 
     def halved(self) -> "KernelConfig":
         return dataclasses.replace(self, block_q=max(16, self.block_q // 2), block_k=max(16, self.block_k // 2))
@@ -41,10 +42,15 @@ class AttentionConfig:
     def halved(self) -> "AttentionConfig":
         return AttentionConfig(self.forward.halved(), self.backward_dq.halved(), self.backward_dkv.halved())
 
+    def with_route(self, route: str) -> "AttentionConfig":
+        """The same tiles, compiled by the given route ("auto", "stock" or "triton")."""
+        return AttentionConfig(*(dataclasses.replace(c, route=route)
+                                 for c in (self.forward, self.backward_dq, self.backward_dkv)))
+
 
 K = KernelConfig
 
-# (family, padded head dim) -> configs. "sm90": Hopper; "sm80": Ampere and Ada; "any": the rest,
+# (family, padded head dim) -> configs. "sm90": Hopper; "sm80": Ampere and Ada; "sm75": Turing; "any": the rest,
 # including the CPU interpreter (where large tiles mean fewer interpreted grid steps).
 TABLE: dict[tuple[str, int], AttentionConfig] = {
     ("sm90", 32): AttentionConfig(K(64, 128, 4, 2), K(128, 64, 4, 3), K(128, 64, 4, 2)),
@@ -55,6 +61,20 @@ TABLE: dict[tuple[str, int], AttentionConfig] = {
     ("sm80", 64): AttentionConfig(K(128, 64, 4, 3), K(128, 32, 4, 2), K(32, 128, 4, 2)),
     ("sm80", 128): AttentionConfig(K(128, 64, 4, 2), K(64, 64, 4, 2), K(64, 64, 4, 2)),
     ("sm80", 256): AttentionConfig(K(64, 32, 4, 2), K(32, 32, 4, 2), K(32, 32, 4, 2)),
+    # Turing (sm_75, through mmfa_jax.triton_route): 64 KiB of shared memory per block, and no mma
+    # in Triton's code for it (dots are FMA loops whose operands are staged in shared memory), so
+    # small tiles; no cp.async to pipeline loads with, so one stage. float32 has rows of its own
+    # ("sm75-float32"): it stages more (d=256 fits only with 16x16 tiles and 2 warps). Every row
+    # is compiled for sm_75 in CI and checked to fit (tests/test_turing.py); measured bytes:
+    # fwd/dq/dkv 48K/32K/40K (d32), 64K/40K/48K (d64), 48K/48K/64K (d128), 64K/48K/64K (d256).
+    ("sm75", 32): AttentionConfig(K(64, 64, 4, 1), K(64, 64, 4, 1), K(64, 64, 4, 1)),
+    ("sm75", 64): AttentionConfig(K(64, 64, 4, 1), K(64, 32, 4, 1), K(64, 32, 4, 1)),
+    ("sm75", 128): AttentionConfig(K(64, 32, 4, 1), K(32, 32, 4, 1), K(32, 32, 4, 1)),
+    ("sm75", 256): AttentionConfig(K(32, 32, 4, 1), K(16, 16, 4, 1), K(16, 16, 4, 1)),
+    ("sm75-float32", 32): AttentionConfig(K(64, 64, 4, 1), K(64, 64, 4, 1), K(64, 64, 4, 1)),
+    ("sm75-float32", 64): AttentionConfig(K(64, 64, 4, 1), K(64, 32, 4, 1), K(64, 32, 4, 1)),
+    ("sm75-float32", 128): AttentionConfig(K(64, 32, 4, 1), K(16, 16, 4, 1), K(16, 16, 4, 1)),
+    ("sm75-float32", 256): AttentionConfig(K(16, 16, 4, 1), K(16, 16, 2, 1), K(16, 16, 2, 1)),
     ("any", 32): AttentionConfig(K(64, 64, 4, 2), K(64, 64, 4, 2), K(64, 64, 4, 2)),
     ("any", 64): AttentionConfig(K(64, 64, 4, 2), K(64, 64, 4, 2), K(64, 64, 4, 2)),
     ("any", 128): AttentionConfig(K(64, 64, 4, 2), K(64, 64, 4, 2), K(64, 64, 4, 2)),
@@ -63,19 +83,27 @@ TABLE: dict[tuple[str, int], AttentionConfig] = {
 
 
 def gpu_family(device: jax.Device | None = None) -> str:
-    """'sm90', 'sm80' or 'any' for the given (default: first) device."""
+    """'sm90', 'sm80', 'sm75' or 'any' for the given (default: first) device.
+
+    ``MMFA_TRITON_ARCH`` (see mmfa_jax.triton_route), when set, names the family: the kernels are
+    then compiled for that architecture and must fit it."""
+    from mmfa_jax import triton_route
+
+    override = triton_route.arch_override()
     device = device or jax.devices()[0]
     cc = getattr(device, "compute_capability", None)
     if device.platform != "gpu" or cc is None:
         return "any"
-    major = int(str(cc).split(".")[0])
-    return "sm90" if major >= 9 else "sm80" if major >= 8 else "any"
+    major = override // 10 if override is not None else int(str(cc).split(".")[0])
+    return "sm90" if major >= 9 else "sm80" if major >= 8 else "sm75" if major == 7 else "any"
 
 
 def config_for(head_dim_padded: int, dtype, family: str) -> AttentionConfig:
-    """The table's row for this head size; float32 takes half the tiles."""
+    """The table's row for this head size; float32 takes half the tiles (on Turing: its own rows)."""
+    if family == "sm75" and jnp.dtype(dtype) == jnp.float32:
+        family = "sm75-float32"
     key = min((d for (fam, d) in TABLE if fam == family and d >= head_dim_padded), default=None)
     if key is None:
         raise ValueError(f"no kernel configuration for head_dim {head_dim_padded} on {family}")
     cfg = TABLE[(family, key)]
-    return cfg.halved() if jnp.dtype(dtype) == jnp.float32 and family != "any" else cfg
+    return cfg.halved() if jnp.dtype(dtype) == jnp.float32 and family in ("sm80", "sm90") else cfg

@@ -8,7 +8,7 @@ import math
 import jax
 import torch
 
-from mmfa_jax.attention import IMPLEMENTATIONS, normalise_window, pallas_available
+from mmfa_jax.attention import COMPILED, IMPLEMENTATIONS, normalise_window, pallas_available
 from mmfa_torch import ops
 
 Tensor = torch.Tensor
@@ -51,8 +51,10 @@ def scaled_dot_product_attention(
       local_window_size, logits_soft_cap, segment_ids, query_seq_lengths,
       key_value_seq_lengths: as in ``mmfa_jax.attention``.
       return_lse: also return the log-sum-exp (B, Hq, L) float32 (-inf for rows that see nothing).
-      implementation: "pallas" (default for CUDA tensors on GPUs of compute capability >= 8.0),
-        "interpret" or "xla" (default for CPU tensors).
+      implementation: "pallas" (default for CUDA tensors on GPUs of compute capability >= 7.5;
+        below 8.0, Turing, compiled by the official ``triton`` package), "triton" (always compiled
+        by the official ``triton`` package: mmfa_jax.triton_route), "interpret" or "xla" (default
+        for CPU tensors).
 
     Returns:
       (B, Hq, L, D) like query (and the LSE if asked). Differentiable in query, key, value and
@@ -162,6 +164,6 @@ def _implementation(implementation: str | None, device: torch.device) -> str:
         return "pallas" if device.type == "cuda" and pallas_available() else "xla"
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS} or None, got {implementation!r}")
-    if implementation == "pallas" and device.type != "cuda":
-        raise ValueError(f"implementation='pallas' needs CUDA tensors, got tensors on {device}")
+    if implementation in COMPILED and device.type != "cuda":
+        raise ValueError(f"implementation={implementation!r} needs CUDA tensors, got tensors on {device}")
     return implementation

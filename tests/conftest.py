@@ -28,12 +28,17 @@ CPU_IMPLEMENTATIONS = ("interpret", "xla")
 def pytest_addoption(parser):
     parser.addoption("--gpu", action="store_true", default=False,
                      help="also run implementation='pallas' and the tests marked gpu (needs an NVIDIA GPU, cc >= 8.0)")
+    parser.addoption("--route", choices=("auto", "triton"), default=None,
+                     help="how the compiled kernels are launched: 'triton' compiles every kernel with the official "
+                          "triton package (mmfa_jax.triton_route; sets MMFA_ROUTE=triton), 'auto' as mmfa decides")
 
 
 def pytest_configure(config):
     # Fresh data every run, reproducible on demand: one session seed, mixed into every test's seed,
     # set in the environment so that xdist workers (started later) share it.
     os.environ.setdefault("MMFA_TEST_SEED", str(np.random.SeedSequence().entropy % 2**31))
+    if config.getoption("--route"):  # in the environment too, for the xdist workers and subprocesses
+        os.environ["MMFA_ROUTE"] = config.getoption("--route")
     config.addinivalue_line("markers", "gpu: needs an NVIDIA GPU with compute capability >= 8.0 (run with --gpu)")
 
 
@@ -67,7 +72,9 @@ def seed_of(text: str) -> int:
 
 
 def pytest_report_header(config):
-    return f"mmfa test data seed: MMFA_TEST_SEED={os.environ['MMFA_TEST_SEED']} (set it to replay a run)"
+    route = os.environ.get("MMFA_ROUTE", "auto")
+    return (f"mmfa test data seed: MMFA_TEST_SEED={os.environ['MMFA_TEST_SEED']} (set it to replay a run); "
+            f"kernel route: MMFA_ROUTE={route}")
 
 
 @pytest.fixture

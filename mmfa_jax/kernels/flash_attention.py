@@ -28,6 +28,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from mmfa_jax import triton_route
 from mmfa_jax.masking import Band, band_visible, combine, kv_block_range, q_block_range
 from mmfa_jax.tuning import KernelConfig
 
@@ -127,7 +128,9 @@ def _common_in_specs(p: Problem, heads_per_block, head_of):
 
 
 def _params(cfg: KernelConfig):
-    return plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    # Triton params that also carry the launch route (XLA's Triton, or the official Triton
+    # compiler for GPUs below compute capability 8.0): see mmfa_jax.triton_route.
+    return triton_route.compiler_params(cfg)
 
 
 # --------------------------------------------------------------------------------------------

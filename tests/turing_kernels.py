@@ -1,0 +1,87 @@
+"""Every mmfa Pallas kernel as a jit-able function of ShapeDtypeStructs, for cross-compilation.
+
+``KERNELS`` maps a kernel name to a builder ``(head_dim, dtype, KernelConfig) -> (fn, args)``:
+the launcher called directly (no argument checks beyond attention's normalisation), on a
+problem that fills whole tiles of the configuration and takes the causal (masked) path. A new
+kernel joins the cross-compile check by adding a builder here.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import jax
+import jax.numpy as jnp
+
+from mmfa_jax.kernels import flash_attention as flash
+
+attention_module = importlib.import_module("mmfa_jax.attention")
+
+BATCH, HEADS, KV_HEADS = 1, 2, 1  # GQA, so the dK/dV kernel loops over a group
+
+
+def _problem(q, k, v, seq_len):
+    opts = attention_module.Options.make(is_causal=True, implementation="interpret")
+    return attention_module._normalise(opts, q, k, v, None, None, None, None, None)
+
+
+def _shapes(head_dim, dtype, seq_len):
+    q = jax.ShapeDtypeStruct((BATCH, seq_len, HEADS, head_dim), dtype)
+    kv = jax.ShapeDtypeStruct((BATCH, seq_len, KV_HEADS, head_dim), dtype)
+    return q, kv
+
+
+def _seq_len(*cfgs):
+    return 2 * max(max(c.block_q, c.block_k) for c in cfgs)  # whole tiles, more than one of each
+
+
+def forward(head_dim, dtype, cfg):
+    q, kv = _shapes(head_dim, dtype, _seq_len(cfg))
+
+    def fn(q, k, v):
+        p, args = _problem(q, k, v, q.shape[1])
+        return flash.forward(p, cfg, *args)
+
+    return fn, (q, kv, kv)
+
+
+def backward(head_dim, dtype, dq_cfg, dkv_cfg):
+    T = _seq_len(dq_cfg, dkv_cfg)
+    q, kv = _shapes(head_dim, dtype, T)
+    rows = jax.ShapeDtypeStruct((BATCH, HEADS, T), jnp.float32)
+
+    def fn(q, k, v, do, lse, delta):
+        p, args = _problem(q, k, v, T)
+        return flash.backward(p, dq_cfg, dkv_cfg, *args, do, lse, delta)[:3]
+
+    return fn, (q, kv, kv, q, rows, rows)
+
+
+def importance(head_dim, dtype, cfg):
+    T = _seq_len(cfg)
+    q, kv = _shapes(head_dim, dtype, T)
+    R = max(cfg.block_q, 16) * 2
+    q_rows = jax.ShapeDtypeStruct((BATCH, R, HEADS, head_dim), dtype)
+    lse_rows = jax.ShapeDtypeStruct((BATCH, HEADS, R), jnp.float32)
+    positions = jax.ShapeDtypeStruct((BATCH, R), jnp.int32)
+    counts = jax.ShapeDtypeStruct((BATCH,), jnp.int32)
+
+    def fn(q, k, q_rows, lse_rows, positions, counts):
+        p, (_, k, *_rest) = _problem(q, k, k, T)
+        return flash.importance(p, cfg, q_rows, k, lse_rows, positions, None, None, None, counts)
+
+    return fn, (q, kv, q_rows, lse_rows, positions, counts)
+
+
+# name -> (builder, the AttentionConfig entries it takes, the kernels it launches)
+KERNELS = {
+    "forward": (forward, ("forward",), ("mmfa_flash_forward",)),
+    "backward": (backward, ("backward_dq", "backward_dkv"), ("mmfa_flash_dq", "mmfa_flash_dkv")),
+    "importance": (importance, ("forward",), ("mmfa_importance",)),
+}
+
+
+def build(kernel: str, head_dim: int, dtype, config):
+    """(fn, args) for one KERNELS entry with the entries of an AttentionConfig."""
+    builder, entries, _ = KERNELS[kernel]
+    return builder(head_dim, dtype, *(getattr(config, e) for e in entries))
