@@ -83,7 +83,7 @@ def _cases():
     """float16 and float32 (its own, tighter rows) for every row; bfloat16 (which uses the float16
     rows and less shared memory) for the forward and importance of one row unless MMFA_TURING_FULL."""
     cases = []
-    for kernel in ("forward", "backward", "importance"):
+    for kernel in ("forward", "backward", "importance", "scorer_stats"):
         for d in TURING_ROWS:
             for dtype in ("float16", "float32", "bfloat16"):
                 if dtype == "bfloat16" and (d != 64 or kernel == "backward") and not FULL:
@@ -108,7 +108,7 @@ def test_turing_table_compiles_for_sm75_within_64kib(kernel, head_dim, dtype):
 
 
 @needs_triton
-@pytest.mark.parametrize("kernel", ["forward", "backward", "importance"])
+@pytest.mark.parametrize("kernel", ["forward", "backward", "importance", "scorer_stats"])
 def test_turing_table_compiles_for_sm80(kernel):
     """The same kernels and tiles, compiled for Ampere by the route (forced: XLA's Triton would
     take sm_80 otherwise). Fast: Ampere has mma, so the code is small."""

@@ -73,11 +73,27 @@ def importance(head_dim, dtype, cfg):
     return fn, (q, kv, q_rows, lse_rows, positions, counts)
 
 
+def scorer_stats(head_dim, dtype, cfg):
+    T = _seq_len(cfg)
+    q, kv = _shapes(head_dim, dtype, T)
+    R = max(cfg.block_q, 16) * 2
+    q_rows = jax.ShapeDtypeStruct((BATCH, R, HEADS, head_dim), dtype)
+    positions = jax.ShapeDtypeStruct((BATCH, R), jnp.int32)
+    counts = jax.ShapeDtypeStruct((BATCH,), jnp.int32)
+
+    def fn(q, k, q_rows, positions, counts):
+        p, (_, k, *_rest) = _problem(q, k, k, T)
+        return flash.scorer_lse(p, cfg, q_rows, k, positions, None, None, None, counts)
+
+    return fn, (q, kv, q_rows, positions, counts)
+
+
 # name -> (builder, the AttentionConfig entries it takes, the kernels it launches)
 KERNELS = {
     "forward": (forward, ("forward",), ("mmfa_flash_forward",)),
     "backward": (backward, ("backward_dq", "backward_dkv"), ("mmfa_flash_dq", "mmfa_flash_dkv")),
     "importance": (importance, ("forward",), ("mmfa_importance",)),
+    "scorer_stats": (scorer_stats, ("forward",), ("mmfa_scorer_stats",)),
 }
 
 
