@@ -569,15 +569,17 @@ def _layer_k_hook(state: _PruneState):
     return hook
 
 
-def _gather_seq(x: Tensor, index: Tensor, axis: int) -> Tensor:
-    """x[..., b, index[b], ...] along ``axis``; the axis before it is the batch (size B or 1)."""
+def _gather_seq(x: Tensor, index: Tensor, axis: int, batch_axis: int | None = None) -> Tensor:
+    """x[..., b, ..., index[b, l], ...]: gather ``axis`` per example; ``batch_axis`` (default: the
+    axis before ``axis``) has size B or 1 (then it is broadcast)."""
     axis = axis % x.dim()
+    batch_axis = axis - 1 if batch_axis is None else batch_axis % x.dim()
     B, L = index.shape
     shape = list(x.shape)
-    shape[axis - 1] = B
+    shape[batch_axis] = B
     x = x.expand(shape)
     view = [1] * x.dim()
-    view[axis - 1], view[axis] = B, L
+    view[batch_axis], view[axis] = B, L
     size = list(x.shape)
     size[axis] = L
     return torch.gather(x, axis, index.reshape(view).expand(size))
@@ -599,8 +601,8 @@ def _reslice_cache(cache, state: _PruneState, index: Tensor):
         if layer.keys.shape[-2] != T:
             raise NotImplementedError(f"cache layer {i} holds {layer.keys.shape[-2]} tokens of a {T}-token prompt "
                                       "(a sliding-window layer that could not record the whole prompt)")
-        layer.keys = _gather_seq(layer.keys, index, axis=2)
-        layer.values = _gather_seq(layer.values, index, axis=2)
+        layer.keys = _gather_seq(layer.keys, index, axis=2, batch_axis=0)      # (B, Hkv, T, D)
+        layer.values = _gather_seq(layer.values, index, axis=2, batch_axis=0)
         if hasattr(layer, "cumulative_length"):
             layer.cumulative_length = L
             window = getattr(layer, "sliding_window", None)
@@ -656,9 +658,11 @@ def _later_layer_hook(state: _PruneState):
 
 def _gather_mask(mask: Tensor, index: Tensor, slot_valid: Tensor) -> Tensor:
     """A 4-D (B|1, 1|H, T, T) mask restricted to the kept rows and columns; padding slots masked."""
-    m = _gather_seq(mask, index, axis=2)                      # rows: (B, H, L, S)
-    B, H, L, _ = m.shape
-    m = torch.gather(m, 3, index[:, None, None, :].expand(B, H, L, L))  # columns
+    B, L = index.shape
+    mask = mask.expand(B, *mask.shape[1:])
+    H, S = mask.shape[1], mask.shape[3]
+    m = torch.gather(mask, 2, index[:, None, :, None].expand(B, H, L, S))   # rows
+    m = torch.gather(m, 3, index[:, None, None, :].expand(B, H, L, L))      # columns
     pair = slot_valid[:, None, :, None] & slot_valid[:, None, None, :]
     if m.dtype == torch.bool:
         return m & pair
