@@ -385,7 +385,8 @@ def prune_visual_tokens(model: torch.nn.Module, keep: float | int, layer: int = 
 
     state = _PruneState(keep=keep, layer=layer, rule=rule, token_ids=token_ids)
     attn._mmfa_prune_state = state
-    hooks = [mm.register_forward_pre_hook(_outer_pre_hook(state, mm), with_kwargs=True),
+    hooks = [] if mm is model else [model.register_forward_pre_hook(_labels_hook(state), with_kwargs=True)]
+    hooks += [mm.register_forward_pre_hook(_outer_pre_hook(state, mm), with_kwargs=True),
              lm.register_forward_pre_hook(_lm_pre_hook(state), with_kwargs=True),
              lm.register_forward_hook(_lm_post_hook(state), with_kwargs=True),
              layers[layer].register_forward_hook(_layer_k_hook(state), with_kwargs=True)]
@@ -410,6 +411,19 @@ def _cache_length(cache) -> int:
     if cache is None:
         return 0
     return int(cache.get_seq_length())
+
+
+def _labels_hook(state: _PruneState):
+    def hook(module, args, kwargs):
+        kwargs = _bind(module, args, kwargs)
+        ids = kwargs.get("input_ids")
+        if kwargs.get("labels") is not None and ids is not None and bool(
+                torch.isin(ids, torch.tensor(state.token_ids, device=ids.device)).any()):
+            raise ValueError("prune_visual_tokens is for inference: a call with labels would need every token's "
+                             "logits; remove the pruning (handle.remove()) to train")
+        return None
+
+    return hook
 
 
 def _outer_pre_hook(state: _PruneState, mm):
