@@ -473,6 +473,9 @@ def _outer_pre_hook(state: _PruneState, mm):
                 kwargs["attention_mask"] = torch.cat([state.kept_valid.long(), new], 1)
         else:
             raise ValueError("after a pruned prompt the attention_mask must be 2-D or None")
+        cp = kwargs.get("cache_position")  # transformers < 5: cache indices, which pruning shifted
+        if isinstance(cp, torch.Tensor):
+            kwargs["cache_position"] = cp - (state.full_length - state.pruned_length)
         if kwargs.get("position_ids") is None:
             pos = state.next_position[:, None] + state.decoded + torch.arange(n, device=state.next_position.device)
             kwargs["position_ids"] = pos[None].expand(3, -1, -1) if state.position_rank == 3 else pos
