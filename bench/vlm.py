@@ -80,7 +80,7 @@ def run_once(model, inputs, new_tokens: int, device: str):
 
     cache = DynamicCache(config=model.config.get_text_config())
     inputs = dict(inputs)
-    pos = model._prepare_position_ids_for_generation(inputs["input_ids"], dict(inputs))
+    pos = models.generation_position_ids(model, inputs)
     inputs["position_ids"] = pos
     mask = inputs["attention_mask"]
     with torch.inference_mode():

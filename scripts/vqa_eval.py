@@ -19,6 +19,7 @@ averaged over the ten leave-one-annotator-out subsets, after the official answer
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import re
@@ -148,7 +149,10 @@ def answer_batch(model, processor, batch, template, max_new_tokens, device):
 
     images = [Image.open(path).convert("RGB") for _, path, _, _ in batch]
     prompts = [build_prompt(processor, q, template) for _, _, q, _ in batch]
-    inputs = processor(images=images, text=prompts, padding=True, return_tensors="pt")
+    inputs = dict(processor(images=images, text=prompts, padding=True, return_tensors="pt"))
+    accepted = inspect.signature(model.forward).parameters
+    if "token_type_ids" in inputs and "token_type_ids" not in accepted:  # some tokenizers add it; LLaVA has none
+        inputs.pop("token_type_ids")
     inputs = {k: (v.to(device, model.dtype) if v.is_floating_point() else v.to(device)) if hasattr(v, "to") else v
               for k, v in inputs.items()}
     with torch.inference_mode():

@@ -49,7 +49,7 @@ def trace(model, inputs, steps, tokens=None, positions=True):
     inputs = dict(inputs)
     pos = None
     if positions:
-        pos = model._prepare_position_ids_for_generation(inputs["input_ids"], dict(inputs))
+        pos = models.generation_position_ids(model, inputs)
         inputs["position_ids"] = pos
     with torch.no_grad():
         out = model(**inputs, past_key_values=cache, use_cache=True)
@@ -168,7 +168,8 @@ def test_mask_function_compact_and_dense():
     from transformers.masking_utils import causal_mask_function, or_masks, sdpa_mask
 
     pad = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]], dtype=torch.bool)
-    common = dict(batch_size=2, q_length=4, kv_length=4, kv_offset=0, device="cpu")
+    common = dict(batch_size=2, q_length=4, kv_length=4, kv_offset=0, device="cpu",
+                  cache_position=torch.arange(4))  # 5.x spells the queries q_length, 4.57 cache_position
     assert hf.mask_function(**common, mask_function=causal_mask_function, attention_mask=None) is None
     got = hf.mask_function(**common, mask_function=causal_mask_function, attention_mask=pad)
     assert torch.equal(got, pad)

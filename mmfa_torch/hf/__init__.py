@@ -314,9 +314,11 @@ def _parts(model):
     if model_type not in SUPPORTED_FAMILIES:
         raise ValueError(f"prune_visual_tokens supports the model types {SUPPORTED_FAMILIES}; got a "
                          f"{type(model).__name__} with model_type {model_type!r}")
-    mm = model
-    if not any(hasattr(mm, n) for n in ("language_model", "text_model")) and hasattr(model, "model"):
-        mm = model.model
+    mm = model  # the module whose forward sees input_ids: ...ForConditionalGeneration.model, or the model itself
+    inner = getattr(model, "model", None)
+    if isinstance(inner, torch.nn.Module) and any(isinstance(getattr(inner, n, None), torch.nn.Module)
+                                                  for n in ("language_model", "text_model")):
+        mm = inner
     lm = getattr(mm, "language_model", None) or getattr(mm, "text_model", None)
     layers = getattr(lm, "layers", None)
     if lm is None or not isinstance(layers, torch.nn.ModuleList):
@@ -653,11 +655,12 @@ def _later_layer_hook(state: _PruneState):
             kwargs["attention_mask"] = once(mask, lambda m: _gather_mask(m, index, slot_valid))
         else:
             raise NotImplementedError(f"prune_visual_tokens cannot slice an attention mask of type {type(mask).__name__}")
-        pe = kwargs.get("position_embeddings")
-        if isinstance(pe, (tuple, list)):
-            kwargs["position_embeddings"] = type(pe)(
-                once(t, lambda t: _gather_seq(t, index, axis=-2)) if isinstance(t, torch.Tensor) and t.dim() >= 3
-                and t.shape[-2] == T else t for t in pe)
+        for name in [n for n in kwargs if n.startswith("position_embeddings")]:  # 4.57 Gemma 3: _global, _local
+            pe = kwargs[name]
+            if isinstance(pe, (tuple, list)):
+                kwargs[name] = type(pe)(
+                    once(t, lambda t: _gather_seq(t, index, axis=-2)) if isinstance(t, torch.Tensor) and t.dim() >= 3
+                    and t.shape[-2] == T else t for t in pe)
         for name in ("position_ids", "text_position_ids"):
             p = kwargs.get(name)
             if isinstance(p, torch.Tensor) and p.dim() >= 2 and p.shape[-1] == T:

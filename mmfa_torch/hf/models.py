@@ -23,6 +23,21 @@ _TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, n
 IMAGE_ID = 150  # inside the tiny vocab
 
 
+def _major() -> int:
+    import transformers
+    return int(transformers.__version__.split(".")[0])
+
+
+_V5 = _major() >= 5  # rope_parameters (5.x) or rope_scaling (4.x) in configs
+
+
+def _rope(params: dict) -> dict:
+    """Qwen M-RoPE settings as the installed transformers spells them."""
+    if _V5:
+        return {"rope_parameters": params}
+    return {"rope_scaling": dict(params, type="mrope"), "rope_theta": params["rope_theta"]}
+
+
 def config(family: str, size: str = "tiny"):
     """A transformers config of ``family`` ("tiny" or "full" size)."""
     import transformers as tf
@@ -45,16 +60,16 @@ def config(family: str, size: str = "tiny"):
             vision_config=tf.SiglipVisionConfig(**_TINY_VISION, image_size=16, patch_size=4),
             image_grid_pinpoints=[[16, 16], [16, 32], [32, 16], [32, 32]], vision_feature_layer=-1)
     if family in ("qwen2_vl", "qwen2_5_vl"):
-        rope = {"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 10000.0}
+        rope = _rope({"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 10000.0})
         vision = dict(depth=2, embed_dim=32, hidden_size=32, num_heads=4, patch_size=4, spatial_merge_size=2,
                       temporal_patch_size=2, in_channels=3)
         if family == "qwen2_vl":
-            return tf.Qwen2VLConfig(text_config=dict(text, rope_parameters=rope), vision_config=dict(vision, mlp_ratio=2),
+            return tf.Qwen2VLConfig(text_config=dict(text, **rope), vision_config=dict(vision, mlp_ratio=2),
                                     image_token_id=IMAGE_ID, video_token_id=IMAGE_ID + 1,
                                     vision_start_token_id=IMAGE_ID + 2, vision_end_token_id=IMAGE_ID + 3)
         vision = dict(vision, intermediate_size=64, out_hidden_size=32, window_size=16, fullatt_block_indexes=[1])
         vision.pop("embed_dim")
-        return tf.Qwen2_5_VLConfig(text_config=dict(text, rope_parameters=rope), vision_config=vision,
+        return tf.Qwen2_5_VLConfig(text_config=dict(text, **rope), vision_config=vision,
                                    image_token_id=IMAGE_ID, video_token_id=IMAGE_ID + 1,
                                    vision_start_token_id=IMAGE_ID + 2, vision_end_token_id=IMAGE_ID + 3)
     if family == "gemma3":
@@ -86,9 +101,8 @@ def _full_config(family: str):
         return tf.Qwen2_5_VLConfig(
             text_config=dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                              num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=128000,
-                             rms_norm_eps=1e-6,
-                             rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24],
-                                              "rope_theta": 1000000.0}),
+                             rms_norm_eps=1e-6, **_rope({"rope_type": "default", "mrope_section": [16, 24, 24],
+                                                         "rope_theta": 1000000.0})),
             vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
                                patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
                                fullatt_block_indexes=[7, 15, 23, 31], hidden_act="silu"),
@@ -182,7 +196,8 @@ def make_inputs(model, family: str, images_per_example=(2, 2), text_lengths=None
         extra["batch_num_images"] = torch.tensor(list(images_per_example))
         with torch.no_grad():
             feats = model.model.get_image_features(extra["pixel_values"].to(device, dtype), extra["image_sizes"],
-                                                   batch_num_images=extra["batch_num_images"]).pooler_output
+                                                   batch_num_images=extra["batch_num_images"])
+        feats = getattr(feats, "pooler_output", feats)  # transformers 5: an output object; 4.57: the list
         counts = [f.shape[0] for f in feats]
     elif family in ("idefics3", "smolvlm"):
         s = v.image_size
@@ -224,9 +239,24 @@ def make_inputs(model, family: str, images_per_example=(2, 2), text_lengths=None
     out = dict(input_ids=input_ids, attention_mask=attention_mask, **extra)
     if family == "gemma3":
         out["token_type_ids"] = token_types
-    if family in ("qwen2_vl", "qwen2_5_vl"):
+    if family in ("qwen2_vl", "qwen2_5_vl") and _V5:  # 5.x finds M-RoPE groups through it; 4.57 has no such input
         out["mm_token_type_ids"] = token_types
     return {k: (t.to(device, dtype) if t.is_floating_point() else t.to(device)) for k, t in out.items()}
 
 
-__all__ = ["FAMILIES", "FULL", "build", "config", "image_tokens", "make_inputs"]
+def generation_position_ids(model, inputs: dict):
+    """The position ids ``generate`` gives a prompt: from the padding mask ((B, T)), or Qwen's M-RoPE
+    ids ((3|4, B, T)). Continue them for decode steps with ``pos[..., -1:] + 1``."""
+    prepare = getattr(model, "_prepare_position_ids_for_generation", None)
+    if prepare is not None:  # transformers 5
+        return prepare(inputs["input_ids"], dict(inputs))
+    mask = inputs["attention_mask"]
+    if hasattr(model.model, "get_rope_index"):  # transformers 4.57, Qwen2-VL / Qwen2.5-VL
+        pos, deltas = model.model.get_rope_index(inputs["input_ids"], inputs.get("image_grid_thw"),
+                                                 inputs.get("video_grid_thw"), mask)
+        model.model.rope_deltas = deltas
+        return pos
+    return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
+
+
+__all__ = ["FAMILIES", "FULL", "build", "config", "generation_position_ids", "image_tokens", "make_inputs"]
