@@ -186,6 +186,8 @@ def main(argv=None):
     p.add_argument("--new-tokens", type=int)
     p.add_argument("--batch", type=int)
     p.add_argument("--implementation", choices=["pallas", "interpret", "xla"], help="mmfa kernels (default: per device)")
+    p.add_argument("--decode", choices=["mmfa", "sdpa"], default="mmfa",
+                   help="decode steps of the mmfa rows on mmfa's kernels (default) or torch's SDPA")
     p.add_argument("--out", type=Path, help="CSV path (default bench/results/vlm_<preset>.csv); PNG next to it")
     args = p.parse_args(argv)
     cfg = dict(PRESETS[args.preset])
@@ -194,7 +196,7 @@ def main(argv=None):
             cfg[key] = getattr(args, key)
     if cfg["device"] == "cuda" and not torch.cuda.is_available():
         sys.exit("preset needs a CUDA GPU; use --preset smoke on the CPU")
-    hf.register(implementation=args.implementation)
+    hf.register(implementation=args.implementation, decode=args.decode)
     out = args.out or Path(__file__).resolve().parent / "results" / f"vlm_{args.preset}.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = []

@@ -58,25 +58,30 @@ RULES = ("text", "last")
 SUPPORTED_FAMILIES = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "gemma3", "idefics3",
                       "smolvlm")
 
-_settings = {"implementation": None}
+_settings = {"implementation": None, "decode": "mmfa"}
 
 
 # --------------------------------------------------------------------------------------------------
 # Registration
 # --------------------------------------------------------------------------------------------------
 
-def register(name: str = NAME, *, implementation: str | None = None) -> str:
+def register(name: str = NAME, *, implementation: str | None = None, decode: str = "mmfa") -> str:
     """Register mmfa in transformers under ``name`` (default "mmfa"); returns the name.
 
     ``implementation`` picks the kernels for every call ("pallas", "interpret", "xla"; default:
-    mmfa_torch's choice per device). Calling it again updates the choice. Safe to call many times.
+    mmfa_torch's choice per device). ``decode="sdpa"`` hands calls with a single query row (decode
+    steps) to torch's SDPA instead (for comparison; soft-capped layers stay on mmfa). Calling it
+    again updates both choices. Safe to call many times.
     """
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
     if implementation is not None and implementation not in ("pallas", "interpret", "xla"):
         raise ValueError(f"implementation must be 'pallas', 'interpret', 'xla' or None, got {implementation!r}")
+    if decode not in ("mmfa", "sdpa"):
+        raise ValueError(f"decode must be 'mmfa' or 'sdpa', got {decode!r}")
     _settings["implementation"] = implementation
+    _settings["decode"] = decode
     AttentionInterface.register(name, attention_forward)
     AttentionMaskInterface.register(name, mask_function)
     return name
@@ -153,6 +158,8 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
         return _sdpa_fallback(module, query, key, value, attention_mask, dropout, scaling, sliding_window, softcap,
                               causal, **kwargs)
     T, S = query.shape[2], key.shape[2]
+    if T == 1 and _settings["decode"] == "sdpa" and softcap is None:
+        return _torch_decode(query, key, value, attention_mask, scaling, sliding_window), None
     call = dict(scale=scaling, enable_gqa=query.shape[1] != key.shape[1], logits_soft_cap=softcap,
                 implementation=_settings["implementation"])
     segments = None
@@ -184,6 +191,20 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
     else:
         out = scaled_dot_product_attention(query, key, value, **call)
     return out.transpose(1, 2), None
+
+
+def _torch_decode(query, key, value, attention_mask, scaling, sliding_window):
+    """One query row (the last position) over S keys with torch's SDPA: (B, 1, Hq, D)."""
+    S = key.shape[2]
+    mask = None
+    if attention_mask is not None:
+        mask = attention_mask.to(torch.bool)[:, None, None, :] if attention_mask.dim() == 2 else attention_mask
+    if sliding_window and S > sliding_window - 1 and (attention_mask is None or attention_mask.dim() == 2):
+        band = torch.arange(S, device=key.device) > S - 1 - sliding_window
+        mask = band[None, None, None, :] if mask is None else mask & band
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
+    return out.transpose(1, 2)
 
 
 def _sdpa_fallback(module, query, key, value, attention_mask, dropout, scaling, sliding_window, softcap, causal,
