@@ -185,7 +185,8 @@ def main(argv=None):
     p.add_argument("--layer", type=int, help="pruning layer K")
     p.add_argument("--new-tokens", type=int)
     p.add_argument("--batch", type=int)
-    p.add_argument("--implementation", choices=["pallas", "interpret", "xla"], help="mmfa kernels (default: per device)")
+    p.add_argument("--implementation", choices=["pallas", "interpret", "xla"],
+                   help="mmfa kernels (default: per device)")
     p.add_argument("--decode", choices=["mmfa", "sdpa"], default="mmfa",
                    help="decode steps of the mmfa rows on mmfa's kernels (default) or torch's SDPA")
     p.add_argument("--out", type=Path, help="CSV path (default bench/results/vlm_<preset>.csv); PNG next to it")

@@ -138,14 +138,15 @@ def build_prompt(processor, question: str, template: str | None) -> str:
         return template.format(image=getattr(processor, "image_token", "<image>"), question=question,
                                instruction=INSTRUCTION)
     if getattr(processor, "chat_template", None):
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": f"{question}\n{INSTRUCTION}"}]}]
+        text = {"type": "text", "text": f"{question}\n{INSTRUCTION}"}
+        messages = [{"role": "user", "content": [{"type": "image"}, text]}]
         return processor.apply_chat_template(messages, add_generation_prompt=True)
     return f"USER: {getattr(processor, 'image_token', '<image>')}\n{question} {INSTRUCTION} ASSISTANT:"
 
 
 def answer_batch(model, processor, batch, template, max_new_tokens, device):
-    from PIL import Image
     import torch
+    from PIL import Image
 
     images = [Image.open(path).convert("RGB") for _, path, _, _ in batch]
     prompts = [build_prompt(processor, q, template) for _, _, q, _ in batch]

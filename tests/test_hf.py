@@ -9,9 +9,7 @@ step, do not see the dropped tokens), with the importance computed from the eage
 from __future__ import annotations
 
 import math
-import os
 
-import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -248,7 +246,7 @@ def _reference_model(family, seed, layer, keep, rule):
     AttentionInterface.register(REF, ref)
     AttentionMaskInterface.register(REF, eager_mask)
     model = models.build(family, attn_implementation=REF, seed=seed)
-    _, lm, layers = hf._parts(model)
+    _, _, layers = hf._parts(model)
     for i, decoder_layer in enumerate(layers):
         decoder_layer.self_attn._ref_text_layer = i
     return model, ref
@@ -315,13 +313,15 @@ def test_pruning_interpret_kernels(seed):
     hf.register(implementation="interpret")
     p_i, s_i, _ = trace(model, inputs, 2, tokens)
     assert torch.equal(model._mmfa_pruning.kept_positions, kept_x)
+    torch.testing.assert_close(p_i, p_x, **TOL)
     torch.testing.assert_close(s_i, s_x, **TOL)
 
 
 def test_prompt_without_images_is_untouched(seed):
     model = models.build("llava", attn_implementation="mmfa", seed=seed)
     g = torch.Generator().manual_seed(seed)
-    inputs = dict(input_ids=torch.randint(3, 100, (2, 9), generator=g), attention_mask=torch.ones(2, 9, dtype=torch.long))
+    inputs = {"input_ids": torch.randint(3, 100, (2, 9), generator=g),
+              "attention_mask": torch.ones(2, 9, dtype=torch.long)}
     p_ref, s_ref, tokens = trace(model, inputs, 2)
     hf.prune_visual_tokens(model, keep=0.5, layer=0)
     p, s, _ = trace(model, inputs, 2, tokens)

@@ -56,7 +56,8 @@ def test_vqa_accuracy_leave_one_out():
 
 def _tiny_llava_dir(tmp: Path, seed: int) -> Path:
     """A tiny random LLaVA with a word-level tokenizer and a CLIP image processor, saved like a hub model."""
-    from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers import models as tok_models
     from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
 
     from mmfa_torch.hf import models

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import math
 import weakref
 
 import torch
@@ -186,8 +185,10 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
     state = getattr(module, "_mmfa_prune_state", None)
     if state is not None and state.wants_scores(T, S):
         out, lse = scaled_dot_product_attention(query, key, value, return_lse=True, **call)
-        state.score(query, key, lse, scale=scaling, is_causal=causal, window=window, softcap=softcap, dense_mask=attention_mask is not None and attention_mask.dim() == 4,
-                    module_causal=bool(getattr(module, "is_causal", True)), sliding_window=sliding_window)
+        dense = attention_mask is not None and attention_mask.dim() == 4
+        state.score(query, key, lse, scale=scaling, is_causal=causal, window=window, softcap=softcap,
+                    dense_mask=dense, module_causal=bool(getattr(module, "is_causal", True)),
+                    sliding_window=sliding_window)
     else:
         out = scaled_dot_product_attention(query, key, value, **call)
     return out.transpose(1, 2), None
@@ -273,7 +274,8 @@ class _PruneState:
             # A 4-D mask (e.g. Gemma 3's bidirectional image blocks) is only special for image rows; the scorer
             # rows (text) see the causal band, the window and the padding, which the kernel expresses.
             is_causal = module_causal
-            window = None if not sliding_window else (int(sliding_window) - 1, 0 if is_causal else int(sliding_window) - 1)
+            w = int(sliding_window or 0)
+            window = (w - 1, 0 if is_causal else w - 1) if w > 0 else None
         T = visual.shape[1]
         if self.rule == "text":
             scorers = valid & ~visual
@@ -470,8 +472,9 @@ def _outer_pre_hook(state: _PruneState, mm):
                                  "token's logits")
             mask = kwargs.get("attention_mask")
             if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dim() != 2):
+                shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else ""
                 raise ValueError("prune_visual_tokens needs a 2-D (B, T) attention_mask (or None), got "
-                                 f"{type(mask).__name__}{'' if not isinstance(mask, torch.Tensor) else tuple(mask.shape)}")
+                                 f"{type(mask).__name__}{shape}")
             state.visual = visual
             state.valid = torch.ones_like(visual) if mask is None else mask.to(torch.bool)
             state.pending = True
@@ -534,7 +537,8 @@ def _lm_pre_hook(state: _PruneState):
         cache = kwargs.get("past_key_values")
         state.recording = []
         for i, layer in enumerate(getattr(cache, "layers", []) or []):
-            if i <= state.layer and hasattr(layer, "activate_past_recording") and not getattr(layer, "record_past", True):
+            recordable = hasattr(layer, "activate_past_recording") and not getattr(layer, "record_past", True)
+            if i <= state.layer and recordable:
                 layer.activate_past_recording()
                 state.recording.append(layer)
         return (), kwargs
@@ -563,7 +567,6 @@ def _lm_post_hook(state: _PruneState):
 def _right_aligned(kept: Tensor) -> tuple[Tensor, Tensor]:
     """(index (B, L), slot_valid (B, L)) placing each example's kept positions, in order, at the
     end of L = max kept count slots; padding slots (on the left) point at the first kept token."""
-    B, T = kept.shape
     counts = kept.sum(dim=1)
     L = max(1, int(counts.max()))
     order = torch.argsort((~kept).to(torch.int8), dim=1, stable=True)[:, :L]  # kept positions first, ascending
@@ -660,7 +663,7 @@ def _later_layer_hook(state: _PruneState):
             return None
         kwargs = _bind(module, args, kwargs)
         index, slot_valid = state.index, state.kept_valid
-        B, T = state.visual.shape
+        T = state.visual.shape[1]
         memo = state.memo
 
         def once(x, fn):
@@ -675,7 +678,8 @@ def _later_layer_hook(state: _PruneState):
         elif isinstance(mask, torch.Tensor) and mask.dim() == 4:
             kwargs["attention_mask"] = once(mask, lambda m: _gather_mask(m, index, slot_valid))
         else:
-            raise NotImplementedError(f"prune_visual_tokens cannot slice an attention mask of type {type(mask).__name__}")
+            raise NotImplementedError("prune_visual_tokens cannot slice an attention mask of type "
+                                      f"{type(mask).__name__}")
         for name in [n for n in kwargs if n.startswith("position_embeddings")]:  # 4.57 Gemma 3: _global, _local
             pe = kwargs[name]
             if isinstance(pe, (tuple, list)):

@@ -9,8 +9,6 @@ the model's vision side produces, and the extra inputs each family wants (grids,
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 FAMILIES = ("llava", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "gemma3", "idefics3", "smolvlm")
@@ -81,7 +79,8 @@ def config(family: str, size: str = "tiny"):
             eoi_token_index=IMAGE_ID + 2)
     cls = tf.Idefics3Config if family == "idefics3" else tf.SmolVLMConfig
     vision_cls = tf.Idefics3VisionConfig if family == "idefics3" else tf.SmolVLMVisionConfig
-    return cls(text_config=tf.LlamaConfig(**text), vision_config=vision_cls(**_TINY_VISION, image_size=16, patch_size=4),
+    return cls(text_config=tf.LlamaConfig(**text),
+               vision_config=vision_cls(**_TINY_VISION, image_size=16, patch_size=4),
                image_token_id=IMAGE_ID, scale_factor=2, pad_token_id=0)
 
 
