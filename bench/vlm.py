@@ -43,7 +43,7 @@ PRESETS = {
                  visual=[576, 1152, 2304, 4608, 9216], keeps=[0.25, 0.5], new_tokens=32, text=48, batch=1,
                  layer=2, repeats=2),
 }
-FIELDS = ["family", "model", "impl", "keep", "layer", "visual_tokens", "images", "image_px", "prompt_tokens",
+FIELDS = ["family", "model", "impl", "vision_attn", "decode", "keep", "layer", "visual_tokens", "images", "image_px", "prompt_tokens",
           "kept_tokens", "batch", "new_tokens", "ttft_ms", "e2e_ms", "itl_mean_ms", "itl_p50_ms", "itl_p90_ms",
           "decode_tok_s", "peak_torch_gib", "peak_jax_gib", "error"]
 
@@ -112,7 +112,10 @@ def bench_row(model, family, impl, keep, layer, target, cfg, handle_box):
     try:
         images, px, visual = layout(model, family, target)
         row.update(visual_tokens=visual, images=images, image_px=px or "")
-        model.set_attn_implementation("mmfa" if impl.startswith("mmfa") else impl)
+        text_impl = "mmfa" if impl.startswith("mmfa") else impl
+        vision_impl = text_impl if cfg["vision"] == "same" else cfg["vision"]
+        model.set_attn_implementation({"text_config": text_impl, "vision_config": vision_impl})
+        row.update(vision_attn=vision_impl, decode=cfg["decode"] if text_impl == "mmfa" else "")
         if handle_box[0] is not None:
             handle_box[0].remove()
             handle_box[0] = None
@@ -187,6 +190,9 @@ def main(argv=None):
     p.add_argument("--batch", type=int)
     p.add_argument("--implementation", choices=["pallas", "interpret", "xla"],
                    help="mmfa kernels (default: per device)")
+    p.add_argument("--vision", choices=["same", "sdpa", "eager", "mmfa"], default="same",
+                   help="vision tower attention: the row's own (default) or a fixed one. Qwen's vision tower "
+                        "calls a non-flash backend once per window, so per-call host overhead adds up there")
     p.add_argument("--decode", choices=["mmfa", "sdpa"], default="mmfa",
                    help="decode steps of the mmfa rows on mmfa's kernels (default) or torch's SDPA")
     p.add_argument("--out", type=Path, help="CSV path (default bench/results/vlm_<preset>.csv); PNG next to it")
@@ -198,6 +204,7 @@ def main(argv=None):
     if cfg["device"] == "cuda" and not torch.cuda.is_available():
         sys.exit("preset needs a CUDA GPU; use --preset smoke on the CPU")
     hf.register(implementation=args.implementation, decode=args.decode)
+    cfg.update(vision=args.vision, decode=args.decode)
     out = args.out or Path(__file__).resolve().parent / "results" / f"vlm_{args.preset}.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = []
