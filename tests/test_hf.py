@@ -1,0 +1,413 @@
+"""transformers integration: the "mmfa" attention backend and visual-token pruning in real VLM classes.
+
+Tiny randomly initialised models of every supported family (no downloads), padded batches with
+two images per prompt. The yardsticks are transformers' own eager attention and, for pruning,
+a plain-torch re-implementation written here: pruning as masking (layers after K, and every decode
+step, do not see the dropped tokens), with the importance computed from the eager probabilities.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from transformers import AttentionInterface, DynamicCache  # noqa: E402
+from transformers.masking_utils import AttentionMaskInterface, eager_mask  # noqa: E402
+
+from mmfa_torch import hf  # noqa: E402
+from mmfa_torch.hf import models  # noqa: E402
+
+FAMILIES = models.FAMILIES
+TOL = dict(atol=2e-4, rtol=2e-4)
+REF = "mmfa_test_reference"
+
+
+@pytest.fixture
+def seed(rng):
+    return int(rng.integers(2**31))
+
+
+@pytest.fixture(autouse=True)
+def _xla_by_default():
+    hf.register(implementation="xla")
+    yield
+    hf.register(implementation=None)
+
+
+def trace(model, inputs, steps, tokens=None, positions=True):
+    """Greedy decoding by hand with a DynamicCache, the way ``generate`` feeds the model (position
+    ids from the padding mask, or M-RoPE ids; ``positions=False`` leaves them to the model).
+    Returns (prefill logits (B, T|L, V), last-row logits of the prefill and of every step
+    (B, steps + 1, V), fed tokens (B, steps)); ``tokens`` teacher-forces the fed tokens."""
+    cache = DynamicCache(config=model.config.get_text_config())
+    inputs = dict(inputs)
+    pos = None
+    if positions:
+        pos = models.generation_position_ids(model, inputs)
+        inputs["position_ids"] = pos
+    with torch.no_grad():
+        out = model(**inputs, past_key_values=cache, use_cache=True)
+        prefill, last = out.logits, [out.logits[:, -1]]
+        mask, fed = inputs["attention_mask"], []
+        for i in range(steps):
+            nxt = last[-1].argmax(-1, keepdim=True) if tokens is None else tokens[:, i:i + 1]
+            fed.append(nxt)
+            mask = torch.cat([mask, torch.ones_like(nxt)], 1)
+            step = dict(input_ids=nxt, attention_mask=mask, past_key_values=cache, use_cache=True)
+            if pos is not None:
+                pos = torch.cat([pos, pos[..., -1:] + 1], -1)
+                step["position_ids"] = pos[..., -1:]
+            out = model(**step)
+            last.append(out.logits[:, -1])
+    return prefill, torch.stack(last, 1), torch.cat(fed, 1)
+
+
+def _inputs(model, family, seed):
+    return models.make_inputs(model, family, images_per_example=(2, 2), text_lengths=[3, 6], seed=seed)
+
+
+# ------------------------------------------------------------------------------------------------
+# The attention backend
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_mmfa_matches_eager_prefill_and_decode(family, seed):
+    """Pallas kernels (interpreter) in text decoder and vision tower: same logits as eager attention
+    on a left-padded batch with two images per prompt, for prefill and two greedy steps."""
+    hf.register(implementation="interpret")
+    eager = models.build(family, attn_implementation="eager", seed=seed)
+    mmfa = models.build(family, attn_implementation="mmfa", seed=seed)
+    inputs = _inputs(eager, family, seed)
+    valid = inputs["attention_mask"].bool()
+    p_ref, s_ref, tokens = trace(eager, inputs, 2)
+    p, s, _ = trace(mmfa, inputs, 2, tokens)
+    torch.testing.assert_close(p[valid], p_ref[valid], **TOL)
+    torch.testing.assert_close(s, s_ref, **TOL)
+
+
+@pytest.mark.parametrize("family", ["llava", "gemma3"])
+def test_mmfa_matches_sdpa_generate(family, seed):
+    """model.generate end to end: scores of every step agree with sdpa's."""
+    sdpa = models.build(family, attn_implementation="sdpa", seed=seed)
+    mmfa = models.build(family, attn_implementation="mmfa", seed=seed)
+    inputs = _inputs(sdpa, family, seed)
+    kw = dict(max_new_tokens=4, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        ref, got = sdpa.generate(**inputs, **kw), mmfa.generate(**inputs, **kw)
+    T = inputs["input_ids"].shape[1]
+    n = 1  # steps compared: up to the first token where a near-tie could have flipped the choice
+    for a in ref.scores[:-1]:
+        top2 = a.topk(2, dim=-1).values
+        if bool(((top2[:, 0] - top2[:, 1]) < 1e-3).any()):
+            break
+        n += 1
+    torch.testing.assert_close(torch.stack(got.scores[:n]), torch.stack(ref.scores[:n]), **TOL)
+    assert torch.equal(got.sequences[:, T:T + n], ref.sequences[:, T:T + n])
+
+
+def test_config_and_set_attn_implementation_per_submodel(seed):
+    """Config(attn_implementation="mmfa") and set_attn_implementation per sub-model reach both towers."""
+    cfg = models.config("llava")
+    cfg._attn_implementation = "mmfa"
+    model = transformers.LlavaForConditionalGeneration(cfg)
+    assert model.config.get_text_config()._attn_implementation == "mmfa"
+    assert model.config.vision_config._attn_implementation == "mmfa"
+    model.set_attn_implementation({"text_config": "sdpa", "vision_config": "mmfa"})
+    assert model.config.get_text_config()._attn_implementation == "sdpa"
+    assert model.config.vision_config._attn_implementation == "mmfa"
+    model.set_attn_implementation("mmfa")
+    assert model.config.get_text_config()._attn_implementation == "mmfa"
+
+
+def _gemma_text(attn, seed, **overrides):
+    cfg = transformers.Gemma3TextConfig(**dict(models._TINY_TEXT, sliding_window=5, query_pre_attn_scalar=8,
+                                               layer_types=["sliding_attention", "full_attention",
+                                                            "sliding_attention"], **overrides))
+    torch.manual_seed(seed)
+    model = transformers.Gemma3ForCausalLM._from_config(cfg, attn_implementation=attn)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.2)
+    return model.eval()
+
+
+@pytest.mark.parametrize("padding", ["left", "right"])
+def test_sliding_window_softcap_gqa_padding(padding, seed):
+    """Gemma-3 text decoder with a 5-token sliding window shorter than the prompt, a logit soft cap,
+    GQA (4 query heads, 2 KV heads) and left or right padding: same logits as eager."""
+    g = torch.Generator().manual_seed(seed)
+    eager = _gemma_text("eager", seed, attn_logit_softcapping=3.0)
+    mmfa = _gemma_text("mmfa", seed, attn_logit_softcapping=3.0)
+    lengths = [13, 9]
+    ids = torch.randint(3, 100, (2, 13), generator=g)
+    mask = torch.zeros(2, 13, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        mask[b, 13 - n:] = 1 if padding == "left" else 0
+        if padding == "right":
+            mask[b, :n] = 1
+    inputs = dict(input_ids=ids, attention_mask=mask)
+    valid = mask.bool()
+    with torch.no_grad():
+        a, b = eager(**inputs).logits, mmfa(**inputs).logits
+    torch.testing.assert_close(b[valid], a[valid], **TOL)
+    if padding == "left":
+        _, s_ref, tokens = trace(eager, inputs, 4)  # decode with a cache longer than the window
+        _, s, _ = trace(mmfa, inputs, 4, tokens)
+        torch.testing.assert_close(s, s_ref, **TOL)
+
+
+def test_mask_function_compact_and_dense():
+    """Plain causal masks stay compact (None or the keys' padding); other patterns come dense."""
+    from transformers.masking_utils import causal_mask_function, or_masks, sdpa_mask
+
+    pad = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]], dtype=torch.bool)
+    common = dict(batch_size=2, q_length=4, kv_length=4, kv_offset=0, device="cpu",
+                  cache_position=torch.arange(4))  # 5.x spells the queries q_length, 4.57 cache_position
+    assert hf.mask_function(**common, mask_function=causal_mask_function, attention_mask=None) is None
+    got = hf.mask_function(**common, mask_function=causal_mask_function, attention_mask=pad)
+    assert torch.equal(got, pad)
+    blocks = or_masks(causal_mask_function, lambda b, h, q, k: (q >= 1) & (k >= 1) & (q <= 2) & (k <= 2))
+    dense = hf.mask_function(**common, mask_function=blocks, attention_mask=pad, allow_is_causal_skip=False)
+    want = sdpa_mask(**common, mask_function=blocks, attention_mask=pad, allow_is_causal_skip=False)
+    assert dense.shape == (2, 1, 4, 4) and torch.equal(dense, want)
+
+
+# ------------------------------------------------------------------------------------------------
+# Pruning
+
+
+class MaskedPruning:
+    """The reference: pruning written as masking, in plain torch (eager attention).
+
+    Layer K computes the importance of the visual tokens from its softmax probabilities (mean over
+    heads and scorer rows), keeps the text and the top ``keep`` visual tokens (ties: earlier first);
+    from then on layers after K (prefill) and every layer (decode) mask the dropped keys.
+    """
+
+    def __init__(self, layer, keep, rule):
+        self.layer, self.keep, self.rule = layer, keep, rule
+        self.visual = self.valid = self.kept = None
+
+    def start(self, visual, valid):
+        self.visual, self.valid, self.kept = visual, valid, None
+
+    def __call__(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None, **kw):
+        B, H, T, D = query.shape
+        S = key.shape[2]
+        rep = H // key.shape[1]
+        k, v = key.repeat_interleave(rep, 1), value.repeat_interleave(rep, 1)
+        scale = scaling if scaling is not None else D ** -0.5
+        s = (query.double() @ k.double().transpose(-1, -2)) * scale
+        if softcap:
+            s = softcap * torch.tanh(s / softcap)
+        allowed = torch.ones(B, 1, T, S, dtype=torch.bool)
+        if attention_mask is not None:
+            allowed = attention_mask > torch.finfo(attention_mask.dtype).min / 2 if attention_mask.is_floating_point() \
+                else attention_mask
+        i = getattr(module, "_ref_text_layer", None)
+        full = None if self.visual is None else self.visual.shape[1]
+        if i is not None and self.kept is not None:
+            keys = torch.cat([self.kept, torch.ones(B, S - full, dtype=torch.bool)], 1)
+            if S > full or i > self.layer:
+                allowed = allowed & keys[:, None, None, :]
+        s = s.masked_fill(~allowed, -math.inf)
+        p = torch.nan_to_num(torch.softmax(s, -1), nan=0.0)
+        if i == self.layer and self.visual is not None and self.kept is None and T == S == full:
+            self.kept = self._select(p)
+        out = (p @ v.double()).to(query.dtype)
+        return out.transpose(1, 2).contiguous(), None
+
+    def _select(self, p):
+        visual, valid = self.visual, self.valid
+        B, T = visual.shape
+        if self.rule == "text":
+            rows = valid & ~visual
+        else:
+            last = [max(j for j in range(T) if valid[b, j]) for b in range(B)]
+            rows = torch.zeros(B, T, dtype=torch.bool)
+            rows[torch.arange(B), last] = True
+        imp = (p.mean(1) * rows[:, :, None]).sum(1) / rows.sum(1, keepdim=True)  # (B, S)
+        kept = valid & ~visual
+        for b in range(B):
+            cand = [j for j in range(T) if visual[b, j] and valid[b, j]]
+            n = min(self.keep, len(cand)) if isinstance(self.keep, int) else math.ceil(round(len(cand) * self.keep, 4))
+            for j in sorted(cand, key=lambda j: (-float(imp[b, j]), j))[:n]:
+                kept[b, j] = True
+        return kept
+
+
+def _reference_model(family, seed, layer, keep, rule):
+    ref = MaskedPruning(layer, keep, rule)
+    AttentionInterface.register(REF, ref)
+    AttentionMaskInterface.register(REF, eager_mask)
+    model = models.build(family, attn_implementation=REF, seed=seed)
+    _, _, layers = hf._parts(model)
+    for i, decoder_layer in enumerate(layers):
+        decoder_layer.self_attn._ref_text_layer = i
+    return model, ref
+
+
+def _visual(model, inputs):
+    return torch.isin(inputs["input_ids"], torch.tensor(hf._token_ids(model.config)))
+
+
+@pytest.mark.parametrize("family,rule,keep", [
+    ("llava", "text", 0.5), ("llava_onevision", "last", 0.3), ("qwen2_vl", "text", 0.4),
+    ("qwen2_5_vl", "last", 5), ("gemma3", "text", 0.5), ("idefics3", "text", 0.6), ("smolvlm", "last", 0.5)])
+def test_pruning_matches_masked_reference(family, rule, keep, seed):
+    """keep < 1: the pruned model's logits (prefill at the kept positions, and four decode steps)
+    equal the plain-torch pruning-as-masking reference, and generate runs to the end."""
+    layer = 1
+    ref_model, ref = _reference_model(family, seed, layer, keep, rule)
+    model = models.build(family, attn_implementation="mmfa", seed=seed)
+    inputs = _inputs(model, family, seed)
+    ref.start(_visual(model, inputs), inputs["attention_mask"].bool())
+    p_ref, s_ref, tokens = trace(ref_model, inputs, 4)
+    handle = hf.prune_visual_tokens(model, keep=keep, layer=layer, rule=rule)
+    p, s, _ = trace(model, inputs, 4, tokens)
+    kept = handle.kept_positions
+    slots = kept >= 0
+    # the same tokens survive, in order, right-aligned
+    for b in range(kept.shape[0]):
+        assert torch.equal(kept[b][slots[b]], torch.nonzero(ref.kept[b]).flatten())
+    assert int(ref.kept.sum(1).max()) < int(inputs["attention_mask"].sum(1).max())  # something was dropped
+    rows = torch.gather(p_ref, 1, kept.clamp(min=0)[:, :, None].expand(-1, -1, p_ref.shape[-1]))
+    torch.testing.assert_close(p[slots], rows[slots], **TOL)
+    torch.testing.assert_close(s, s_ref, **TOL)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert out.shape == (2, inputs["input_ids"].shape[1] + 3)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "gemma3", "smolvlm"])
+def test_keep_all_changes_nothing(family, seed):
+    """keep = 1.0: the hooks run (scores, selection, cache re-slicing) and nothing changes."""
+    model = models.build(family, attn_implementation="mmfa", seed=seed)
+    inputs = _inputs(model, family, seed)
+    # Qwen needs generate's M-RoPE ids on decode (transformers' own fallback does not slice the mask);
+    # the others run on the model's default ids, which the hook must continue after pruning
+    positions = family.startswith("qwen")
+    p_ref, s_ref, tokens = trace(model, inputs, 3, positions=positions)
+    handle = hf.prune_visual_tokens(model, keep=1.0, layer=1)
+    p, s, _ = trace(model, inputs, 3, tokens, positions=positions)
+    assert handle.kept_positions is not None
+    valid = inputs["attention_mask"].bool()
+    torch.testing.assert_close(p[valid], p_ref[valid], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(s, s_ref, atol=1e-5, rtol=1e-5)
+    handle.remove()
+    assert not hasattr(model, "_mmfa_pruning")
+
+
+def test_pruning_interpret_kernels(seed):
+    """The pruned path on the Pallas kernels (interpreter) equals the xla path."""
+    model = models.build("qwen2_5_vl", attn_implementation="mmfa", seed=seed)
+    inputs = _inputs(model, "qwen2_5_vl", seed)
+    hf.prune_visual_tokens(model, keep=0.5, layer=1)
+    p_x, s_x, tokens = trace(model, inputs, 2)
+    kept_x = model._mmfa_pruning.kept_positions.clone()
+    hf.register(implementation="interpret")
+    p_i, s_i, _ = trace(model, inputs, 2, tokens)
+    assert torch.equal(model._mmfa_pruning.kept_positions, kept_x)
+    torch.testing.assert_close(p_i, p_x, **TOL)
+    torch.testing.assert_close(s_i, s_x, **TOL)
+
+
+def test_prompt_without_images_is_untouched(seed):
+    model = models.build("llava", attn_implementation="mmfa", seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    inputs = {"input_ids": torch.randint(3, 100, (2, 9), generator=g),
+              "attention_mask": torch.ones(2, 9, dtype=torch.long)}
+    p_ref, s_ref, tokens = trace(model, inputs, 2)
+    hf.prune_visual_tokens(model, keep=0.5, layer=0)
+    p, s, _ = trace(model, inputs, 2, tokens)
+    torch.testing.assert_close(p, p_ref, atol=0, rtol=0)
+    torch.testing.assert_close(s, s_ref, atol=0, rtol=0)
+
+
+def test_bad_use_errors():
+    model = models.build("llava", attn_implementation="mmfa")
+    for keep in (0.0, 1.5, -0.1, float("nan")):
+        with pytest.raises(ValueError, match="keep as a ratio"):
+            hf.prune_visual_tokens(model, keep=keep)
+    with pytest.raises(ValueError, match="keep as a count"):
+        hf.prune_visual_tokens(model, keep=0)
+    with pytest.raises(TypeError, match="keep"):
+        hf.prune_visual_tokens(model, keep=True)
+    with pytest.raises(ValueError, match="layer must be"):
+        hf.prune_visual_tokens(model, keep=0.5, layer=3)
+    with pytest.raises(ValueError, match="rule must be"):
+        hf.prune_visual_tokens(model, keep=0.5, rule="first")
+    no_images = models.build("llava", attn_implementation="mmfa")
+    no_images.config.image_token_id = None
+    with pytest.raises(ValueError, match="no image_token_id"):
+        hf.prune_visual_tokens(no_images, keep=0.5)
+    text_only = transformers.LlamaForCausalLM(transformers.LlamaConfig(**models._TINY_TEXT))
+    with pytest.raises(ValueError, match="supports the model types"):
+        hf.prune_visual_tokens(text_only, keep=0.5)
+    eager = models.build("llava", attn_implementation="eager")
+    with pytest.raises(ValueError, match="attn_implementation='mmfa'"):
+        hf.prune_visual_tokens(eager, keep=0.5)
+    with pytest.raises(ValueError, match="implementation must be"):
+        hf.register(implementation="cuda")
+    hf.prune_visual_tokens(model, keep=0.5, layer=1)
+    inputs = models.make_inputs(model, "llava")
+    with pytest.raises(ValueError, match="labels"):
+        model(**inputs, labels=inputs["input_ids"])
+    embeds = model.get_input_embeddings()(inputs["input_ids"])
+    with pytest.raises(ValueError, match="input_ids"):
+        model.model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"])
+
+
+def test_pruning_with_sliding_window_cache_shorter_than_prompt(seed):
+    """Gemma 3 with a 6-token window over a 25-token prompt, pruned after layer 1: the sliding layers
+    at or before K keep the last W - 1 kept tokens' keys (they record the prompt until the re-slice),
+    every layer counts L tokens, and generation runs."""
+    cfg = models.config("gemma3")
+    cfg.text_config.sliding_window = 6
+    torch.manual_seed(seed)
+    model = transformers.Gemma3ForConditionalGeneration._from_config(cfg, attn_implementation="mmfa").eval()
+    inputs = models.make_inputs(model, "gemma3", images_per_example=(3, 2), text_lengths=[4, 9], seed=seed)
+    full = DynamicCache(config=model.config.get_text_config())
+    if not hasattr(full.layers[0], "activate_past_recording"):  # transformers 4.57: such layers forget; say so
+        hf.prune_visual_tokens(model, keep=0.5, layer=1)
+        with torch.no_grad(), pytest.raises(NotImplementedError, match="sliding-window layer"):
+            model(**inputs, past_key_values=full, use_cache=True)
+        return
+    full.layers[0].activate_past_recording()
+    with torch.no_grad():
+        model(**inputs, past_key_values=full, use_cache=True)  # layer 0 keeps every key
+    handle = hf.prune_visual_tokens(model, keep=0.5, layer=1)
+    cache = DynamicCache(config=model.config.get_text_config())
+    with torch.no_grad():
+        out = model(**inputs, past_key_values=cache, use_cache=True)
+    kept = handle.kept_positions
+    L = kept.shape[1]
+    assert out.logits.shape[1] == L < inputs["input_ids"].shape[1]
+    assert [layer.get_seq_length() for layer in cache.layers] == [L] * 3
+    assert cache.layers[0].keys.shape[-2] == 5 and not cache.layers[0].record_past
+    want = torch.gather(full.layers[0].keys, 2, kept[:, None, -5:, None].expand(-1, 2, -1, 8))
+    torch.testing.assert_close(cache.layers[0].keys, want)
+    with torch.no_grad():
+        assert model.generate(**inputs, max_new_tokens=4, do_sample=False).shape[1] == inputs["input_ids"].shape[1] + 4
+
+
+def test_sdpa_decode_option(seed):
+    """register(decode="sdpa"): single-row calls on torch SDPA (padding, sliding window) give the same
+    decode logits as mmfa's kernels."""
+    g = torch.Generator().manual_seed(seed)
+    model = _gemma_text("mmfa", seed)
+    ids = torch.randint(3, 100, (2, 11), generator=g)
+    mask = torch.ones(2, 11, dtype=torch.long)
+    mask[0, :3] = 0
+    inputs = dict(input_ids=ids, attention_mask=mask)
+    _, s_ref, tokens = trace(model, inputs, 4)
+    hf.register(implementation="xla", decode="sdpa")
+    _, s, _ = trace(model, inputs, 4, tokens)
+    torch.testing.assert_close(s, s_ref, **TOL)
+    with pytest.raises(ValueError, match="decode must be"):
+        hf.register(decode="flash")
