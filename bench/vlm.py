@@ -43,7 +43,8 @@ PRESETS = {
                  visual=[576, 1152, 2304, 4608, 9216], keeps=[0.25, 0.5], new_tokens=32, text=48, batch=1,
                  layer=2, repeats=2),
 }
-FIELDS = ["family", "model", "impl", "vision_attn", "decode", "keep", "layer", "visual_tokens", "images", "image_px", "prompt_tokens",
+FIELDS = ["family", "model", "impl", "vision_attn", "decode", "keep", "layer", "visual_tokens", "images", "image_px",
+          "prompt_tokens",
           "kept_tokens", "batch", "new_tokens", "ttft_ms", "e2e_ms", "itl_mean_ms", "itl_p50_ms", "itl_p90_ms",
           "decode_tok_s", "peak_torch_gib", "peak_jax_gib", "error"]
 

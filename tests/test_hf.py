@@ -257,7 +257,7 @@ def _visual(model, inputs):
 
 
 @pytest.mark.parametrize("family,rule,keep", [
-    ("llava", "text", 0.5), ("llava_onevision", "last", 0.3), ("qwen2_vl", "text", 0.4),
+    ("llava", "text", 0.5), ("llava_next", "text", 0.5), ("llava_onevision", "last", 0.3), ("qwen2_vl", "text", 0.4),
     ("qwen2_5_vl", "last", 5), ("gemma3", "text", 0.5), ("idefics3", "text", 0.6), ("smolvlm", "last", 0.5)])
 def test_pruning_matches_masked_reference(family, rule, keep, seed):
     """keep < 1: the pruned model's logits (prefill at the kept positions, and four decode steps)

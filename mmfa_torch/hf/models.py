@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-FAMILIES = ("llava", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "gemma3", "idefics3", "smolvlm")
+FAMILIES = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "gemma3", "idefics3", "smolvlm")
 FULL = {"llava": "LLaVA-1.5-7B", "qwen2_5_vl": "Qwen2.5-VL-7B", "gemma3": "Gemma-3-4B"}
 
 _TINY_TEXT = dict(vocab_size=160, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
@@ -52,6 +52,11 @@ def config(family: str, size: str = "tiny"):
                               vision_config=tf.CLIPVisionConfig(**_TINY_VISION, image_size=16, patch_size=4,
                                                                 projection_dim=32),
                               image_token_index=IMAGE_ID, vision_feature_layer=-1)
+    if family == "llava_next":
+        return tf.LlavaNextConfig(
+            text_config=tf.LlamaConfig(**text), image_token_index=IMAGE_ID,
+            vision_config=tf.CLIPVisionConfig(**_TINY_VISION, image_size=16, patch_size=4, projection_dim=32),
+            image_grid_pinpoints=[[16, 16], [16, 32], [32, 16], [32, 32]], vision_feature_layer=-1)
     if family == "llava_onevision":
         return tf.LlavaOnevisionConfig(
             text_config=tf.Qwen2Config(**text), image_token_index=IMAGE_ID, video_token_index=IMAGE_ID + 1,
@@ -131,7 +136,8 @@ def build(family: str, size: str = "tiny", attn_implementation: str = "mmfa", dt
         from mmfa_torch.hf import register
         register()
     cfg = config(family, size)
-    cls = {"llava": tf.LlavaForConditionalGeneration, "llava_onevision": tf.LlavaOnevisionForConditionalGeneration,
+    cls = {"llava": tf.LlavaForConditionalGeneration, "llava_next": tf.LlavaNextForConditionalGeneration,
+           "llava_onevision": tf.LlavaOnevisionForConditionalGeneration,
            "qwen2_vl": tf.Qwen2VLForConditionalGeneration, "qwen2_5_vl": tf.Qwen2_5_VLForConditionalGeneration,
            "gemma3": tf.Gemma3ForConditionalGeneration, "idefics3": tf.Idefics3ForConditionalGeneration,
            "smolvlm": tf.SmolVLMForConditionalGeneration}[family]
@@ -188,14 +194,19 @@ def make_inputs(model, family: str, images_per_example=(2, 2), text_lengths=None
         extra["pixel_values"] = torch.randn(n_images * side * side, per_patch, generator=g)
         extra["image_grid_thw"] = torch.tensor([[1, side, side]] * n_images)
         counts = [image_tokens(model, family, image_px)] * n_images
-    elif family == "llava_onevision":
+    elif family in ("llava_next", "llava_onevision"):
         s = v.image_size
-        extra["pixel_values"] = torch.randn(n_images, 1, 3, s, s, generator=g)
+        onevision = family == "llava_onevision"
+        # LLaVA-NeXT: an s x s image is its base view plus one grid view; OneVision with several images
+        # per prompt takes the base view only
+        extra["pixel_values"] = torch.randn(n_images, 1 if onevision else 2, 3, s, s, generator=g)
         extra["image_sizes"] = torch.tensor([[s, s]] * n_images)
-        extra["batch_num_images"] = torch.tensor(list(images_per_example))
+        more = {}
+        if onevision:
+            extra["batch_num_images"] = more["batch_num_images"] = torch.tensor(list(images_per_example))
         with torch.no_grad():
             feats = model.model.get_image_features(extra["pixel_values"].to(device, dtype), extra["image_sizes"],
-                                                   batch_num_images=extra["batch_num_images"])
+                                                   **more)
         feats = getattr(feats, "pooler_output", feats)  # transformers 5: an output object; 4.57: the list
         counts = [f.shape[0] for f in feats]
     elif family in ("idefics3", "smolvlm"):
