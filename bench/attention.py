@@ -11,7 +11,8 @@ prints a table.
 
 Implementations (``--impls``): mmfa_jax, mmfa_torch, jax_xla, jax_cudnn, jax_pallas_ref,
 torch_flash, torch_cudnn, mmfa_jax_xla (mmfa's own xla fallback), mmfa_jax_triton and
-mmfa_torch_triton (the same kernels compiled by the official triton package: the Turing route).
+mmfa_torch_triton (the same kernels compiled by the official triton package: the Turing route),
+mmfa_torch_dlpack (the torch face through JAX and DLPack rather than its own launch).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ try:
     import torch  # noqa: E402
 
     import mmfa_torch  # noqa: E402
+    import mmfa_torch.launch  # noqa: E402
 except ImportError:  # the torch anchors and face are skipped without torch
     torch = None
 
@@ -66,6 +68,9 @@ PRESETS = {
                   dtypes=["bfloat16"]),
     "full": dict(batch=2, heads=16, seq_lens=[1024, 2048, 4096, 8192, 16384, 32768], head_dims=[64, 128],
                  dtypes=["bfloat16", "float16"]),
+    # Short sequences, where the host's cost per call shows (the torch face's direct launch against
+    # its DLPack route, and the anchors).
+    "small": dict(batch=1, heads=16, seq_lens=[128, 512, 2048], head_dims=[128], dtypes=["bfloat16"]),
 }
 FIELDS = ["impl", "batch", "heads", "seq_len", "head_dim", "dtype", "causal", "mode", "ms", "tflops", "peak_gib", "error"]
 ALL_IMPLS = ["mmfa_jax", "mmfa_torch", "jax_xla", "jax_cudnn", "jax_pallas_ref", "torch_flash", "torch_cudnn"]
@@ -167,16 +172,17 @@ def build(impl: str, case: Case, seed: int):
         return _jax_callable(case, lambda q, k, v: pallas_ref.mha(q, k, v, None, sm_scale=scale, causal=causal), seed)
     if torch is None:
         raise RuntimeError("torch is not installed")
-    if impl == "mmfa_torch":
-        launch, wait, _ = _torch_callable(case, lambda q, k, v: mmfa_torch.attention(q, k, v, is_causal=causal), seed)
-        # The kernels' memory is JAX's: report the jax face's figure for the same work.
-        peak = _jax_callable(case, lambda q, k, v: mmfa_jax.attention(q, k, v, is_causal=causal), seed)[2]
-        return launch, wait, peak
-    if impl == "mmfa_torch_triton":
-        launch, wait, _ = _torch_callable(case, lambda q, k, v: mmfa_torch.attention(
-            q, k, v, is_causal=causal, implementation="triton"), seed)
+    if impl == "mmfa_torch":  # launched from torch (mmfa_torch.launch): torch's memory
+        return _torch_callable(case, lambda q, k, v: mmfa_torch.attention(q, k, v, is_causal=causal), seed)
+    if impl in ("mmfa_torch_dlpack", "mmfa_torch_triton"):  # through JAX: the kernels' memory is JAX's
+        implementation = "triton" if impl == "mmfa_torch_triton" else "pallas"
+
+        def attn(q, k, v):
+            with mmfa_torch.launch.through_jax():
+                return mmfa_torch.attention(q, k, v, is_causal=causal, implementation=implementation)
+        launch, wait, _ = _torch_callable(case, attn, seed)
         peak = _jax_callable(case, lambda q, k, v: mmfa_jax.attention(q, k, v, is_causal=causal,
-                                                                      implementation="triton"), seed)[2]
+                                                                      implementation=implementation), seed)[2]
         return launch, wait, peak
     if impl in ("torch_flash", "torch_cudnn"):
         from torch.nn.attention import SDPBackend, sdpa_kernel

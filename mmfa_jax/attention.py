@@ -153,7 +153,7 @@ class Options:
                    _check_implementation(implementation), layout, config)
 
 
-def _static(opts: Options, arrays):
+def prepare(opts: Options, arrays):
     """Check and normalise the arrays; returns ((problem, config, interpret), normalised arrays)."""
     problem, args = _normalise(opts, *arrays)
     config = None if opts.implementation == "xla" else kernel_config(opts, problem.head_dim_padded, args[0].dtype)
@@ -175,7 +175,7 @@ def _differentiable(opts: Options, *arrays):
     """(out, lse in (B, N, T)) with gradients: our backward kernels, or autodiff for xla.
 
     Jitted, so that an eager call costs one dispatch rather than one per normalising op."""
-    static, args = _static(opts, arrays)
+    static, args = prepare(opts, arrays)
     if opts.implementation == "xla":
         return xla_attention(static[0], *args)
     return _flash(static, *args)
@@ -187,7 +187,7 @@ def forward(opts: Options, query, key, value, bias=None, mask=None, segment_ids=
     """Forward alone, for frameworks that do their own autograd (the torch face).
 
     Batched arrays in ``opts.layout``; returns (out, lse (B, N, T) float32)."""
-    static, args = _static(opts, (query, key, value, bias, mask, segment_ids, query_seq_lengths,
+    static, args = prepare(opts, (query, key, value, bias, mask, segment_ids, query_seq_lengths,
                                   key_value_seq_lengths))
     if opts.implementation == "xla":
         return xla_attention(static[0], *args)
@@ -199,7 +199,7 @@ def backward(opts: Options, query, key, value, bias, mask, segment_ids, query_se
              out, lse, d_out, d_lse):
     """Gradients (dq, dk, dv, dbias) from the forward's residuals; dbias is (Bb, Nb, T, S), the
     bias broadcast over T and S only (None without a bias)."""
-    static, args = _static(opts, (query, key, value, bias, mask, segment_ids, query_seq_lengths,
+    static, args = prepare(opts, (query, key, value, bias, mask, segment_ids, query_seq_lengths,
                                   key_value_seq_lengths))
     if opts.implementation == "xla":
         def f(q, k, v, b):

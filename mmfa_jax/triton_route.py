@@ -40,6 +40,7 @@ import json
 import os
 import tempfile
 import threading
+import typing
 import zlib
 from pathlib import Path
 
@@ -62,6 +63,10 @@ SHARED_MEMORY_PER_BLOCK = {
 
 class RouteError(RuntimeError):
     """The Triton route cannot compile or launch a kernel; the message says what to change."""
+
+
+class SharedMemoryError(RouteError):
+    """A kernel as configured needs more shared memory per block than the GPU has."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -344,7 +349,7 @@ def check_fits(kernel: CompiledKernel, device_cc: int, label: str = ""):
     """RouteError when the kernel needs more shared memory per block than the GPU has."""
     limit = shared_memory_limit(device_cc)
     if kernel.shared > limit:
-        raise RouteError(
+        raise SharedMemoryError(
             f"kernel {kernel.name}{_for(label)} needs {kernel.shared} bytes ({kernel.shared / 1024:.0f} KiB) of shared "
             f"memory per block as compiled for sm_{kernel.cc}, but sm_{device_cc} allows {limit} ({limit // 1024} KiB): "
             "choose a smaller configuration (smaller block_q/block_k or fewer num_stages; pass config=... or see the "
@@ -363,12 +368,30 @@ def shared_memory_limit(cc: int) -> int:
 
 _collecting = threading.local()
 
+# A device kind jax knows (jax._src.pallas.triton.gpu_info) for each compute capability: what an
+# abstract device is named when lowering for a GPU that jax itself is not running on.
+DEVICE_KIND_OF_CC = {
+    75: "Tesla T4", 80: "NVIDIA A100", 86: "NVIDIA A10", 89: "NVIDIA L4", 90: "NVIDIA H100", 100: "NVIDIA B200",
+    103: "NVIDIA B300", 110: "NVIDIA Thor", 120: "NVIDIA RTX PRO 6000", 121: "NVIDIA GB10",
+}
+
+
+class Launch(typing.NamedTuple):
+    """One kernel as the route compiled it for a lowered pallas_call: the kernel, the label of its
+    block configuration, and its grid (x, y, z). Its parameters are the call's operands, then its
+    results, in order (then whatever scratch pointers the Triton version adds)."""
+
+    kernel: CompiledKernel
+    label: str
+    grid: tuple[int, int, int]
+
 
 @contextlib.contextmanager
 def collect():
     """Within this context, kernels taking the route are compiled and recorded, and lowering
     succeeds without jaxlib's CUDA plugin (the emitted call is a placeholder that cannot run).
-    Yields the list of (CompiledKernel, label) pairs. For checks on machines without a GPU."""
+    Yields the list of ``Launch`` records (kernel, label, grid), in lowering order. For checks on
+    machines without a GPU, and for launchers of their own (mmfa_torch.launch)."""
     previous = getattr(_collecting, "kernels", None)
     kernels: list = []
     _collecting.kernels = kernels
@@ -381,7 +404,7 @@ def collect():
 def lower_for(fn, *args, device_kind: str = "Tesla T4"):
     """Lower ``jax.jit(fn)(*args)`` (args may be ShapeDtypeStructs) for an abstract CUDA device
     (jax knows "Tesla T4" as sm_75, "NVIDIA A100" as sm_80, "NVIDIA H100" as sm_90) and return
-    the kernels that took the route, as (CompiledKernel, config label) pairs."""
+    the kernels that took the route, as ``Launch`` records (kernel, config label, grid)."""
     import jax
     from jax.sharding import AbstractDevice, AbstractMesh
 
@@ -436,7 +459,7 @@ def _lower(ctx, *in_nodes, jaxpr, grid_mapping, compiler_params, input_output_al
     grid = stock.normalize_grid(result.grid)
     collected = getattr(_collecting, "kernels", None)
     if collected is not None:
-        collected.append((kernel, label))
+        collected.append(Launch(kernel, label, tuple(int(g) for g in grid)))
     return _emit(ctx, in_nodes, kernel, ttir, grid, device_cc, input_output_aliases, placeholder=collected is not None)
 
 

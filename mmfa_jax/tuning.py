@@ -89,12 +89,19 @@ def gpu_family(device: jax.Device | None = None) -> str:
     then compiled for that architecture and must fit it."""
     from mmfa_jax import triton_route
 
-    override = triton_route.arch_override()
     device = device or jax.devices()[0]
     cc = getattr(device, "compute_capability", None)
     if device.platform != "gpu" or cc is None:
         return "any"
-    major = override // 10 if override is not None else int(str(cc).split(".")[0])
+    return family_of(int(round(float(cc) * 10)))
+
+
+def family_of(cc: int) -> str:
+    """The table's family for an NVIDIA GPU of compute capability ``cc`` (75, 80, 90...), or the one
+    that ``MMFA_TRITON_ARCH`` names."""
+    from mmfa_jax import triton_route
+
+    major = (triton_route.arch_override() or cc) // 10
     return "sm90" if major >= 9 else "sm80" if major >= 8 else "sm75" if major == 7 else "any"
 
 

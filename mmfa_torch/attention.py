@@ -8,8 +8,9 @@ import math
 import jax
 import torch
 
+from mmfa_jax import triton_route
 from mmfa_jax.attention import COMPILED, IMPLEMENTATIONS, normalise_window, pallas_available
-from mmfa_torch import ops
+from mmfa_torch import launch, ops
 
 Tensor = torch.Tensor
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -106,7 +107,7 @@ def scaled_dot_product_attention(
     # Hand the kernels the memory order the tensors already have: no copy either way.
     layout = _layout_of(query)
     q, k, v = (_in_layout(t, layout) for t in (query, key, value))
-    out, lse = ops.attention_forward(
+    out, lse = ops.attention(
         q, k, v, bias, mask, q_seg, kv_seg, _int32(query_seq_lengths, "query_seq_lengths"),
         _int32(key_value_seq_lengths, "key_value_seq_lengths"),
         None if scale is None else float(scale), bool(is_causal), int(left), int(right),
@@ -155,13 +156,27 @@ def _jax_has_gpu() -> bool:
     return any(d.platform == "gpu" for d in jax.devices())
 
 
+def _direct_launch(device: torch.device) -> bool:
+    """Whether CUDA tensors on ``device`` can go to the kernels straight from torch (mmfa_torch.launch)."""
+    return launch.enabled() and launch.available() and _capability(device.index) >= triton_route.MIN_CC
+
+
+@functools.cache
+def _capability(device_index: int | None) -> int:
+    major, minor = torch.cuda.get_device_capability(device_index)
+    return 10 * major + minor
+
+
 def _implementation(implementation: str | None, device: torch.device) -> str:
-    if device.type == "cuda" and not _jax_has_gpu():
+    direct = device.type == "cuda" and _direct_launch(device)
+    if device.type == "cuda" and not direct and not _jax_has_gpu():
         raise RuntimeError(
-            "mmfa_torch got CUDA tensors but JAX has no GPU backend here: install jax with its CUDA plugin "
-            "(pip install 'jax[cuda13]'), or move the tensors to the CPU")
+            "mmfa_torch got CUDA tensors but can neither launch the kernels itself (that needs the `triton` package "
+            "and a GPU of compute capability >= 7.5) nor hand them to JAX, which has no GPU backend here: install "
+            "triton (it comes with torch on Linux) or jax with its CUDA plugin (pip install 'jax[cuda13]'), or "
+            "move the tensors to the CPU")
     if implementation is None:
-        return "pallas" if device.type == "cuda" and pallas_available() else "xla"
+        return "pallas" if device.type == "cuda" and (direct or pallas_available()) else "xla"
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS} or None, got {implementation!r}")
     if implementation in COMPILED and device.type != "cuda":

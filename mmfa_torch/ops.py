@@ -1,17 +1,24 @@
-"""torch.library custom ops around the jax kernels: forward, backward, fake kernels, autograd.
+"""The torch face's forward and backward, as torch.library custom ops (fake kernels, autograd) and,
+for eager calls, a plain autograd.Function.
 
-The ops take contiguous tensors in a declared layout ("BNTH" = torch's (B, H, S, D), or "BTNH" =
+CUDA tensors go to the compiled kernels straight from torch (mmfa_torch.launch); the rest, and
+everything when ``MMFA_TORCH_LAUNCH=jax``, cross to JAX through DLPack. The functions take
+contiguous tensors in a declared layout ("BNTH" = torch's (B, H, S, D), or "BTNH" =
 (B, S, H, D)) and return contiguous tensors in the same layout, so the hand-off to jax is a pure
 DLPack view. Static arguments travel as plain numbers and strings (an open window side as -1)
 so that torch.compile can trace calls to the ops.
 """
 
+import dataclasses
 import functools
 from typing import Optional
 
 import torch
 
-from mmfa_jax.attention import Options, backward, forward
+from mmfa_jax.attention import COMPILED, Options
+from mmfa_jax.attention import backward as jax_backward
+from mmfa_jax.attention import forward as jax_forward
+from mmfa_torch import launch
 from mmfa_torch.bridge import to_jax, to_torch
 
 Tensor = torch.Tensor
@@ -19,34 +26,45 @@ Tensor = torch.Tensor
 
 @functools.lru_cache(maxsize=256)
 def _options(scale: Optional[float], is_causal: bool, window_left: int, window_right: int, softcap: Optional[float],
-             layout: str,
-             implementation: str) -> Options:
-    return Options.make(
+             layout: str, implementation: str, direct: bool = False) -> Options:
+    opts = Options.make(
         scale=scale,
         is_causal=is_causal,
         local_window_size=(None if window_left < 0 else window_left, None if window_right < 0 else window_right),
         logits_soft_cap=softcap,
-        implementation=implementation,
+        # A direct launch needs no GPU in JAX, so skip the JAX face's check that it has one.
+        implementation="xla" if direct else implementation,
         layout=layout,
     )
+    return dataclasses.replace(opts, implementation=implementation) if direct else opts
+
+
+def direct(implementation: str, t: Tensor) -> bool:
+    """Whether this call launches the kernels from torch rather than through JAX."""
+    return implementation in COMPILED and t.is_cuda and launch.enabled() and launch.available()
 
 
 def _segments(q_seg, kv_seg):
     return None if q_seg is None else (to_jax(q_seg), to_jax(kv_seg))
 
 
-@torch.library.custom_op("mmfa::attention_forward", mutates_args=())
-def attention_forward(
+def forward(
     q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], mask: Optional[Tensor], q_seg: Optional[Tensor],
     kv_seg: Optional[Tensor], q_lengths: Optional[Tensor], kv_lengths: Optional[Tensor],
     scale: Optional[float], is_causal: bool, window_left: int, window_right: int, softcap: Optional[float], layout: str,
     implementation: str,
 ) -> tuple[Tensor, Tensor]:
+    if direct(implementation, q):
+        opts = _options(scale, is_causal, window_left, window_right, softcap, layout, implementation, True)
+        return launch.forward(opts, q, k, v, bias, mask, q_seg, kv_seg, q_lengths, kv_lengths)
     opts = _options(scale, is_causal, window_left, window_right, softcap, layout, implementation)
-    out, lse = forward(
+    out, lse = jax_forward(
         opts, to_jax(q), to_jax(k), to_jax(v), to_jax(bias), to_jax(mask), _segments(q_seg, kv_seg),
         to_jax(q_lengths), to_jax(kv_lengths))
     return to_torch(out), to_torch(lse)
+
+
+attention_forward = torch.library.custom_op("mmfa::attention_forward", forward, mutates_args=())
 
 
 @attention_forward.register_fake
@@ -56,8 +74,7 @@ def _(q, k, v, bias, mask, q_seg, kv_seg, q_lengths, kv_lengths, scale, is_causa
     return torch.empty_like(q), q.new_empty((B, N, T), dtype=torch.float32)
 
 
-@torch.library.custom_op("mmfa::attention_backward", mutates_args=())
-def attention_backward(
+def backward(
     q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], mask: Optional[Tensor], q_seg: Optional[Tensor],
     kv_seg: Optional[Tensor], q_lengths: Optional[Tensor], kv_lengths: Optional[Tensor], out: Tensor, lse: Tensor,
     d_out: Tensor, d_lse: Tensor,
@@ -65,12 +82,20 @@ def attention_backward(
     implementation: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns (dq, dk, dv, dbias); dbias is empty without a bias, else shaped (Bb, Nb, T, S)."""
+    if direct(implementation, q):
+        opts = _options(scale, is_causal, window_left, window_right, softcap, layout, implementation, True)
+        dq, dk, dv, dbias = launch.backward(opts, q, k, v, bias, mask, q_seg, kv_seg, q_lengths, kv_lengths, out, lse,
+                                            d_out, d_lse)
+        return dq, dk, dv, q.new_empty((0,)) if dbias is None else dbias
     opts = _options(scale, is_causal, window_left, window_right, softcap, layout, implementation)
-    dq, dk, dv, dbias = backward(
+    dq, dk, dv, dbias = jax_backward(
         opts, to_jax(q), to_jax(k), to_jax(v), to_jax(bias), to_jax(mask), _segments(q_seg, kv_seg),
         to_jax(q_lengths), to_jax(kv_lengths), to_jax(out), to_jax(lse), to_jax(d_out), to_jax(d_lse))
     dbias = q.new_empty((0,)) if dbias is None else to_torch(dbias)
     return to_torch(dq), to_torch(dk), to_torch(dv), dbias
+
+
+attention_backward = torch.library.custom_op("mmfa::attention_backward", backward, mutates_args=())
 
 
 @attention_backward.register_fake
@@ -95,15 +120,44 @@ def _setup_context(ctx, inputs, output):
     ctx.bias_shape = None if inputs[3] is None else inputs[3].shape
 
 
-def _backward(ctx, d_out, d_lse):
+def _gradients(ctx, d_out, d_lse, backward_op):
     saved = iter(ctx.saved_tensors)
     tensors = [next(saved) if present else None for present in ctx.present]
     out, lse = next(saved), next(saved)
     d_out = torch.zeros_like(out) if d_out is None else d_out.contiguous()
     d_lse = torch.zeros_like(lse) if d_lse is None else d_lse.contiguous()
-    dq, dk, dv, dbias = attention_backward(*tensors, out, lse, d_out, d_lse, *ctx.static)
+    dq, dk, dv, dbias = backward_op(*tensors, out, lse, d_out, d_lse, *ctx.static)
     dbias = None if ctx.bias_shape is None else dbias.sum_to_size(ctx.bias_shape)
     return dq, dk, dv, dbias, *(None,) * (len(_INPUTS) - 4 + len(_STATIC))
 
 
-attention_forward.register_autograd(_backward, setup_context=_setup_context)
+attention_forward.register_autograd(lambda ctx, d_out, d_lse: _gradients(ctx, d_out, d_lse, attention_backward),
+                                    setup_context=_setup_context)
+
+
+class _EagerAttention(torch.autograd.Function):
+    """The same forward and backward for eager autograd, without the custom op's dispatch."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = forward(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output
+
+    @staticmethod
+    def backward(ctx, d_out, d_lse):
+        return _gradients(ctx, d_out, d_lse, backward)
+
+
+def attention(*inputs) -> tuple[Tensor, Tensor]:
+    """(out, lse) for ``attention_forward``'s arguments, differentiable.
+
+    Under torch.compile this is the custom op (traceable, with fake kernels). In eager mode a
+    custom op costs about 0.2 ms of host time per call in torch's dispatch, more than a small
+    kernel runs, so eager calls go through a plain ``autograd.Function`` (when a gradient is
+    needed) or straight to the forward."""
+    if torch.compiler.is_compiling():
+        return attention_forward(*inputs)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs[:4]):
+        return _EagerAttention.apply(*inputs)
+    return forward(*inputs)

@@ -99,9 +99,9 @@ def test_turing_table_compiles_for_sm75_within_64kib(kernel, head_dim, dtype):
     config = tuning.config_for(head_dim, jnp.dtype(dtype), "sm75")  # the table's row
     fn, args = kernels.build(kernel, head_dim, jnp.dtype(dtype), config)
     compiled = triton_route.lower_for(fn, *args, device_kind=T4)  # auto route: sm_75 takes it
-    names = [k.name for k, _ in compiled]
+    names = [k.name for k, *_ in compiled]
     assert names == list(kernels.KERNELS[kernel][2]), names
-    for k, label in compiled:
+    for k, label, _ in compiled:
         assert k.cc == 75
         assert len(k.cubin) > 0 and ".target sm_75" in k.ptx, f"{k.name}: no sm_75 cubin"
         assert 0 < k.shared <= 64 * 1024, f"{k.name} ({label}) needs {k.shared} bytes of shared memory"
@@ -117,8 +117,8 @@ def test_turing_table_compiles_for_sm80(kernel):
         config = tuning.TABLE[("sm75", d)].with_route("triton")
         fn, args = kernels.build(kernel, d, jnp.float16, config)
         compiled = triton_route.lower_for(fn, *args, device_kind=A100)
-        assert [k.cc for k, _ in compiled] == [80] * len(kernels.KERNELS[kernel][2])
-        for k, _ in compiled:
+        assert [k.cc for k, *_ in compiled] == [80] * len(kernels.KERNELS[kernel][2])
+        for k, *_ in compiled:
             assert len(k.cubin) > 0 and "mma" in k.ptx and k.shared <= 163 * 1024
 
 
@@ -168,7 +168,7 @@ def test_ampere_and_hopper_keep_xlas_triton_unless_asked():
     fn, args = _small_forward("auto")
     assert triton_route.lower_for(fn, *args, device_kind=A100) == []
     fn, args = _small_forward("triton")
-    [(kernel, _)] = triton_route.lower_for(fn, *args, device_kind="NVIDIA H100")
+    [(kernel, *_)] = triton_route.lower_for(fn, *args, device_kind="NVIDIA H100")
     assert kernel.cc == 90
 
 
@@ -198,14 +198,14 @@ def _lowerable(fn_args):
 @needs_triton
 def test_cache_in_memory_then_on_disk(tmp_path):
     before = dict(triton_route.STATS)
-    [(first, _)] = triton_route.lower_for(*_lowerable(_small_forward()), device_kind=T4)
+    [(first, *_)] = triton_route.lower_for(*_lowerable(_small_forward()), device_kind=T4)
     assert triton_route.STATS["compiled"] == before["compiled"] + 1
-    [(again, _)] = triton_route.lower_for(*_lowerable(_small_forward()), device_kind=T4)
+    [(again, *_)] = triton_route.lower_for(*_lowerable(_small_forward()), device_kind=T4)
     assert again is first and triton_route.STATS["memory_hits"] == before["memory_hits"] + 1
     files = list((tmp_path / "cache" / "triton").glob("*/*.json"))
     assert [f.stem for f in files] == [first.key]
     triton_route.clear_memory_cache()  # a new process, as far as the cache can tell
-    [(from_disk, _)] = triton_route.lower_for(*_lowerable(_small_forward()), device_kind=T4)
+    [(from_disk, *_)] = triton_route.lower_for(*_lowerable(_small_forward()), device_kind=T4)
     assert triton_route.STATS["compiled"] == before["compiled"] + 1
     assert triton_route.STATS["disk_hits"] == before["disk_hits"] + 1
     assert from_disk == first
@@ -219,7 +219,7 @@ def test_cache_key_tells_kernels_apart():
     for dtype in (jnp.float16, jnp.float32):
         for cfg in (tuning.KernelConfig(16, 16, 4, 1), tuning.KernelConfig(16, 16, 2, 1), tuning.KernelConfig(16, 32, 4, 1)):
             fn, args = _small_forward(dtype=dtype, cfg=cfg)
-            [(kernel, _)] = triton_route.lower_for(fn, *args, device_kind=T4)
+            [(kernel, *_)] = triton_route.lower_for(fn, *args, device_kind=T4)
             keys.add(kernel.key)
     assert len(keys) == 6
     k = triton_route.cache_key("ir", 75, 4, 1, "3.6.0")

@@ -159,6 +159,10 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
     T, S = query.shape[2], key.shape[2]
     if T == 1 and _settings["decode"] == "sdpa" and softcap is None:
         return _torch_decode(query, key, value, attention_mask, scaling, sliding_window), None
+    state = getattr(module, "_mmfa_prune_state", None)
+    if (T == 1 and (attention_mask is None or attention_mask.dim() == 2)
+            and not (state is not None and state.wants_scores(T, S))):
+        return _decode(query, key, value, attention_mask, scaling, sliding_window, softcap), None
     call = dict(scale=scaling, enable_gqa=query.shape[1] != key.shape[1], logits_soft_cap=softcap,
                 implementation=_settings["implementation"])
     segments = None
@@ -182,7 +186,6 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
     # them a contiguous query too rather than have K and V copied into the query's order.
     if key.is_contiguous() and value.is_contiguous() and not query.is_contiguous():
         query = query.contiguous()
-    state = getattr(module, "_mmfa_prune_state", None)
     if state is not None and state.wants_scores(T, S):
         out, lse = scaled_dot_product_attention(query, key, value, return_lse=True, **call)
         dense = attention_mask is not None and attention_mask.dim() == 4
@@ -192,6 +195,35 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
     else:
         out = scaled_dot_product_attention(query, key, value, **call)
     return out.transpose(1, 2), None
+
+
+DECODE_BUCKET = 256  # decode calls see the cache padded to a multiple of this many keys
+
+
+def _decode(query, key, value, attention_mask, scaling, sliding_window, softcap):
+    """One query row (the last position) over a KV cache on the GPU: (B, 1, Hq, D).
+
+    The cache grows by one key per step, and a kernel is compiled per shape; so the keys are padded
+    to a multiple of ``DECODE_BUCKET`` and the padding is masked (by length, or with the padding mask
+    as segment ids). One compile serves 256 steps. A sliding window keeps only its last keys first;
+    after that the row sees every key, so no causal flag or window is needed."""
+    B, S = key.shape[0], key.shape[2]
+    valid = None if attention_mask is None else attention_mask.to(torch.bool)
+    if sliding_window and S > sliding_window:
+        key, value = key[:, :, S - sliding_window:], value[:, :, S - sliding_window:]
+        valid = None if valid is None else valid[:, S - sliding_window:]
+        S = sliding_window
+    padded = -(-S // DECODE_BUCKET) * DECODE_BUCKET
+    pad = (0, 0, 0, padded - S)
+    key, value = torch.nn.functional.pad(key, pad), torch.nn.functional.pad(value, pad)
+    call = dict(scale=scaling, enable_gqa=query.shape[1] != key.shape[1], logits_soft_cap=softcap,
+                implementation=_settings["implementation"])
+    if valid is None:
+        call["key_value_seq_lengths"] = torch.full((B,), S, dtype=torch.int32, device=query.device)
+    else:
+        kv_seg = torch.nn.functional.pad(valid.to(torch.int32), (0, padded - S))  # 1: a real key, 0: not
+        call["segment_ids"] = (torch.ones(B, 1, dtype=torch.int32, device=query.device), kv_seg)
+    return scaled_dot_product_attention(query.contiguous(), key, value, **call).transpose(1, 2)
 
 
 def _torch_decode(query, key, value, attention_mask, scaling, sliding_window):

@@ -1,0 +1,377 @@
+"""Direct launch of mmfa's compiled kernels on torch tensors: no JAX dispatch per call.
+
+The DLPack route (mmfa_torch.bridge) costs about a millisecond of host time per call: importing
+every tensor into JAX, jit dispatch, exporting the results. That is nothing next to a long prefill
+and everything in a decode step. This module launches the very same kernels itself:
+
+1. The first call for a problem (shapes, dtypes, options, GPU) traces the JAX launcher of the
+   kernels (``mmfa_jax.kernels.flash_attention``, behind the JAX face's own argument checks) and
+   lowers it for an abstract device of the tensors' compute capability with the Triton route
+   (mmfa_jax.triton_route), which compiles every Pallas kernel with the official ``triton`` and
+   records its cubin and grid. JAX never touches the GPU; the compiled kernels are cached in memory
+   and on disk like the route's.
+2. Every call then allocates the results with torch and launches the recorded kernels on torch's
+   current stream through the CUDA driver API (``cuLaunchKernel``, via ctypes). A kernel's
+   parameters are the ``pallas_call``'s operands and results, in order.
+
+What the JAX face computes outside the kernels is small and done here in torch: the boolean mask
+as int8 (a view), broadcasting a bias or mask, and the backward's ``delta`` (rowsum(o * do) - dlse).
+
+Used by mmfa_torch.ops for CUDA tensors when ``available()``; ``MMFA_TORCH_LAUNCH=jax`` forces the
+DLPack route instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import dataclasses
+import functools
+import os
+import re
+import threading
+
+import torch
+
+from mmfa_jax import triton_route, tuning
+from mmfa_jax.attention import Options, prepare
+
+_JAX_DTYPE = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32", torch.int32: "int32",
+              torch.bool: "bool", torch.int8: "int8"}
+
+
+class LaunchError(RuntimeError):
+    """A kernel could not be loaded or launched through the CUDA driver."""
+
+
+_local = threading.local()
+
+
+@contextlib.contextmanager
+def through_jax():
+    """Within this context (this thread), CUDA tensors cross to JAX through DLPack instead."""
+    previous = getattr(_local, "off", False)
+    _local.off = True
+    try:
+        yield
+    finally:
+        _local.off = previous
+
+
+def enabled() -> bool:
+    """Whether CUDA tensors take this route (not within ``through_jax()``, and ``MMFA_TORCH_LAUNCH``
+    is not "jax")."""
+    if getattr(_local, "off", False):
+        return False
+    value = os.environ.get("MMFA_TORCH_LAUNCH", "direct").strip().lower()
+    if value not in ("", "direct", "jax"):
+        raise ValueError(f"MMFA_TORCH_LAUNCH must be 'direct' or 'jax', got {value!r}")
+    return value != "jax"
+
+
+@functools.cache
+def available() -> bool:
+    """Whether this route can run here: the official triton (to compile) and the CUDA driver."""
+    if not triton_route.available():
+        return False
+    try:
+        _driver()
+    except (OSError, LaunchError):
+        return False
+    return True
+
+
+# ------------------------------------------------------------------------------------------------
+# The CUDA driver, through ctypes: load a cubin (or PTX), launch a function.
+
+_CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
+_STATIC_SHARED_LIMIT = 48 * 1024  # above this a kernel must opt in to more dynamic shared memory
+
+
+class _Driver:
+    def __init__(self):
+        lib = ctypes.CDLL("libcuda.so.1")
+        p, u, i = ctypes.c_void_p, ctypes.c_uint, ctypes.c_int
+        lib.cuModuleLoadData.argtypes = [ctypes.POINTER(p), ctypes.c_char_p]
+        lib.cuModuleGetFunction.argtypes = [ctypes.POINTER(p), p, ctypes.c_char_p]
+        lib.cuFuncSetAttribute.argtypes = [p, i, i]
+        lib.cuLaunchKernel.argtypes = [p, u, u, u, u, u, u, u, p, ctypes.POINTER(p), ctypes.POINTER(p)]
+        lib.cuGetErrorString.argtypes = [i, ctypes.POINTER(ctypes.c_char_p)]
+        lib.cuCtxGetCurrent.argtypes = [ctypes.POINTER(p)]
+        self.lib = lib
+
+    def check(self, status: int, what: str):
+        if status != 0:
+            text = ctypes.c_char_p()
+            self.lib.cuGetErrorString(status, ctypes.byref(text))
+            raise LaunchError(f"{what} failed: CUDA error {status} ({(text.value or b'?').decode()})")
+
+    def load(self, kernel: triton_route.CompiledKernel, device_cc: int) -> int:
+        """The kernel's CUfunction in the current context (torch's, for the current device)."""
+        ctx = ctypes.c_void_p()
+        self.check(self.lib.cuCtxGetCurrent(ctypes.byref(ctx)), "cuCtxGetCurrent")
+        if not ctx.value:
+            raise LaunchError("no current CUDA context: torch has not initialised CUDA on this thread")
+        # The cubin is for the GPU itself; code compiled for an older one (MMFA_TRITON_ARCH) goes as
+        # PTX, which the driver compiles forward.
+        image = kernel.cubin if kernel.cc == device_cc else kernel.ptx.encode() + b"\0"
+        module, function = ctypes.c_void_p(), ctypes.c_void_p()
+        self.check(self.lib.cuModuleLoadData(ctypes.byref(module), image), f"loading {kernel.name}")
+        self.check(self.lib.cuModuleGetFunction(ctypes.byref(function), module, kernel.name.encode()),
+                   f"finding {kernel.name}")
+        if kernel.shared > _STATIC_SHARED_LIMIT:
+            self.check(self.lib.cuFuncSetAttribute(function, _CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                                                   kernel.shared), f"opting {kernel.name} into shared memory")
+        return function.value
+
+    def launch(self, function: int, grid, threads: int, shared: int, stream: int, pointers: list[int], name: str):
+        n = len(pointers)
+        values = (ctypes.c_uint64 * n)(*pointers)  # kernelParams: the address of each parameter's value
+        base = ctypes.addressof(values)
+        params = (ctypes.c_void_p * n)(*range(base, base + 8 * n, 8))
+        self.check(self.lib.cuLaunchKernel(function, grid[0], grid[1], grid[2], threads, 1, 1, shared, stream,
+                                           params, None), f"launching {name}")
+
+
+@functools.cache
+def _driver() -> _Driver:
+    try:
+        return _Driver()
+    except (OSError, AttributeError) as e:
+        raise LaunchError(f"the CUDA driver library could not be loaded ({e})") from e
+
+
+def parameter_count(ptx: str, name: str) -> int:
+    """How many parameters the kernel ``name`` takes, read from its PTX entry."""
+    match = re.search(r"\.entry\s+" + re.escape(name) + r"\s*\((.*?)\)", ptx, re.S)
+    if match is None:
+        raise LaunchError(f"kernel {name} has no entry in its PTX")
+    return match.group(1).count(".param")
+
+
+# ------------------------------------------------------------------------------------------------
+# Kernels as recorded, loaded per device.
+
+
+@dataclasses.dataclass(frozen=True)
+class _Kernel:
+    """One compiled kernel, ready to launch with ``buffers`` (operands then results) pointers."""
+
+    launch: triton_route.Launch
+    buffers: int
+    extra: int  # trailing parameters Triton adds (scratch pointers), passed as null
+
+    def run(self, tensors: list[torch.Tensor], device: torch.device):
+        assert len(tensors) == self.buffers, (self.launch.kernel.name, len(tensors), self.buffers)
+        kernel = self.launch.kernel
+        function = _function(kernel.key, device.index, kernel)
+        stream = _current_stream(device.index)
+        pointers = [t.data_ptr() for t in tensors] + [0] * self.extra
+        _driver().launch(function, self.launch.grid, 32 * kernel.num_warps, kernel.shared, stream, pointers,
+                         kernel.name)
+
+
+def _current_stream(device_index: int) -> int:
+    """torch's current stream on the device, as a CUstream handle."""
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # what Triton's own launcher reads: fast
+    if raw is not None:
+        return raw(device_index)
+    return torch.cuda.current_stream(device_index).cuda_stream
+
+
+_functions: dict[tuple[str, int], int] = {}
+_functions_lock = threading.Lock()
+
+
+def _function(key: str, device_index: int, kernel: triton_route.CompiledKernel) -> int:
+    fn = _functions.get((key, device_index))
+    if fn is None:
+        with _functions_lock, torch.cuda.device(device_index):
+            fn = _functions.get((key, device_index))
+            if fn is None:
+                fn = _driver().load(kernel, _compute_capability(device_index))
+                _functions[(key, device_index)] = fn
+    return fn
+
+
+@functools.cache
+def _compute_capability(device_index: int) -> int:
+    major, minor = torch.cuda.get_device_capability(device_index)
+    return 10 * major + minor
+
+
+def device_kind(cc: int) -> str:
+    """A device kind jax knows for compute capability ``cc``: what the kernels are lowered for."""
+    if cc in triton_route.DEVICE_KIND_OF_CC:
+        return triton_route.DEVICE_KIND_OF_CC[cc]
+    older = [c for c in triton_route.DEVICE_KIND_OF_CC if c <= cc and c // 10 == cc // 10]
+    if not older:
+        raise LaunchError(f"no known device kind for compute capability {cc}")
+    return triton_route.DEVICE_KIND_OF_CC[max(older)]
+
+
+def _structs(signature):
+    import jax
+    import jax.numpy as jnp
+
+    return [None if s is None else jax.ShapeDtypeStruct(s[0], jnp.dtype(s[1])) for s in signature]
+
+
+def capture(fn, signature, cc: int, buffers: list[int]) -> tuple[_Kernel, ...]:
+    """Lower ``fn`` (its arrays described by ``signature``: (shape, dtype name), or None for an
+    absent one) for compute capability ``cc`` and return its kernels, kernel i taking
+    ``buffers[i]`` operands and results."""
+    structs = _structs(signature)
+
+    def lowered(*arrays):  # a new function object each time: jax caches lowerings per function
+        it = iter(arrays)
+        return fn(*[None if s is None else next(it) for s in structs])
+
+    launches = triton_route.lower_for(lowered, *[s for s in structs if s is not None], device_kind=device_kind(cc))
+    if len(launches) != len(buffers):
+        raise LaunchError(f"expected {len(buffers)} kernels, the lowering recorded {len(launches)}")
+    kernels = []
+    for launch, n in zip(launches, buffers):
+        k = launch.kernel
+        if k.global_scratch_size:
+            raise LaunchError(f"kernel {k.name} needs global scratch memory, which this launcher does not provide")
+        extra = parameter_count(k.ptx, k.name) - n
+        if extra < 0:
+            raise LaunchError(f"kernel {k.name} takes {n + extra} parameters, fewer than its {n} buffers")
+        kernels.append(_Kernel(launch, buffers=n, extra=extra))
+    return tuple(kernels)
+
+
+# ------------------------------------------------------------------------------------------------
+# Attention: forward and backward.
+
+
+def _signature(*tensors) -> tuple:
+    return tuple(None if t is None else (tuple(t.shape), _JAX_DTYPE[t.dtype]) for t in tensors)
+
+
+@functools.lru_cache(maxsize=256)
+def _config(opts: Options, head_dim: int, dtype: torch.dtype, cc: int) -> Options:
+    """The options with the block configuration made explicit for the GPU (the JAX face would read
+    it from JAX's device) and the Triton route forced."""
+    if opts.config is None:
+        hp = max(16, 1 << (head_dim - 1).bit_length())
+        config = tuning.config_for(hp, _JAX_DTYPE[dtype], tuning.family_of(cc))
+        opts = dataclasses.replace(opts, config=config)
+    return dataclasses.replace(opts, implementation="triton")
+
+
+def _fitted(build):
+    """``build(opts, signature, cc)``, retried with one pipelining stage fewer in every kernel while a
+    kernel needs more shared memory than the GPU has. The official Triton can stage a little more
+    than XLA's for the same tiles (a dense mask's tile, say), so a table row at the limit may not fit."""
+
+    @functools.lru_cache(maxsize=512)
+    def fitted(opts: Options, signature: tuple, cc: int):
+        while True:
+            try:
+                return build(opts, signature, cc)
+            except triton_route.SharedMemoryError:
+                configs = (opts.config.forward, opts.config.backward_dq, opts.config.backward_dkv)
+                if all(c.num_stages <= 1 for c in configs):
+                    raise
+                fewer = [dataclasses.replace(c, num_stages=max(1, c.num_stages - 1)) for c in configs]
+                opts = dataclasses.replace(opts, config=tuning.AttentionConfig(*fewer))
+
+    return fitted
+
+
+@_fitted
+def _forward_kernels(opts: Options, signature: tuple, cc: int) -> tuple[_Kernel, ...]:
+    from mmfa_jax.kernels import flash_attention as flash
+
+    def fn(q, k, v, bias, mask, q_seg, kv_seg, q_len, kv_len):
+        segments = None if q_seg is None else (q_seg, kv_seg)
+        static, args = prepare(opts, (q, k, v, bias, mask, segments, q_len, kv_len))
+        problem, config, _ = static
+        return flash.forward(problem, config.forward, *args)
+
+    return capture(fn, signature, cc, [_count(signature) + 2])
+
+
+@_fitted
+def _backward_kernels(opts: Options, signature: tuple, cc: int) -> tuple[_Kernel, _Kernel]:
+    from mmfa_jax.kernels import flash_attention as flash
+
+    def fn(q, k, v, bias, mask, q_seg, kv_seg, q_len, kv_len, do, lse, delta):
+        segments = None if q_seg is None else (q_seg, kv_seg)
+        static, args = prepare(opts, (q, k, v, bias, mask, segments, q_len, kv_len))
+        problem, config, _ = static
+        return flash.backward(problem, config.backward_dq, config.backward_dkv, *args, do, lse, delta)
+
+    with_dbias = signature[3] is not None
+    return capture(fn, signature, cc, [_count(signature) + 1 + with_dbias, _count(signature) + 2])
+
+
+def _count(signature) -> int:
+    return sum(s is not None for s in signature)
+
+
+def _pair(t: torch.Tensor | None, B: int, N: int, T: int, S: int) -> torch.Tensor | None:
+    """A bias or mask as the kernels take it: (Bb, Nb, T, S) contiguous, Bb in {1, B}, Nb in {1, N};
+    copied only where T or S is broadcast."""
+    if t is None:
+        return None
+    t = t.reshape((1,) * (4 - t.dim()) + tuple(t.shape))
+    return t.expand(t.shape[0], t.shape[1], T, S).contiguous()
+
+
+def _int8(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The kernels read a boolean mask as int8: the same bytes."""
+    return None if mask is None else mask.view(torch.int8)
+
+
+def _dims(opts: Options, q: torch.Tensor, k: torch.Tensor):
+    """(B, N, T, S) of tensors in the options' layout."""
+    if opts.layout == "BNTH":
+        return q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+    return q.shape[0], q.shape[2], q.shape[1], k.shape[1]
+
+
+def forward(opts: Options, q, k, v, bias, mask, q_seg, kv_seg, q_len, kv_len) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out like q, lse (B, N, T) float32) for contiguous CUDA tensors in ``opts.layout``; the
+    arguments as ``mmfa_jax.attention.forward`` takes them (mask boolean, ids and lengths int32)."""
+    B, N, T, S = _dims(opts, q, k)
+    bias, mask = _pair(bias, B, N, T, S), _pair(mask, B, N, T, S)
+    operands = [q, k, v, bias, mask, q_seg, kv_seg, q_len, kv_len]
+    cc = _compute_capability(q.device.index)
+    [kernel] = _forward_kernels(_config(opts, q.shape[3], q.dtype, cc), _signature(*operands), cc)
+    operands[4] = _int8(mask)
+    out = torch.empty_like(q)
+    lse = torch.empty((B, N, T), dtype=torch.float32, device=q.device)
+    kernel.run([t for t in operands if t is not None] + [out, lse], q.device)
+    return out, lse
+
+
+def backward(opts: Options, q, k, v, bias, mask, q_seg, kv_seg, q_len, kv_len, out, lse, d_out, d_lse):
+    """(dq, dk, dv, dbias (Bb, Nb, T, S) in the bias's dtype, or None), as
+    ``mmfa_jax.attention.backward``."""
+    B, N, T, S = _dims(opts, q, k)
+    bias_in = bias
+    bias, mask = _pair(bias, B, N, T, S), _pair(mask, B, N, T, S)
+    # delta = rowsum(o * do) - dlse, (B, N, T) float32: the LSE's own gradient folds into it.
+    delta = (out.float() * d_out.float()).sum(-1)
+    if opts.layout == "BTNH":
+        delta = delta.transpose(1, 2)
+    delta = (delta - d_lse).contiguous()
+    operands = [q, k, v, bias, mask, q_seg, kv_seg, q_len, kv_len, d_out, lse, delta]
+    cc = _compute_capability(q.device.index)
+    dq_kernel, dkv_kernel = _backward_kernels(_config(opts, q.shape[3], q.dtype, cc), _signature(*operands), cc)
+    operands[4] = _int8(mask)
+    present = [t for t in operands if t is not None]
+    dq = torch.empty_like(q)
+    dbias = None
+    if bias is not None:
+        dbias = torch.empty((B, N, T, S), dtype=torch.float32, device=q.device)
+    dq_kernel.run(present + [dq] + ([] if dbias is None else [dbias]), q.device)
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    dkv_kernel.run(present + [dk, dv], k.device)
+    if dbias is not None:
+        dbias = dbias.sum(dim=[a for a, n in ((0, bias.shape[0]), (1, bias.shape[1])) if n == 1], keepdim=True)
+        dbias = dbias.to(bias_in.dtype)
+    return dq, dk, dv, dbias
