@@ -135,6 +135,8 @@ def bench_row(model, family, impl, keep, layer, target, cfg, handle_box):
             if best is None or ttft < best[0]:
                 best = (ttft, steps, cached)
         ttft, steps, cached = best
+        if cfg.get("profile"):
+            _profile(model, inputs, device, f"{family} {impl} visual={visual}")
         steps_ms = np.array(steps) * 1e3 if steps else np.array([np.nan])
         row.update(
             kept_tokens=cached - (cfg["new_tokens"] - 1), ttft_ms=round(ttft * 1e3, 3),
@@ -150,6 +152,19 @@ def bench_row(model, family, impl, keep, layer, target, cfg, handle_box):
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
     return row
+
+
+def _profile(model, inputs, device: str, label: str, rows: int = 18):
+    """Where the host time of one prefill and one decode step goes (cProfile, by own time)."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    run_once(model, inputs, 2, device)
+    prof.disable()
+    print(f"--- profile: {label}")
+    pstats.Stats(prof).sort_stats("tottime").print_stats(rows)
 
 
 def plot(rows, path: Path):
@@ -196,6 +211,7 @@ def main(argv=None):
                         "calls a non-flash backend once per window, so per-call host overhead adds up there")
     p.add_argument("--decode", choices=["mmfa", "sdpa"], default="mmfa",
                    help="decode steps of the mmfa rows on mmfa's kernels (default) or torch's SDPA")
+    p.add_argument("--profile", action="store_true", help="also print a cProfile of one prefill + decode step per row")
     p.add_argument("--out", type=Path, help="CSV path (default bench/results/vlm_<preset>.csv); PNG next to it")
     args = p.parse_args(argv)
     cfg = dict(PRESETS[args.preset])
@@ -205,7 +221,7 @@ def main(argv=None):
     if cfg["device"] == "cuda" and not torch.cuda.is_available():
         sys.exit("preset needs a CUDA GPU; use --preset smoke on the CPU")
     hf.register(implementation=args.implementation, decode=args.decode)
-    cfg.update(vision=args.vision, decode=args.decode)
+    cfg.update(vision=args.vision, decode=args.decode, profile=args.profile)
     out = args.out or Path(__file__).resolve().parent / "results" / f"vlm_{args.preset}.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = []
