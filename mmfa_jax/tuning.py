@@ -87,7 +87,6 @@ def gpu_family(device: jax.Device | None = None) -> str:
 
     ``MMFA_TRITON_ARCH`` (see mmfa_jax.triton_route), when set, names the family: the kernels are
     then compiled for that architecture and must fit it."""
-
     device = device or jax.devices()[0]
     cc = getattr(device, "compute_capability", None)
     if device.platform != "gpu" or cc is None:
