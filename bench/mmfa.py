@@ -76,7 +76,7 @@ def _stage_times(q, k, v, visual, keep, n_text, length, impl, min_time):
     select = jax.jit(lambda imp, visual: mmfa_jax.select_visual_tokens(imp, visual, keep, output_length=length))
     gather = jax.jit(lambda q, k, v, idx: [mmfa_jax.gather_tokens(x, idx) for x in (q, k, v)])
     attend = jax.jit(lambda q, k, v, n: mmfa_jax.attention(q, k, v, is_causal=True, query_seq_lengths=n,
-                                                           key_value_seq_lengths=n, implementation=impl))
+                                                           implementation=impl))
     imp = score(q, k, visual, rows)
     idx, n = select(imp, visual)
     kept = gather(q, k, v, idx)

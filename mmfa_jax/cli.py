@@ -145,7 +145,7 @@ def _time_demo(name, tok, result, keep, repeats, impl):
     dense = jax.jit(lambda q, k, v: mmfa_jax.attention(q, k, v, is_causal=True, implementation=impl))
     kept = [mmfa_jax.gather_tokens(x, result.indices) for x in (tok.q, tok.k, tok.v)]
     short = jax.jit(lambda q, k, v, n: mmfa_jax.attention(q, k, v, is_causal=True, query_seq_lengths=n,
-                                                          key_value_seq_lengths=n, implementation=impl))
+                                                          implementation=impl))
     # Jitted whole, as a model would run it: one dispatch, with the scorer bound known statically.
     n_scorers = int(jnp.max(jnp.sum(mmfa_jax.scorer_rows("text", tok.visual_mask), axis=1)))
     pipeline = jax.jit(lambda q, k, v, visual: mmfa_jax.multimodal_attention(

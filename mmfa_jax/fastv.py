@@ -31,7 +31,7 @@ class DecoderBlock(nnx.Module):
         """x (B, L, dim), lengths (B,). Returns (x, (q, k, lse)) for the scorer."""
         B, L, dim = x.shape
         q, k, v = jnp.split(self.qkv(self.norm1(x)).reshape(B, L, 3 * self.heads, dim // self.heads), 3, axis=2)
-        o, lse = attention(q, k, v, is_causal=True, query_seq_lengths=lengths, key_value_seq_lengths=lengths,
+        o, lse = attention(q, k, v, is_causal=True, query_seq_lengths=lengths,  # causal: key lengths add nothing
                            return_lse=True, implementation=self.implementation)
         x = x + self.proj(o.reshape(B, L, dim))
         x = x + self.down(jax.nn.gelu(self.up(self.norm2(x))))

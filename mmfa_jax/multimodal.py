@@ -77,8 +77,12 @@ def multimodal_attention(query, key, value, visual_mask, keep, *, scorers="text"
     indices, lengths = select_visual_tokens(importance, visual_mask, keep, valid_lengths=query_seq_lengths,
                                             output_length=output_length)
     q, k, v = (gather_tokens(x, indices) for x in (query, key, value))
+    # Under causality a row before the length never sees a key past it, so the key lengths add
+    # nothing; and the forward kernel with both lengths runs about 14% slower on the H100 than
+    # with either alone (bench/NOTES.md).
     out = attention(q, k, v, scale=scale, is_causal=is_causal, logits_soft_cap=logits_soft_cap,
-                    query_seq_lengths=lengths, key_value_seq_lengths=lengths, implementation=implementation)
+                    query_seq_lengths=lengths, key_value_seq_lengths=None if is_causal else lengths,
+                    implementation=implementation)
     return MultimodalResult(out, indices, lengths, importance)
 
 
