@@ -137,6 +137,8 @@ def bench_row(model, family, impl, keep, layer, target, cfg, handle_box):
         ttft, steps, cached = best
         if cfg.get("profile"):
             _profile(model, inputs, device, f"{family} {impl} visual={visual}")
+        if cfg.get("kernels"):
+            _kernel_table(model, inputs, device, f"{family} {impl} visual={visual}")
         steps_ms = np.array(steps) * 1e3 if steps else np.array([np.nan])
         row.update(
             kept_tokens=cached - (cfg["new_tokens"] - 1), ttft_ms=round(ttft * 1e3, 3),
@@ -165,6 +167,20 @@ def _profile(model, inputs, device: str, label: str, rows: int = 18):
     prof.disable()
     print(f"--- profile: {label}")
     pstats.Stats(prof).sort_stats("tottime").print_stats(rows)
+
+
+def _kernel_table(model, inputs, device: str, label: str, rows: int = 15):
+    """Where the GPU time of one prefill goes: CUDA kernels by total time (torch.profiler records
+    every kernel of the process through CUPTI, mmfa's and jax's included)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run_once(model, inputs, 1, device)
+    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    total = sum(e.device_time_total for e in events)
+    print(f"--- kernels: {label}: {total / 1e3:.1f} ms of kernels in one prefill")
+    for e in sorted(events, key=lambda e: -e.device_time_total)[:rows]:
+        print(f"{e.device_time_total / 1e3:9.2f} ms  x{e.count:<6} {e.key[:110]}")
 
 
 def plot(rows, path: Path):
@@ -212,6 +228,7 @@ def main(argv=None):
     p.add_argument("--decode", choices=["mmfa", "sdpa"], default="mmfa",
                    help="decode steps of the mmfa rows on mmfa's kernels (default) or torch's SDPA")
     p.add_argument("--profile", action="store_true", help="also print a cProfile of one prefill + decode step per row")
+    p.add_argument("--kernels", action="store_true", help="also print the CUDA kernels of one prefill per row")
     p.add_argument("--out", type=Path, help="CSV path (default bench/results/vlm_<preset>.csv); PNG next to it")
     args = p.parse_args(argv)
     cfg = dict(PRESETS[args.preset])
@@ -221,7 +238,7 @@ def main(argv=None):
     if cfg["device"] == "cuda" and not torch.cuda.is_available():
         sys.exit("preset needs a CUDA GPU; use --preset smoke on the CPU")
     hf.register(implementation=args.implementation, decode=args.decode)
-    cfg.update(vision=args.vision, decode=args.decode, profile=args.profile)
+    cfg.update(vision=args.vision, decode=args.decode, profile=args.profile, kernels=args.kernels)
     out = args.out or Path(__file__).resolve().parent / "results" / f"vlm_{args.preset}.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = []

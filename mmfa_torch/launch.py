@@ -35,6 +35,7 @@ import torch
 
 from mmfa_jax import triton_route, tuning
 from mmfa_jax.attention import Options, prepare
+from mmfa_jax.kernels import flash_attention as flash
 
 _JAX_DTYPE = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32", torch.int32: "int32",
               torch.bool: "bool", torch.int8: "int8"}
@@ -283,21 +284,20 @@ def _fitted(build):
 
 @_fitted
 def _forward_kernels(opts: Options, signature: tuple, cc: int) -> tuple[_Kernel, ...]:
-    from mmfa_jax.kernels import flash_attention as flash
-
     def fn(q, k, v, bias, mask, q_seg, kv_seg, q_len, kv_len):
         segments = None if q_seg is None else (q_seg, kv_seg)
         static, args = prepare(opts, (q, k, v, bias, mask, segments, q_len, kv_len))
         problem, config, _ = static
         return flash.forward(problem, config.forward, *args)
 
-    return capture(fn, signature, cc, [_count(signature) + 2])
+    if signature[4] is None:
+        return capture(fn, signature, cc, [_count(signature) + 2])
+    # A dense mask: first its block ranges (mask in, ranges out), then the forward, which reads them.
+    return capture(fn, signature, cc, [2, _count(signature) + 3])
 
 
 @_fitted
 def _backward_kernels(opts: Options, signature: tuple, cc: int) -> tuple[_Kernel, _Kernel]:
-    from mmfa_jax.kernels import flash_attention as flash
-
     def fn(q, k, v, bias, mask, q_seg, kv_seg, q_len, kv_len, do, lse, delta):
         segments = None if q_seg is None else (q_seg, kv_seg)
         static, args = prepare(opts, (q, k, v, bias, mask, segments, q_len, kv_len))
@@ -340,11 +340,18 @@ def forward(opts: Options, q, k, v, bias, mask, q_seg, kv_seg, q_len, kv_len) ->
     bias, mask = _pair(bias, B, N, T, S), _pair(mask, B, N, T, S)
     operands = [q, k, v, bias, mask, q_seg, kv_seg, q_len, kv_len]
     cc = _compute_capability(q.device.index)
-    [kernel] = _forward_kernels(_config(opts, q.shape[3], q.dtype, cc), _signature(*operands), cc)
+    opts = _config(opts, q.shape[3], q.dtype, cc)
+    *ranges_kernel, kernel = _forward_kernels(opts, _signature(*operands), cc)
     operands[4] = _int8(mask)
+    present = [t for t in operands if t is not None]
+    if ranges_kernel:
+        tiles = flash.forward_query_tiles(T, opts.config.forward)
+        ranges = torch.empty((*mask.shape[:2], tiles, 4), dtype=torch.int32, device=q.device)
+        ranges_kernel[0].run([operands[4], ranges], q.device)
+        present.append(ranges)
     out = torch.empty_like(q)
     lse = torch.empty((B, N, T), dtype=torch.float32, device=q.device)
-    kernel.run([t for t in operands if t is not None] + [out, lse], q.device)
+    kernel.run(present + [out, lse], q.device)
     return out, lse
 
 

@@ -41,6 +41,7 @@ class Case:
     bias: tuple | None = None  # shape of the bias
     bias_dtype: str = "float32"
     mask: tuple | None = None  # shape of the boolean mask
+    mask_pattern: str = "random"  # "random", or "blocks": causal, bidirectional blocks, hidden padding keys
     segments: str | None = None  # "single" or "pair"
     q_lengths: tuple | None = None
     kv_lengths: tuple | None = None
@@ -56,7 +57,9 @@ def make_inputs(rng, c: Case):
     bias = bias64 = mask = None
     if c.bias is not None:
         bias, bias64 = normal(rng, c.bias, c.bias_dtype)
-    if c.mask is not None:
+    if c.mask is not None and c.mask_pattern == "blocks":
+        mask = _block_mask(rng, c.mask)
+    elif c.mask is not None:
         mask = rng.random(c.mask) > 0.3
         mask[(0,) * (len(c.mask) - 2) + (c.mask[-2] // 2,)] = False  # one row fully masked
         if len(c.mask) == 4 and c.mask[-2] > 1:
@@ -71,6 +74,26 @@ def make_inputs(rng, c: Case):
     kvl = None if c.kv_lengths is None else np.asarray(c.kv_lengths, np.int32)
     return dict(q=q, k=k, v=v, q64=q64, k64=k64, v64=v64, bias=bias, bias64=bias64, mask=mask, q_seg=q_seg,
                 kv_seg=kv_seg, ql=ql, kvl=kvl)
+
+
+def _block_mask(rng, shape):
+    """A Gemma-3-like pattern (causal, plus bidirectional blocks of random spans along the
+    diagonal), with the first keys hidden for example 0 (left padding) and one row wholly hidden:
+    tiles that are empty, full and mixed, in the shape the forward's mask ranges look for."""
+    T, S = shape[-2:]
+    i, j = np.arange(T)[:, None] + (S - T), np.arange(S)[None, :]
+    mask = np.broadcast_to(j <= i, shape).copy()
+    start = 0
+    while start < S:
+        size = int(rng.integers(3, 24))
+        if rng.random() < 0.6:  # an image block: every token sees the whole block
+            inside = (i >= start) & (i < start + size) & (j >= start) & (j < start + size)
+            mask |= np.broadcast_to(inside, shape)
+        start += size + int(rng.integers(0, 10))
+    if len(shape) == 4:
+        mask[0, ..., :int(rng.integers(1, 20))] = False
+    mask[(0,) * (len(shape) - 2) + (T // 2,)] = False
+    return mask
 
 
 def reference_kwargs(c: Case, x):
@@ -178,6 +201,12 @@ FORWARD_CASES = {
     "mask_BNTS_dead_rows": Case(T=33, S=65, mask=(2, 2, 33, 65)),
     "mask_TS": Case(T=33, S=65, mask=(33, 65)),
     "mask_B1TS_causal": Case(T=65, S=65, mask=(2, 1, 65, 65), causal=True),
+    "mask_blocks_small_tiles": Case(T=100, S=100, mask=(2, 1, 100, 100), mask_pattern="blocks", config=SMALL_TILES),
+    "mask_blocks_T_lt_S": Case(T=40, S=100, N=4, K=2, mask=(2, 4, 40, 100), mask_pattern="blocks",
+                               config=SMALL_TILES, q_lengths=(40, 31), kv_lengths=(90, 100)),
+    "mask_blocks_window": Case(T=100, S=100, mask=(100, 100), mask_pattern="blocks", window=(30, None),
+                               config=SMALL_TILES),
+    "mask_blocks_default_tiles": Case(B=1, T=150, S=150, H=64, mask=(1, 1, 150, 150), mask_pattern="blocks"),
     "segments_single": Case(T=65, S=65, segments="single"),
     "segments_pair": Case(T=33, S=65, segments="pair"),
     "segments_causal": Case(T=65, S=65, segments="single", causal=True),
@@ -326,6 +355,7 @@ GRAD_CASES = {
                                    bias=(2, 1, 65, 65), mask=(1, 4, 65, 65), q_lengths=(60, 65),
                                    kv_lengths=(65, 50), config=SMALL_TILES),
     "small_tiles_T_gt_S": Case(T=65, S=33, window=(20, 5), segments="pair", config=SMALL_TILES),
+    "mask_blocks_small_tiles": Case(T=65, S=65, mask=(2, 1, 65, 65), mask_pattern="blocks", config=SMALL_TILES),
     "float16": Case(dtype="float16", T=33, S=65, causal=True, bias=(1, 2, 33, 65)),
     "bfloat16": Case(dtype="bfloat16", N=4, K=2, T=33, S=33, softcap=3.0, kv_lengths=(20, 33)),
 }
@@ -422,3 +452,30 @@ def test_property_pallas_forward_and_grads(case, seed):
 
 def test_seed_helper_is_stable():
     assert seed_of("a") == seed_of("a") != seed_of("b")
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 100, 100), (1, 3, 40, 70)])
+def test_mask_ranges_against_numpy(shape, rng):
+    """The forward's block ranges of a dense mask: first and last block with a visible logit,
+    and the longest run of blocks where every (in-range) logit is visible, per query tile."""
+    from mmfa_jax.attention import Options, prepare
+    from mmfa_jax.kernels import flash_attention as flash
+
+    mask = _block_mask(rng, shape)
+    B, N, T, S = shape
+    q = jnp.zeros((B, T, N, 32), jnp.float32)
+    k = jnp.zeros((B, S, N, 32), jnp.float32)
+    (problem, _, _), args = prepare(Options.make(implementation="interpret"), (q, k, k, None, jnp.asarray(mask), None,
+                                                                               None, None))
+    bq, bk = 16, 32
+    got = np.asarray(flash.mask_ranges(problem, KernelConfig(bq, bk, 4, 1), args[4], interpret=True))
+    nq, nk = -(-T // bq), -(-S // bk)
+    assert got.shape == (B, N, nq, 4)
+    for b, n, t in np.ndindex(B, N, nq):
+        tiles = [mask[b, n, t * bq:(t + 1) * bq, j * bk:(j + 1) * bk] for j in range(nk)]
+        live = [j for j in range(nk) if tiles[j].any()]
+        full = [tiles[j].all() for j in range(nk)]
+        runs = [(a, e) for a in range(nk) for e in range(a + 1, nk + 1) if all(full[a:e])]
+        best = max(runs, key=lambda r: (r[1] - r[0], -r[0]), default=(0, 0))
+        want = (live[0], *best, live[-1] + 1) if live else (nk, *best, 0)
+        assert tuple(got[b, n, t]) == want, (b, n, t)

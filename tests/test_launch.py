@@ -35,10 +35,11 @@ def test_capture_records_kernels_grids_and_parameters(cc):
     opts = launch._config(_options(None, True, -1, -1, None, "BNTH", "pallas", True), 64, torch.bfloat16, cc)
     B, N, K, T, S, D = 2, 4, 2, 100, 130, 64
     sig = _signature(B, N, K, T, S, D, mask=True, segments=True, kv_lengths=True)
-    [fwd] = launch._forward_kernels(opts, sig, cc)
+    ranges, fwd = launch._forward_kernels(opts, sig, cc)
     operands = sum(s is not None for s in sig)
+    assert ranges.launch.kernel.name == "mmfa_mask_ranges" and ranges.buffers == 2  # the mask in, ranges out
     assert fwd.launch.kernel.name == "mmfa_flash_forward" and fwd.launch.kernel.cc == cc
-    assert fwd.buffers == operands + 2  # out and lse
+    assert fwd.buffers == operands + 1 + 2  # the mask's ranges; out and lse
     assert launch.parameter_count(fwd.launch.kernel.ptx, "mmfa_flash_forward") == fwd.buffers + fwd.extra
     block_q = int(fwd.launch.label.split("block_q=")[1].split(",")[0])
     assert fwd.launch.grid == (-(-T // block_q), N, B)  # (query tiles, heads, batch)
@@ -59,7 +60,7 @@ def test_stages_are_reduced_until_the_kernel_fits():
     opts = dataclasses.replace(_options(None, False, -1, -1, None, "BNTH", "pallas", True),
                                config=tuning.AttentionConfig(big, big, big))
     opts = launch._config(opts, 128, torch.bfloat16, 90)
-    [fwd] = launch._forward_kernels(opts, _signature(1, 2, 2, 256, 256, 128, mask=True), 90)
+    _, fwd = launch._forward_kernels(opts, _signature(1, 2, 2, 256, 256, 128, mask=True), 90)
     assert "num_stages=6" not in fwd.launch.label
     assert fwd.launch.kernel.shared <= triton_route.shared_memory_limit(90)
 

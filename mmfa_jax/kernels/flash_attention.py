@@ -233,10 +233,14 @@ def _query_tile(p: Problem):
     """This program's query tile. Under a causal band (no left bound) later tiles see more keys:
     hand them out first, so that the short tiles fill the last wave instead of a long one
     running alone at the end."""
-    t = pl.program_id(0)
+    return _tile_order(p, pl.num_programs(0))(pl.program_id(0))
+
+
+def _tile_order(p: Problem, num_tiles):
+    """Program index -> query tile (see ``_query_tile``)."""
     if p.band.right is not None and p.band.left is None:
-        return pl.num_programs(0) - 1 - t
-    return t
+        return lambda t: num_tiles - 1 - t
+    return lambda t: t
 
 
 def _column_mask(p: Problem):
@@ -249,7 +253,7 @@ def _column_mask(p: Problem):
 
 
 def _forward_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, qseg_ref, kvseg_ref, qlen_ref, kvlen_ref,
-                    o_ref, lse_ref, *, p: Problem, block_q: int, block_k: int):
+                    mask_ranges_ref, o_ref, lse_ref, *, p: Problem, block_q: int, block_k: int):
     t = _query_tile(p)
     q_start = t * block_q
     q_pos = q_start + jnp.arange(block_q)
@@ -263,9 +267,12 @@ def _forward_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, qseg_ref, kvseg_ref
 
     q = _load(q_ref, q_rows, q_pos < p.q_len, cols)
     num_k_blocks = pl.cdiv(p.kv_len, block_k)
-    ranges = _skip_dead_rows(kv_block_range(p.band, q_start, block_q, block_k, kv_valid, num_k_blocks),
-                             q_start < q_valid)
-    any_full = not p.needs_elementwise_mask and p.kv_len >= block_k
+    ranges = kv_block_range(p.band, q_start, block_q, block_k, kv_valid, num_k_blocks)
+    if mask_ranges_ref is not None:  # a dense mask: visit only its live blocks, unmasked where it is all True
+        ranges = _intersect_ranges(ranges, _load_ranges(mask_ranges_ref))
+    ranges = _skip_dead_rows(ranges, q_start < q_valid)
+    # Segments hide single logits anywhere; a dense mask's full blocks are known from its ranges.
+    any_full = not p.has_segments and p.kv_len >= block_k
 
     def body(j, carry, masked):
         acc, m, l = carry
@@ -304,15 +311,31 @@ def _forward_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, qseg_ref, kvseg_ref
 
 def forward(p: Problem, cfg: KernelConfig, q, k, v, bias, dense_mask, q_seg, kv_seg, q_lengths, kv_lengths,
             *, interpret: bool = False):
-    """Returns (out like q, lse (B, N, T) float32 in natural log; -inf for rows that see nothing)."""
+    """Returns (out like q, lse (B, N, T) float32 in natural log; -inf for rows that see nothing).
+
+    With a dense mask, a first kernel (``mask_ranges``) finds the key blocks each query tile must
+    visit, so that a mask that is mostly empty or mostly full (causal plus bidirectional image
+    blocks, say) costs about what its visible part costs."""
     block_q, block_k = _tile(p.q_len, cfg.block_q), _tile(p.kv_len, cfg.block_k)
     q_head, kv_head = (lambda n: n), (lambda n: n // p.group)
-    grid = (pl.cdiv(p.q_len, block_q), p.q_heads, p.batch)
+    num_tiles = forward_query_tiles(p.q_len, cfg)
+    grid = (num_tiles, p.q_heads, p.batch)
+    ranges, ranges_spec = None, None
+    if dense_mask is not None:
+        ranges = mask_ranges(p, cfg, dense_mask, interpret=interpret)
+        # Masked and unmasked loops over the keys, each pipelined: at most two stages fit in
+        # shared memory with the table's largest tiles (three asked for 256 KiB on the H100).
+        cfg = dataclasses.replace(cfg, num_stages=min(cfg.num_stages, 2))
+        bm, nm = p.mask_shape
+        tile_of = _tile_order(p, num_tiles)
+        ranges_spec = pl.BlockSpec((None, None, None, 4), lambda t, n, b: (b if bm > 1 else 0, n if nm > 1 else 0,
+                                                                          tile_of(t), 0))
     in_specs = [
         _seq_spec(p, p.q_len, None, q_head),
         _seq_spec(p, p.kv_len, None, kv_head),
         _seq_spec(p, p.kv_len, None, kv_head),
         *_common_in_specs(p, None, q_head),
+        ranges_spec,
     ]
     out_specs = [_seq_spec(p, p.q_len, None, q_head), _row_spec(p.q_len, None, q_head)]
     out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype),
@@ -321,7 +344,84 @@ def forward(p: Problem, cfg: KernelConfig, q, k, v, bias, dense_mask, q_seg, kv_
     return pl.pallas_call(
         kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
         compiler_params=_params(cfg), interpret=interpret, name="mmfa_flash_forward",
-    )(q, k, v, bias, dense_mask, q_seg, kv_seg, q_lengths, kv_lengths)
+    )(q, k, v, bias, dense_mask, q_seg, kv_seg, q_lengths, kv_lengths, ranges)
+
+
+# --------------------------------------------------------------------------------------------
+# Block ranges of a dense mask. Per query tile and (mask) batch and head: the key blocks from the
+# first to the last one with a visible logit, and the longest run of blocks in which every logit
+# is visible. The forward intersects them with its band's ranges: blocks outside the first pair
+# are skipped, blocks in the run need no mask, the rest take the mask tile by tile. Patterns
+# such as causal, sliding windows, padding and bidirectional blocks along the diagonal (Gemma 3's
+# images) have that shape; any other mask stays exact, only slower.
+
+
+def forward_query_tiles(q_len: int, cfg: KernelConfig) -> int:
+    """How many query tiles the forward has (the third axis of ``mask_ranges``)."""
+    return pl.cdiv(q_len, _tile(q_len, cfg.block_q))
+
+
+def _mask_ranges_kernel(mask_ref, out_ref, *, p: Problem, block_q: int, block_k: int):
+    t = pl.program_id(0)
+    q_pos = t * block_q + jnp.arange(block_q)
+    in_q = q_pos < p.q_len
+    num_k_blocks = pl.cdiv(p.kv_len, block_k)
+
+    def body(j, carry):
+        lo, hi, run_lo, run_hi, best_lo, best_hi = carry
+        k_pos = j * block_k + jnp.arange(block_k)
+        inside = in_q[:, None] & (k_pos < p.kv_len)[None, :]
+        tile = plgpu.load(mask_ref.at[pl.ds(t * block_q, block_q), pl.ds(j * block_k, block_k)],
+                          mask=inside, other=0).astype(jnp.int32)
+        # (Reduced one axis at a time: Triton's lowering takes one axis per reduction.)
+        live = jnp.max(jnp.max(tile, axis=1)) > 0  # some logit visible (cells past the array read as hidden)
+        full = jnp.min(jnp.min(jnp.where(inside, tile, 1), axis=1)) > 0  # all visible (past it: don't care)
+        lo = jnp.where(live & (lo > j), j, lo)
+        hi = jnp.where(live, j + 1, hi)
+        run_lo = jnp.where(full & (run_hi != j), j, run_lo)  # a run of full blocks starts or goes on
+        run_hi = jnp.where(full, j + 1, run_hi)
+        longer = full & (run_hi - run_lo > best_hi - best_lo)
+        return (lo, hi, run_lo, run_hi, jnp.where(longer, run_lo, best_lo), jnp.where(longer, run_hi, best_hi))
+
+    zero = jnp.int32(0)
+    lo, hi, _, _, best_lo, best_hi = lax.fori_loop(0, num_k_blocks, body, (jnp.int32(num_k_blocks), zero, zero,
+                                                                           zero, zero, zero))
+    slot = jnp.arange(4)
+    out_ref[...] = jnp.where(slot == 0, lo, jnp.where(slot == 1, best_lo, jnp.where(slot == 2, best_hi, hi)))
+
+
+def mask_ranges(p: Problem, cfg: KernelConfig, dense_mask, *, interpret: bool = False):
+    """(Bm, Nm, query tiles, 4) int32: per tile of the forward configuration ``cfg`` (first live
+    key block, full run start, full run end, last live block + 1) of the int8 dense mask
+    (Bm, Nm, T, S); a tile without a live block gets (number of key blocks, 0, 0, 0)."""
+    bm, nm = p.mask_shape
+    block_q, block_k = _tile(p.q_len, cfg.block_q), _tile(p.kv_len, cfg.block_k)
+    num_tiles = forward_query_tiles(p.q_len, cfg)
+    return pl.pallas_call(
+        functools.partial(_mask_ranges_kernel, p=p, block_q=block_q, block_k=block_k),
+        grid=(num_tiles, nm, bm),
+        in_specs=[pl.BlockSpec((None, None, p.q_len, p.kv_len), lambda t, n, b: (b, n, 0, 0))],
+        out_specs=pl.BlockSpec((None, None, None, 4), lambda t, n, b: (b, n, t, 0)),
+        out_shape=jax.ShapeDtypeStruct((bm, nm, num_tiles, 4), jnp.int32),
+        compiler_params=_params(dataclasses.replace(cfg, num_warps=4, num_stages=1)), interpret=interpret,
+        name="mmfa_mask_ranges",
+    )(dense_mask)
+
+
+def _load_ranges(ref):
+    """The four block indices of this program's tile, as scalars."""
+    row = ref[...]
+    slot = jnp.arange(4)
+    return tuple(jnp.sum(jnp.where(slot == i, row, 0)) for i in range(4))
+
+
+def _intersect_ranges(band, mask):
+    """Block ranges (lo, full_lo, full_hi, hi) that both the band and the mask allow."""
+    lo = jnp.maximum(band[0], mask[0])
+    hi = jnp.maximum(lo, jnp.minimum(band[3], mask[3]))
+    full_lo = jnp.clip(jnp.maximum(band[1], mask[1]), lo, hi)
+    full_hi = jnp.clip(jnp.minimum(band[2], mask[2]), full_lo, hi)
+    return lo, full_lo, full_hi, hi
 
 
 # --------------------------------------------------------------------------------------------
