@@ -123,6 +123,56 @@ def test_config_and_set_attn_implementation_per_submodel(seed):
     assert model.config.get_text_config()._attn_implementation == "mmfa"
 
 
+@pytest.mark.parametrize("family,image_px", [("qwen2_5_vl", None), ("qwen2_5_vl", 40), ("qwen2_vl", 40)])
+def test_vision_windows_answered_by_one_call(family, image_px, seed, monkeypatch):
+    """Qwen's vision towers call the attention once per window (or image); from a module's second
+    forward on, mmfa answers them from one batched call per layer (even windows: image_px None; uneven:
+    40 px), with the logits of eager attention. With autograd they go call by call, same logits."""
+    from mmfa_torch.hf import windows
+
+    batched = []
+    plain = windows.scaled_dot_product_attention
+    monkeypatch.setattr(windows, "scaled_dot_product_attention", lambda *a, **k: batched.append(1) or plain(*a, **k))
+    eager = models.build(family, attn_implementation="eager", seed=seed)
+    mmfa = models.build(family, attn_implementation="mmfa", seed=seed)
+    inputs = models.make_inputs(eager, family, images_per_example=(2, 1), text_lengths=[3, 6], image_px=image_px,
+                                seed=seed)
+    valid = inputs["attention_mask"].bool()
+    with torch.no_grad():
+        ref = eager(**inputs).logits[valid]
+        first = mmfa(**inputs).logits[valid]  # installs the hooks; call by call
+        assert not batched
+        second = mmfa(**inputs).logits[valid]
+    assert len(batched) == mmfa.config.vision_config.depth  # one call per vision layer
+    torch.testing.assert_close(first, ref, **TOL)
+    torch.testing.assert_close(second, ref, **TOL)
+    batched.clear()
+    with torch.enable_grad():
+        trained = mmfa(**inputs).logits[valid]
+    assert not batched
+    torch.testing.assert_close(trained.detach(), ref, **TOL)
+
+
+def test_vision_windows_only_for_the_packed_tensors():
+    """A window call whose tensors are not the expected slice of what the batch read is not answered
+    from the batch (it goes call by call), and neither is any later call of that forward."""
+    from mmfa_torch.hf import windows
+
+    g = torch.Generator().manual_seed(0)
+    packed = [torch.randn(7, 2, 8, generator=g).transpose(0, 1)[None] for _ in range(3)]  # (1, H, 7, D) views
+    plan = windows._plan((0, 3, 7), torch.device("cpu"))
+    assert not plan.uniform and plan.scatter.tolist() == [0, 1, 2, 4, 5, 6, 7]
+    call = dict(scale=None, enable_gqa=False, logits_soft_cap=None, implementation="xla").copy
+    batch = windows._Windows(plan)
+    out = batch.answer(*(t[:, :, :3] for t in packed), call)
+    ref = torch.nn.functional.scaled_dot_product_attention(*(t[:, :, :3] for t in packed)).transpose(1, 2)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    elsewhere = [t[:, :, 3:].clone() for t in packed]  # the same values, other memory
+    assert batch.answer(*elsewhere, call) is None
+    assert batch.answer(*(t[:, :, 3:] for t in packed), call) is None  # given up for this forward
+    assert windows._plan((0, 0, 4), torch.device("cpu")) is None  # empty windows are left alone
+
+
 def _gemma_text(attn, seed, **overrides):
     cfg = transformers.Gemma3TextConfig(**dict(models._TINY_TEXT, sliding_window=5, query_pre_attn_scalar=8,
                                                layer_types=["sliding_attention", "full_attention",
