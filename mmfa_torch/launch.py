@@ -30,6 +30,7 @@ import functools
 import os
 import re
 import threading
+import weakref
 
 import torch
 
@@ -337,6 +338,7 @@ def forward(opts: Options, q, k, v, bias, mask, q_seg, kv_seg, q_len, kv_len) ->
     """(out like q, lse (B, N, T) float32) for contiguous CUDA tensors in ``opts.layout``; the
     arguments as ``mmfa_jax.attention.forward`` takes them (mask boolean, ids and lengths int32)."""
     B, N, T, S = _dims(opts, q, k)
+    dense_mask = mask
     bias, mask = _pair(bias, B, N, T, S), _pair(mask, B, N, T, S)
     operands = [q, k, v, bias, mask, q_seg, kv_seg, q_len, kv_len]
     cc = _compute_capability(q.device.index)
@@ -345,14 +347,32 @@ def forward(opts: Options, q, k, v, bias, mask, q_seg, kv_seg, q_len, kv_len) ->
     operands[4] = _int8(mask)
     present = [t for t in operands if t is not None]
     if ranges_kernel:
-        tiles = flash.forward_query_tiles(T, opts.config.forward)
-        ranges = torch.empty((*mask.shape[:2], tiles, 4), dtype=torch.int32, device=q.device)
-        ranges_kernel[0].run([operands[4], ranges], q.device)
-        present.append(ranges)
+        present.append(_mask_ranges(dense_mask, operands[4], ranges_kernel[0], opts.config.forward))
     out = torch.empty_like(q)
     lse = torch.empty((B, N, T), dtype=torch.float32, device=q.device)
     kernel.run(present + [out, lse], q.device)
     return out, lse
+
+
+# A model hands one mask tensor to many layers (Gemma 3: one per layer type): its block ranges are
+# computed once per tensor and kept while the tensor lives and is not written to.
+_ranges_of_mask: dict[int, tuple] = {}
+
+
+def _mask_ranges(mask: torch.Tensor, mask_int8: torch.Tensor, kernel: _Kernel, cfg) -> torch.Tensor:
+    """(Bm, Nm, query tiles, 4) int32 block ranges of ``mask`` (as the caller passed it; the kernel
+    reads ``mask_int8``, its (Bm, Nm, T, S) int8 form)."""
+    key = (kernel.launch.kernel.key, tuple(mask_int8.shape))
+    entry = _ranges_of_mask.get(id(mask))
+    if entry is not None and entry[0]() is mask and entry[1:3] == (mask._version, key):
+        return entry[3]
+    tiles = flash.forward_query_tiles(mask_int8.shape[2], cfg)
+    ranges = torch.empty((*mask_int8.shape[:2], tiles, 4), dtype=torch.int32, device=mask.device)
+    kernel.run([mask_int8, ranges], mask.device)
+    ident = id(mask)
+    _ranges_of_mask[ident] = (weakref.ref(mask, lambda _: _ranges_of_mask.pop(ident, None)), mask._version, key,
+                              ranges)
+    return ranges
 
 
 def backward(opts: Options, q, k, v, bias, mask, q_seg, kv_seg, q_len, kv_len, out, lse, d_out, d_lse):

@@ -171,3 +171,30 @@ def test_direct_launch_matches_reference_and_dlpack_route(case, layout, rng):
     for name, g, w, gj in zip(("dq", "dk", "dv"), grads, want, grads_j):
         assert_close(g.float(), to_numpy(gj.float()), tolerance("bfloat16", grad=True), name + " vs DLPack route")
         assert_close(btnh(to_numpy(g.float())), w, tolerance("bfloat16", grad=True), name)
+
+
+@pytest.mark.gpu
+def test_mask_ranges_computed_once_per_mask_tensor(rng, monkeypatch):
+    """One mask tensor handed to several calls (a model's layers) gets its block ranges once; written
+    to in place, they are computed again, and the outputs follow the mask."""
+    import mmfa_torch
+
+    T = S = 300
+    q, k, v = (torch.tensor(rng.standard_normal((1, 2, T, 64)), device="cuda", dtype=torch.bfloat16)
+               for _ in range(3))
+    mask = torch.tensor(rng.random((1, 1, T, S)) > 0.5, device="cuda")
+    mask[..., 0] = True
+    runs = []
+    plain = launch._Kernel.run
+    monkeypatch.setattr(launch._Kernel, "run", lambda self, *a: runs.append(self.launch.kernel.name) or plain(self, *a))
+    outs = [mmfa_torch.attention(q, k, v, attn_mask=mask) for _ in range(3)]
+    assert runs.count("mmfa_mask_ranges") == 1 and runs.count("mmfa_flash_forward") == 3
+    before = to_numpy(mask)
+    mask[..., T // 2:, :] = False
+    mask[..., T // 2:, : S // 3] = True
+    changed = mmfa_torch.attention(q, k, v, attn_mask=mask)
+    assert runs.count("mmfa_mask_ranges") == 2
+    qkv = [np.swapaxes(to_numpy(t.float()), 1, 2) for t in (q, k, v)]
+    for out, m in ((outs[-1], before), (changed, to_numpy(mask))):
+        ref, _ = attention_reference(*qkv, mask=m)
+        assert_close(np.swapaxes(to_numpy(out.float()), 1, 2), ref, tolerance("bfloat16"), "out")
