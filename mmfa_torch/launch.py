@@ -355,7 +355,8 @@ def forward(opts: Options, q, k, v, bias, mask, q_seg, kv_seg, q_len, kv_len) ->
 
 
 # A model hands one mask tensor to many layers (Gemma 3: one per layer type): its block ranges are
-# computed once per tensor and kept while the tensor lives and is not written to.
+# computed once per tensor and kept while the tensor lives and is not written to. Tensors made in
+# torch.inference_mode have no version counter to tell that, so theirs are computed every call.
 _ranges_of_mask: dict[int, tuple] = {}
 
 
@@ -363,12 +364,15 @@ def _mask_ranges(mask: torch.Tensor, mask_int8: torch.Tensor, kernel: _Kernel, c
     """(Bm, Nm, query tiles, 4) int32 block ranges of ``mask`` (as the caller passed it; the kernel
     reads ``mask_int8``, its (Bm, Nm, T, S) int8 form)."""
     key = (kernel.launch.kernel.key, tuple(mask_int8.shape))
-    entry = _ranges_of_mask.get(id(mask))
+    tracked = not mask.is_inference()
+    entry = _ranges_of_mask.get(id(mask)) if tracked else None
     if entry is not None and entry[0]() is mask and entry[1:3] == (mask._version, key):
         return entry[3]
     tiles = flash.forward_query_tiles(mask_int8.shape[2], cfg)
     ranges = torch.empty((*mask_int8.shape[:2], tiles, 4), dtype=torch.int32, device=mask.device)
     kernel.run([mask_int8, ranges], mask.device)
+    if not tracked:
+        return ranges
     ident = id(mask)
     _ranges_of_mask[ident] = (weakref.ref(mask, lambda _: _ranges_of_mask.pop(ident, None)), mask._version, key,
                               ranges)

@@ -194,7 +194,11 @@ def test_mask_ranges_computed_once_per_mask_tensor(rng, monkeypatch):
     mask[..., T // 2:, : S // 3] = True
     changed = mmfa_torch.attention(q, k, v, attn_mask=mask)
     assert runs.count("mmfa_mask_ranges") == 2
+    with torch.inference_mode():  # no version counter: computed every call
+        made_here = mask.clone()
+        inference = [mmfa_torch.attention(q, k, v, attn_mask=made_here) for _ in range(2)]
+    assert runs.count("mmfa_mask_ranges") == 4
     qkv = [np.swapaxes(to_numpy(t.float()), 1, 2) for t in (q, k, v)]
-    for out, m in ((outs[-1], before), (changed, to_numpy(mask))):
+    for out, m in ((outs[-1], before), (changed, to_numpy(mask)), (inference[-1], to_numpy(mask))):
         ref, _ = attention_reference(*qkv, mask=m)
         assert_close(np.swapaxes(to_numpy(out.float()), 1, 2), ref, tolerance("bfloat16"), "out")
