@@ -10,11 +10,12 @@ mmfa answers them with one call. A forward pre-hook on the attention module (ins
 call that comes from it, so from the module's second forward on) reads ``cu_seqlens``. The call for
 the first window then attends every window at once, as a batch of windows: equal windows are a
 strided view of the packed tensors (no copy), uneven ones are gathered into a padded batch with
-lengths. Each window's call returns its slice of that result. A call is answered from the batch
-only when its query, key and value are exactly that window of the tensors the batch read (same
-address and strides: the batch holds those tensors, so no other tensor can sit at that address; the
-batch read the very data the call would have used), and only
-without autograd or torch.compile; anything else takes the ordinary per-call path.
+lengths. Each window's call returns its slice of that result.
+
+A call is answered from the batch only when its query, key and value are exactly that window of the
+tensors the batch read: the same address and strides (the batch holds those tensors, so no other
+tensor can sit at that address), hence the very data the call would have used. And only without
+autograd or torch.compile; anything else takes the ordinary per-call path.
 """
 
 from __future__ import annotations
