@@ -25,7 +25,6 @@ import numpy as np  # noqa: E402
 
 import mmfa_jax  # noqa: E402
 from bench.attention import time_it  # noqa: E402
-from mmfa_jax.multimodal import _score  # noqa: E402
 
 PRESETS = {
     "smoke": dict(batch=1, heads=2, head_dim=32, inputs=[("image", 96, 16)], keeps=[0.25, 0.5]),
@@ -36,10 +35,11 @@ PRESETS = {
                   keeps=[0.25, 0.5, 0.75]),
 }
 FIELDS = ["kind", "visual", "text", "batch", "heads", "head_dim", "keep", "kept_tokens", "dense_ms", "pipeline_ms",
-          "speedup", "ideal_speedup", "score_ms", "select_ms", "gather_ms", "attend_ms", "error"]
+          "speedup", "ideal_speedup", "torch_pipeline_ms", "score_ms", "select_ms", "gather_ms", "attend_ms", "error"]
 
 
-def run_case(kind, n_visual, n_text, batch, heads, head_dim, keeps, dtype, impl, min_time, stages=False):
+def run_case(kind, n_visual, n_text, batch, heads, head_dim, keeps, dtype, impl, min_time, stages=False,
+             torch_face=False):
     rng = np.random.default_rng(n_visual + n_text)
     T = n_visual + n_text
     q, k, v = (jnp.asarray(rng.standard_normal((batch, T, heads, head_dim), np.float32), dtype) for _ in range(3))
@@ -62,18 +62,36 @@ def run_case(kind, n_visual, n_text, batch, heads, head_dim, keeps, dtype, impl,
         row = dict(kind=kind, visual=n_visual, text=n_text, batch=batch, heads=heads, head_dim=head_dim,
                    keep=keep, kept_tokens=length, dense_ms=dense_s * 1e3, pipeline_ms=sec * 1e3,
                    speedup=dense_s / sec, ideal_speedup=(T / length) ** 2, error="")
+        if torch_face:
+            row["torch_pipeline_ms"] = _torch_time(q, k, v, visual, keep, n_text, length, impl, min_time)
         if stages:
             row.update(_stage_times(q, k, v, visual, keep, n_text, length, impl, min_time))
         rows.append(row)
     return rows
 
 
+def _torch_time(q, k, v, visual, keep, n_text, length, impl, min_time):
+    """The torch face's pipeline (``mmfa_torch.multimodal_attention``) on (B, H, T, D) CUDA tensors."""
+    import torch
+
+    import mmfa_torch
+
+    qt, kt, vt = (torch.from_dlpack(jnp.swapaxes(x, 1, 2).copy()) for x in (q, k, v))
+    vis = torch.from_dlpack(visual)
+    box = {}
+    sec = time_it(lambda: box.__setitem__("r", mmfa_torch.multimodal_attention(
+        qt, kt, vt, vis, keep, is_causal=True, max_scorers=n_text, output_length=length, implementation=impl)),
+        torch.cuda.synchronize if qt.is_cuda else (lambda: None), min_time=min_time, repeats=5)
+    return sec * 1e3
+
+
 def _stage_times(q, k, v, visual, keep, n_text, length, impl, min_time):
     """The pipeline's stages timed one by one (each jitted alone), to see where the time goes."""
     rows = mmfa_jax.scorer_rows("text", visual)
-    score = jax.jit(lambda q, k, visual, rows: _score(q, k, visual, rows, n_text, None, scale=None, is_causal=True,
-                                                       softcap=None, implementation=impl))
-    select = jax.jit(lambda imp, visual: mmfa_jax.select_visual_tokens(imp, visual, keep, output_length=length))
+    score = jax.jit(lambda q, k, visual, rows: mmfa_jax.visual_token_importance(
+        q, k, None, visual, rows, max_scorers=n_text, is_causal=True, implementation=impl))
+    select = jax.jit(lambda imp, visual: mmfa_jax.select_visual_tokens(imp, visual, keep, output_length=length,
+                                                                       implementation=impl))
     gather = jax.jit(lambda q, k, v, idx: [mmfa_jax.gather_tokens(x, idx) for x in (q, k, v)])
     attend = jax.jit(lambda q, k, v, n: mmfa_jax.attention(q, k, v, is_causal=True, query_seq_lengths=n,
                                                            implementation=impl))
@@ -97,6 +115,7 @@ def main(argv=None):
     ap.add_argument("--min-time", type=float, default=0.05)
     ap.add_argument("--out", default="results/mmfa.csv")
     ap.add_argument("--stages", action="store_true", help="also time score, select, gather and attend one by one")
+    ap.add_argument("--torch", action="store_true", help="also time the torch face's pipeline")
     args = ap.parse_args(argv)
     p = PRESETS[args.preset]
     impl = "pallas" if mmfa_jax.pallas_available() else "interpret"
@@ -109,7 +128,7 @@ def main(argv=None):
     for kind, n_visual, n_text in p["inputs"]:
         try:
             new = run_case(kind, n_visual, n_text, p["batch"], p["heads"], p["head_dim"], p["keeps"],
-                           jnp.dtype(args.dtype), impl, args.min_time, args.stages)
+                           jnp.dtype(args.dtype), impl, args.min_time, args.stages, args.torch)
         except Exception as e:  # recorded, not fatal
             new = [dict(kind=kind, visual=n_visual, text=n_text, error=str(e).splitlines()[0][:100])]
         with open(args.out, "a", newline="") as f:
@@ -121,10 +140,11 @@ def main(argv=None):
             else:
                 print(f"{kind:<6} {n_visual:>6}+{n_text:<4} keep {r['keep']:<5} dense {r['dense_ms']:8.3f} ms  "
                       f"pipeline {r['pipeline_ms']:8.3f} ms  speedup {r['speedup']:5.2f}x "
-                      f"(attention alone would give {r['ideal_speedup']:5.1f}x)", flush=True)
+                      f"(attention alone would give {r['ideal_speedup']:5.1f}x)"
+                      + (f"  torch face {r['torch_pipeline_ms']:.3f} ms" if args.torch else ""), flush=True)
                 if args.stages:
                     print("       stages: " + "  ".join(f"{s[:-3]} {r[s]:.3f} ms" for s in FIELDS if s.endswith("_ms")
-                                                         and s not in ("dense_ms", "pipeline_ms")), flush=True)
+                                                         and s not in ("dense_ms", "pipeline_ms", "torch_pipeline_ms")), flush=True)
     print(f"wrote {args.out}")
 
 

@@ -3,7 +3,7 @@
 torch.profiler records every CUDA kernel in the process through CUPTI, jax's included, so it
 serves as a kernel timeline for the jitted ``multimodal_attention`` without another tool.
 
-    python bench/profile_pipeline.py --visual 16384 --text 64 --keep 0.25
+    python bench/profile_pipeline.py --visual 16384 --text 64 --keep 0.25 [--face torch]
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ def main(argv=None):
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--calls", type=int, default=20)
     ap.add_argument("--top", type=int, default=20)
+    ap.add_argument("--face", choices=["jax", "torch"], default="jax",
+                    help="profile the jax pipeline, or the torch face's on (B, H, T, D) tensors")
     args = ap.parse_args(argv)
     T = args.visual + args.text
     rng = np.random.default_rng(0)
@@ -39,13 +41,28 @@ def main(argv=None):
                for _ in range(3))
     visual = jnp.zeros((1, T), bool).at[:, :args.visual].set(True)
     length = args.text + int(np.ceil(args.keep * args.visual))
-    pipeline = jax.jit(lambda q, k, v, vis: mmfa_jax.multimodal_attention(
-        q, k, v, vis, args.keep, is_causal=True, max_scorers=args.text, output_length=length).out)
-    jax.block_until_ready(pipeline(q, k, v, visual))
+    if args.face == "jax":
+        pipeline = jax.jit(lambda q, k, v, vis: mmfa_jax.multimodal_attention(
+            q, k, v, vis, args.keep, is_causal=True, max_scorers=args.text, output_length=length).out)
+        wait = jax.block_until_ready
+    else:
+        import mmfa_torch
+
+        q, k, v = (torch.from_dlpack(jnp.swapaxes(x, 1, 2).copy()) for x in (q, k, v))
+        visual = torch.from_dlpack(visual)
+
+        def pipeline(q, k, v, vis):
+            return mmfa_torch.multimodal_attention(q, k, v, vis, args.keep, is_causal=True, max_scorers=args.text,
+                                                   output_length=length)[0]
+
+        def wait(_):
+            torch.cuda.synchronize()
+
+    wait(pipeline(q, k, v, visual))
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(args.calls):
             out = pipeline(q, k, v, visual)
-        jax.block_until_ready(out)
+        wait(out)
     events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
     total = sum(e.device_time_total for e in events) / args.calls
     print(f"{T} tokens, keep {args.keep} -> {length}: {total:.1f} us of kernels per call")

@@ -154,7 +154,7 @@ def _importance(opts: Options, R: int, query, key, lse, scorers, segment_ids, q_
     q_seg_rows = None if q_seg is None else jnp.take_along_axis(q_seg, order, axis=1)
     xla = opts.implementation == "xla"
     if not xla:
-        cfg = kernel_config(opts, problem.head_dim_padded, q.dtype).forward
+        cfg = kernel_config(opts, problem.head_dim_padded, q.dtype).scoring
         interpret = opts.implementation == "interpret"
     if lse is None:
         lse_rows = (_scorer_lse_xla(problem, q_rows, k, order, q_seg_rows, kv_seg, kv_lengths) if xla else

@@ -18,14 +18,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmfa_jax.attention import attention
+from mmfa_jax.attention import _check_implementation, attention
 from mmfa_jax.importance import scorer_rows, visual_token_importance
 from mmfa_jax.pruning import gather_tokens, select_visual_tokens
 
 
 @dataclasses.dataclass(frozen=True)
 class MultimodalResult:
-    """out: (B, L, N, H) attention output of the kept tokens (rows past ``lengths`` are 0);
+    """out: (B, L, N, H) attention output of the kept tokens ((B, N, L, H) for layout "BNTH"; rows
+    past ``lengths`` are 0);
     indices: (B, L) int32 kept positions in the original sequence, increasing;
     lengths: (B,) int32 kept tokens per example; importance: (B, S) float32 of every token."""
 
@@ -41,7 +42,8 @@ jax.tree_util.register_dataclass(MultimodalResult, data_fields=["out", "indices"
 
 def multimodal_attention(query, key, value, visual_mask, keep, *, scorers="text", max_scorers: int | None = None,
                          scale=None, is_causal: bool = False, logits_soft_cap=None, query_seq_lengths=None,
-                         output_length: int | None = None, implementation=None) -> MultimodalResult:
+                         output_length: int | None = None, implementation=None,
+                         layout: str = "BTNH") -> MultimodalResult:
     """Prune visual tokens by importance, then attend over the kept sequence.
 
     Args:
@@ -54,16 +56,24 @@ def multimodal_attention(query, key, value, visual_mask, keep, *, scorers="text"
       scale, is_causal, logits_soft_cap: as for ``attention``; causality is kept in original order.
       query_seq_lengths: (B,) valid lengths (right padding).
       output_length: static length of the kept sequence (default: the longest, when concrete).
-      implementation: for the attention on the kept tokens ("pallas", "interpret" or "xla").
+      implementation: "pallas", "triton", "interpret" or "xla", for every step (scoring,
+        selection, attention).
+      layout: "BTNH", or "BNTH" for query (B, N, T, H) and key/value (B, K, T, H) (torch's
+        order; the output follows it), so that no transpose is copied.
 
     Returns:
       A ``MultimodalResult``. With keep=1.0 its ``out`` is the dense attention's output.
     """
     query, key, value, visual_mask = (jnp.asarray(x) for x in (query, key, value, visual_mask))
-    if query.ndim != 4 or key.shape[:2] != query.shape[:2] or key.shape != value.shape:
-        raise ValueError(f"multimodal_attention is self-attention: query (B, T, N, H) and key/value (B, T, K, H) over "
-                         f"one sequence, got {query.shape}, {key.shape}, {value.shape}")
-    B, T = query.shape[:2]
+    if layout not in ("BTNH", "BNTH"):
+        raise ValueError(f"layout must be 'BTNH' or 'BNTH', got {layout!r}")
+    seq = 1 if layout == "BTNH" else 2
+    if (query.ndim != 4 or key.ndim != 4 or (key.shape[0], key.shape[seq]) != (query.shape[0], query.shape[seq])
+            or key.shape != value.shape):
+        shapes = "(B, T, N, H) and key/value (B, T, K, H)" if seq == 1 else "(B, N, T, H) and key/value (B, K, T, H)"
+        raise ValueError(f"multimodal_attention is self-attention: query {shapes} over one sequence, got "
+                         f"{query.shape}, {key.shape}, {value.shape}")
+    B, T = query.shape[0], query.shape[seq]
     if visual_mask.shape != (B, T) or visual_mask.dtype != jnp.bool_:
         raise ValueError(f"visual_mask must be a boolean (B, T) = {(B, T)} array, got {visual_mask.dtype} "
                          f"{visual_mask.shape}")
@@ -72,18 +82,29 @@ def multimodal_attention(query, key, value, visual_mask, keep, *, scorers="text"
         raise ValueError(f"scorers must be 'text', 'last' or a boolean (B, T) array, got {rows.dtype} {rows.shape}")
     if max_scorers is None:
         max_scorers = _concrete_max(jnp.sum(rows, axis=1), default=T)
-    importance = _score(query, key, visual_mask, rows, int(max(1, min(max_scorers, T))), query_seq_lengths,
-                        scale=scale, is_causal=bool(is_causal), softcap=logits_soft_cap, implementation=implementation)
+    # The scores only pick tokens: no gradient flows through them (nor through the scoring kernels).
+    implementation = _check_implementation(implementation)
+    importance = visual_token_importance(
+        jax.lax.stop_gradient(query), jax.lax.stop_gradient(key), None, visual_mask, rows,
+        max_scorers=int(max(1, min(max_scorers, T))), scale=scale, is_causal=bool(is_causal),
+        logits_soft_cap=logits_soft_cap, query_seq_lengths=query_seq_lengths, key_value_seq_lengths=query_seq_lengths,
+        implementation=implementation, layout=layout)
     indices, lengths = select_visual_tokens(importance, visual_mask, keep, valid_lengths=query_seq_lengths,
-                                            output_length=output_length)
-    q, k, v = (gather_tokens(x, indices) for x in (query, key, value))
+                                            output_length=output_length, implementation=implementation)
+    q, k, v = (_gather(x, indices, layout) for x in (query, key, value))
     # Under causality a row before the length never sees a key past it, so the key lengths add
     # nothing; and the forward kernel with both lengths runs about 14% slower on the H100 than
     # with either alone (bench/NOTES.md).
     out = attention(q, k, v, scale=scale, is_causal=is_causal, logits_soft_cap=logits_soft_cap,
                     query_seq_lengths=lengths, key_value_seq_lengths=None if is_causal else lengths,
-                    implementation=implementation)
+                    implementation=implementation, layout=layout)
     return MultimodalResult(out, indices, lengths, importance)
+
+
+def _gather(x, indices, layout: str):
+    if layout == "BTNH":
+        return gather_tokens(x, indices)
+    return jax.vmap(lambda xb, ib: xb[:, ib])(x, indices)  # (B, N, T, H): per example, whole (N, ., H) rows
 
 
 def _concrete_max(x, default: int) -> int:
@@ -91,11 +112,3 @@ def _concrete_max(x, default: int) -> int:
         return max(1, int(np.max(np.asarray(x))))
     except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
         return default
-
-
-def _score(q, k, visual_mask, scorers, R: int, lengths, *, scale, is_causal, softcap, implementation):
-    """Importance (B, S) from the first R scorer rows of each example: their LSE and then their
-    probabilities, two passes over the keys for those rows alone (no attention over all T rows)."""
-    return visual_token_importance(q, k, None, visual_mask, scorers, max_scorers=R, scale=scale, is_causal=is_causal,
-                                   logits_soft_cap=softcap, query_seq_lengths=lengths, key_value_seq_lengths=lengths,
-                                   implementation=implementation)

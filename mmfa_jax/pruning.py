@@ -13,6 +13,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mmfa_jax.attention import _check_implementation
+from mmfa_jax import tuning
+from mmfa_jax.kernels import selection
+
 
 def keep_counts(visual_mask, keep):
     """How many visual tokens each example keeps: ceil(keep * n_visual) for a ratio in (0, 1],
@@ -30,7 +34,19 @@ def keep_counts(visual_mask, keep):
     return jnp.ceil(jnp.round(n_visual * keep, 4)).astype(jnp.int32)
 
 
-def select_visual_tokens(importance, visual_mask, keep, *, valid_lengths=None, output_length: int | None = None):
+def kept_lengths(visual_mask, keep, valid_lengths=None):
+    """(B,) int32: how many tokens each example keeps (its valid text tokens and its share of
+    visual ones), what ``select_visual_tokens`` returns as lengths; its maximum is the default
+    ``output_length``."""
+    visual_mask = jnp.asarray(visual_mask)
+    S = visual_mask.shape[1]
+    valid = jnp.ones_like(visual_mask) if valid_lengths is None else (
+        jnp.arange(S)[None, :] < jnp.asarray(valid_lengths)[:, None])
+    return (jnp.sum(valid & ~visual_mask, axis=1) + keep_counts(visual_mask & valid, keep)).astype(jnp.int32)
+
+
+def select_visual_tokens(importance, visual_mask, keep, *, valid_lengths=None, output_length: int | None = None,
+                         implementation: str | None = None):
     """Which tokens survive pruning, in their original order.
 
     Args:
@@ -42,6 +58,10 @@ def select_visual_tokens(importance, visual_mask, keep, *, valid_lengths=None, o
       valid_lengths: (B,) int, tokens at or past it are padding and dropped (default: none).
       output_length: static length of the index array. Default: the longest kept sequence when
         the inputs are concrete, else S.
+      implementation: "pallas" or "triton" (one Pallas program per example,
+        ``mmfa_jax.kernels.selection``; the default on GPUs where the kernels run, up to
+        ``MAX_TOKENS`` tokens), "interpret" (that kernel in the CPU interpreter) or "xla" (a radix
+        select in XLA ops). All give the same result.
 
     Returns:
       (indices (B, output_length) int32, lengths (B,) int32): indices[b, :lengths[b]] are the
@@ -58,17 +78,30 @@ def select_visual_tokens(importance, visual_mask, keep, *, valid_lengths=None, o
         jnp.arange(S)[None, :] < jnp.asarray(valid_lengths)[:, None])
     visual = visual_mask & valid
     n_keep = keep_counts(visual, keep)
-    chosen = _top_visual(importance.astype(jnp.float32), visual, n_keep)
-    kept = (valid & ~visual_mask) | chosen
-    lengths = jnp.sum(kept, axis=1).astype(jnp.int32)
     if output_length is None:
+        lengths = jnp.sum(valid & ~visual_mask, axis=1) + n_keep  # kept_lengths
         try:
             output_length = max(1, int(np.max(np.asarray(lengths))))
         except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
             output_length = S
     if not 1 <= output_length <= S:
         raise ValueError(f"output_length must be in [1, S={S}], got {output_length}")
-    return packed_positions(kept, output_length), lengths
+    implementation = _selection_implementation(implementation, S)
+    if implementation != "xla":
+        kind = jnp.where(valid, jnp.where(visual_mask, selection.CANDIDATE, selection.TEXT), selection.DROPPED)
+        return selection.select(importance.astype(jnp.float32), kind.astype(jnp.int8), n_keep, output_length,
+                                interpret=implementation == "interpret",
+                                route="triton" if implementation == "triton" else "auto")
+    chosen = _top_visual(importance.astype(jnp.float32), visual, n_keep)
+    kept = (valid & ~visual_mask) | chosen
+    return packed_positions(kept, output_length), jnp.sum(kept, axis=1).astype(jnp.int32)
+
+
+def _selection_implementation(implementation, S: int) -> str:
+    implementation = _check_implementation(implementation)
+    if implementation in ("pallas", "triton") and (S > selection.MAX_TOKENS or tuning.gpu_family() == "sm75"):
+        return "xla"  # the kernel holds a whole sequence in registers; Turing's 64 KiB of shared memory is too little
+    return implementation
 
 
 def _top_visual(score, visual, n_keep):

@@ -33,19 +33,29 @@ class KernelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class AttentionConfig:
-    """Configurations of the forward kernel and the two backward kernels."""
+    """Configurations of the forward kernel and the two backward kernels, and of the scorer
+    kernels of visual-token importance (a few query rows over all keys: memory-bound, so their
+    best tiles differ; None: the forward's)."""
 
     forward: KernelConfig
     backward_dq: KernelConfig
     backward_dkv: KernelConfig
+    scorer: KernelConfig | None = None
+
+    @property
+    def scoring(self) -> KernelConfig:
+        return self.scorer or self.forward
+
+    def _map(self, f) -> "AttentionConfig":
+        return AttentionConfig(f(self.forward), f(self.backward_dq), f(self.backward_dkv),
+                               None if self.scorer is None else f(self.scorer))
 
     def halved(self) -> "AttentionConfig":
-        return AttentionConfig(self.forward.halved(), self.backward_dq.halved(), self.backward_dkv.halved())
+        return self._map(KernelConfig.halved)
 
     def with_route(self, route: str) -> "AttentionConfig":
         """The same tiles, compiled by the given route ("auto", "stock" or "triton")."""
-        return AttentionConfig(*(dataclasses.replace(c, route=route)
-                                 for c in (self.forward, self.backward_dq, self.backward_dkv)))
+        return self._map(lambda c: dataclasses.replace(c, route=route))
 
 
 K = KernelConfig
@@ -55,7 +65,7 @@ K = KernelConfig
 TABLE: dict[tuple[str, int], AttentionConfig] = {
     ("sm90", 32): AttentionConfig(K(64, 128, 4, 2), K(128, 64, 4, 3), K(128, 64, 4, 2)),
     ("sm90", 64): AttentionConfig(K(64, 128, 4, 2), K(128, 64, 4, 3), K(128, 64, 4, 2)),
-    ("sm90", 128): AttentionConfig(K(128, 128, 8, 3), K(128, 64, 8, 3), K(64, 64, 4, 2)),
+    ("sm90", 128): AttentionConfig(K(128, 128, 8, 3), K(128, 64, 8, 3), K(64, 64, 4, 2), scorer=K(128, 64, 4, 2)),
     ("sm90", 256): AttentionConfig(K(64, 64, 4, 2), K(64, 32, 4, 2), K(32, 64, 4, 2)),
     ("sm80", 32): AttentionConfig(K(128, 64, 4, 3), K(128, 32, 4, 2), K(32, 128, 4, 2)),
     ("sm80", 64): AttentionConfig(K(128, 64, 4, 3), K(128, 32, 4, 2), K(32, 128, 4, 2)),

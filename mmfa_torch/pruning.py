@@ -4,8 +4,11 @@ Layout is torch's: query (B, H, L, D), key (B, Hkv, S, D), lse (B, H, L) as retu
 ``mmfa_torch.scaled_dot_product_attention(..., return_lse=True)``.
 """
 
+import functools
 from typing import Optional
 
+import jax
+import jax.numpy as jnp
 import torch
 
 from mmfa_jax.importance import visual_token_importance as _jax_importance
@@ -98,29 +101,57 @@ def gather_tokens(x: Tensor, indices: Tensor, dim: int = 1) -> Tensor:
 
 
 
-@torch.library.custom_op("mmfa::multimodal_attention", mutates_args=())
-def _multimodal_op(query: Tensor, key: Tensor, value: Tensor, visual_mask: Tensor, scorers: Optional[Tensor],
+def _multimodal(query: Tensor, key: Tensor, value: Tensor, visual_mask: Tensor, scorers: Optional[Tensor],
                    rule: str, query_seq_lengths: Optional[Tensor], keep: float, keep_count: int,
                    max_scorers: Optional[int], output_length: Optional[int], scale: Optional[float], is_causal: bool,
-                   softcap: Optional[float],
-                   implementation: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                   softcap: Optional[float], implementation: str,
+                   layout: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    from mmfa_jax.importance import scorer_rows
+    from mmfa_jax.pruning import kept_lengths
+
+    keep = keep_count if keep_count > 0 else keep
+    visual, lengths = to_jax(visual_mask), to_jax(query_seq_lengths)
+    scorers = rule if scorers is None else to_jax(scorers)
+    # The static sizes the jitted pipeline needs, from the masks (left to jit, they would be the
+    # full length: a (T, S) scoring pass and no shorter sequence).
+    if max_scorers is None:
+        rows = scorer_rows(scorers, visual, lengths) if isinstance(scorers, str) else scorers
+        max_scorers = max(1, int(jnp.max(jnp.sum(rows, axis=1))))
+    if output_length is None:
+        output_length = max(1, int(jnp.max(kept_lengths(visual, keep, lengths))))
+    r = _jitted_multimodal(to_jax(query), to_jax(key), to_jax(value), visual, None if isinstance(scorers, str) else
+                           scorers, lengths, keep=keep, rule=scorers if isinstance(scorers, str) else "mask",
+                           max_scorers=max_scorers, output_length=output_length, scale=scale, is_causal=is_causal,
+                           softcap=softcap, implementation=implementation, layout=layout)
+    return to_torch(r.out), to_torch(r.indices), to_torch(r.lengths), to_torch(r.importance)
+
+
+@functools.partial(jax.jit, static_argnames=("keep", "rule", "max_scorers", "output_length", "scale", "is_causal",
+                                             "softcap", "implementation", "layout"))
+def _jitted_multimodal(query, key, value, visual, scorers, lengths, *, keep, rule, max_scorers, output_length, scale,
+                       is_causal, softcap, implementation, layout):
+    """The jax pipeline under one jit: one dispatch per call rather than one per array operation."""
     from mmfa_jax.multimodal import multimodal_attention as _jax_multimodal
 
-    r = _jax_multimodal(
-        to_jax(query), to_jax(key), to_jax(value), to_jax(visual_mask), keep_count if keep_count > 0 else keep,
-        scorers=rule if scorers is None else to_jax(scorers), max_scorers=max_scorers, scale=scale,
-        is_causal=is_causal, logits_soft_cap=softcap, query_seq_lengths=to_jax(query_seq_lengths),
-        output_length=output_length,
-        implementation=implementation)
-    return to_torch(r.out), to_torch(r.indices), to_torch(r.lengths), to_torch(r.importance)
+    return _jax_multimodal(query, key, value, visual, keep, scorers=rule if scorers is None else scorers,
+                           max_scorers=max_scorers, scale=scale, is_causal=is_causal, logits_soft_cap=softcap,
+                           query_seq_lengths=lengths, output_length=output_length, implementation=implementation,
+                           layout=layout)
+
+
+# Under torch.compile the pipeline is this custom op; eager calls skip it (torch's dispatch of a
+# custom op costs host time on every call, as for attention: mmfa_torch.ops.attention).
+_multimodal_op = torch.library.custom_op("mmfa::multimodal_attention", _multimodal, mutates_args=())
 
 
 @_multimodal_op.register_fake
 def _(query, key, value, visual_mask, scorers, rule, query_seq_lengths, keep, keep_count, max_scorers, output_length,
-      scale, is_causal, softcap, implementation):
-    B, T, N, D = query.shape
+      scale, is_causal, softcap, implementation, layout):
+    B, T = visual_mask.shape
+    N, D = query.shape[2 if layout == "BTNH" else 1], query.shape[3]
     L = output_length if output_length is not None else torch.library.get_ctx().new_dynamic_size()
-    return (query.new_empty((B, L, N, D)), query.new_empty((B, L), dtype=torch.int32),
+    out_shape = (B, L, N, D) if layout == "BTNH" else (B, N, L, D)
+    return (query.new_empty(out_shape), query.new_empty((B, L), dtype=torch.int32),
             query.new_empty((B,), dtype=torch.int32), query.new_empty((B, T), dtype=torch.float32))
 
 
@@ -138,15 +169,17 @@ def multimodal_attention(query: Tensor, key: Tensor, value: Tensor, visual_mask:
     if isinstance(keep, bool) or not isinstance(keep, (int, float)):
         raise TypeError(f"keep must be a ratio in (0, 1] or a positive int count, got {keep!r}")
     rule, scorers = (scorers, None) if isinstance(scorers, str) else ("mask", scorers.contiguous())
-    q, k, v = (t.detach().transpose(1, 2).contiguous() for t in (query, key, value))  # (B, T, H, D)
-    out, idx, lengths, importance = _multimodal_op(
+    # Handed over in the memory order they have (a transposed (B, T, H, D) view stays one): no copy.
+    layout = _layout_of(query)
+    q, k, v = (_in_layout(t.detach(), layout) for t in (query, key, value))
+    op = _multimodal_op if torch.compiler.is_compiling() else _multimodal
+    out, idx, lengths, importance = op(
         q, k, v, visual_mask.contiguous(), scorers, rule, _int32(query_seq_lengths, "query_seq_lengths"),
         float(keep) if isinstance(keep, float) else 0.0, keep if isinstance(keep, int) else 0,
         None if max_scorers is None else int(max_scorers),
         None if output_length is None else int(output_length), _float(scale), bool(is_causal),
-        _float(logits_soft_cap),
-        _implementation(implementation, query.device))
-    return out.transpose(1, 2), idx, lengths, importance
+        _float(logits_soft_cap), _implementation(implementation, query.device), layout)
+    return (out.transpose(1, 2) if layout == "BTNH" else out), idx, lengths, importance
 
 
 __all__ = ["gather_tokens", "multimodal_attention", "select_visual_tokens", "visual_token_importance"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ from reference import attention_reference, importance_reference, select_referenc
 
 import mmfa_jax
 from mmfa_jax.multimodal import multimodal_attention
+from mmfa_jax.pruning import gather_tokens
 
 TOL = 2e-5
 
@@ -66,6 +68,37 @@ def test_pruned_attention_matches_reference_pipeline(rng, impl, keep, causal):
         assert (np.asarray(r.out[b, n:L]) == 0).all(), "rows past the kept length must be zeros"
 
 
+def test_gradients_flow_through_the_kept_rows(rng, impl):
+    """The pipeline's gradient with respect to q, k and v is the dense attention's on the kept rows,
+    scattered back to their positions (zero elsewhere); the scoring kernels take no gradient."""
+    B, T, N, K, H = 2, 40, 4, 2, 32
+    q, _ = normal(rng, (B, T, N, H))
+    k, _ = normal(rng, (B, T, K, H))
+    v, _ = normal(rng, (B, T, K, H))
+    vis = jnp.asarray(_visual(rng, B, T))
+    weight = jnp.asarray(rng.standard_normal((B, T, N, H)), jnp.float32)
+    r = multimodal_attention(q, k, v, vis, 0.5, is_causal=True, implementation=impl)
+    idx, L = r.indices, r.indices.shape[1]
+
+    def pruned(q, k, v):
+        out = multimodal_attention(q, k, v, vis, 0.5, is_causal=True, implementation=impl).out
+        return jnp.sum(out * weight[:, :L])
+
+    def on_kept(q, k, v):
+        take = lambda x: gather_tokens(x, idx)  # noqa: E731
+        out = mmfa_jax.attention(take(q), take(k), take(v), is_causal=True, query_seq_lengths=r.lengths,
+                                 implementation="xla")
+        return jnp.sum(out * weight[:, :L])
+
+    got = jax.grad(pruned, argnums=(0, 1, 2))(q, k, v)
+    want = jax.grad(on_kept, argnums=(0, 1, 2))(q, k, v)
+    for g, w, name in zip(got, want, "qkv"):
+        assert_close(g, np.asarray(w, np.float64), 1e-4, f"d{name}")
+        dropped = np.ones(T, bool)
+        dropped[np.asarray(idx[0])] = False
+        assert (np.asarray(g[0, dropped]) == 0).all(), f"d{name} of pruned tokens must be zero"
+
+
 def test_bad_input(rng):
     q, _ = normal(rng, (1, 10, 2, 16))
     vis = jnp.zeros((1, 10), bool).at[0, 2:6].set(True)
@@ -75,3 +108,18 @@ def test_bad_input(rng):
         multimodal_attention(q, q, q, vis, 1.5, implementation="xla")
     with pytest.raises(ValueError, match="self-attention"):
         multimodal_attention(q, q[:, :5], q[:, :5], vis, 0.5, implementation="xla")
+
+
+def test_torch_order_layout(rng, impl):
+    """layout="BNTH" (query (B, N, T, H)) gives the same result as the default order, transposed."""
+    B, T, N, K, H = 2, 44, 4, 2, 32
+    q, _ = normal(rng, (B, T, N, H))
+    k, _ = normal(rng, (B, T, K, H))
+    v, _ = normal(rng, (B, T, K, H))
+    vis = jnp.asarray(_visual(rng, B, T))
+    want = multimodal_attention(q, k, v, vis, 0.5, is_causal=True, implementation=impl)
+    t = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731
+    got = multimodal_attention(t(q), t(k), t(v), vis, 0.5, is_causal=True, implementation=impl, layout="BNTH")
+    np.testing.assert_array_equal(np.asarray(got.indices), np.asarray(want.indices))
+    np.testing.assert_allclose(np.asarray(got.importance), np.asarray(want.importance), rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(np.asarray(t(got.out)), np.asarray(want.out), rtol=1e-5, atol=1e-6)

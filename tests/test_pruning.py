@@ -24,7 +24,7 @@ def _check(indices, lengths, want):
 @settings(max_examples=40, deadline=None)
 @given(seed=st.integers(0, 2**31), B=st.integers(1, 3), S=st.integers(1, 40),
        keep=st.one_of(st.floats(0.01, 1.0), st.integers(1, 12)), ties=st.booleans(), padded=st.booleans())
-def test_selection_matches_reference(seed, B, S, keep, ties, padded):
+def test_selection_matches_reference(impl, seed, B, S, keep, ties, padded):
     rng = np.random.default_rng(seed)
     vis = rng.random((B, S)) < 0.6
     imp = rng.integers(0, 3, (B, S)).astype(np.float32) if ties else rng.random((B, S)).astype(np.float32)
@@ -32,7 +32,8 @@ def test_selection_matches_reference(seed, B, S, keep, ties, padded):
     want = select_reference(imp, vis, keep, lengths)
     if max(len(w) for w in want) == 0:
         return
-    idx, n = select_visual_tokens(jnp.asarray(imp), jnp.asarray(vis), keep, valid_lengths=lengths)
+    idx, n = select_visual_tokens(jnp.asarray(imp), jnp.asarray(vis), keep, valid_lengths=lengths,
+                                  implementation=impl)
     _check(idx, n, want)
 
 
@@ -87,21 +88,22 @@ def test_bad_shapes():
         gather_tokens(jnp.ones((3, 4, 2)), jnp.zeros((2, 2), jnp.int32))
 
 
-def test_infinite_and_nan_scores_still_keep_the_count():
+def test_infinite_and_nan_scores_still_keep_the_count(impl):
     """-inf or NaN scores on visual tokens must not let text tokens take their places."""
     vis = jnp.asarray([[False, True, True, True, False, True]])
     for scores in ([0, -np.inf, -np.inf, 1, 0, -np.inf], [0, np.nan, np.nan, np.nan, 0, np.nan],
                    [0, np.nan, 2.0, np.nan, 0, 1.0]):
-        idx, n = select_visual_tokens(jnp.asarray([scores], jnp.float32), vis, 3)
+        idx, n = select_visual_tokens(jnp.asarray([scores], jnp.float32), vis, 3, implementation=impl)
         kept = np.asarray(idx[0, :int(n[0])])
         assert len(kept) == 5 and {0, 4} <= set(kept.tolist()), (scores, kept)
-    idx, n = select_visual_tokens(jnp.asarray([[0, np.nan, 2.0, np.nan, 0, 1.0]], jnp.float32), vis, 2)
+    idx, n = select_visual_tokens(jnp.asarray([[0, np.nan, 2.0, np.nan, 0, 1.0]], jnp.float32), vis, 2,
+                                  implementation=impl)
     np.testing.assert_array_equal(np.asarray(idx[0, :int(n[0])]), [0, 2, 4, 5])  # NaN ranks last
 
 
 @settings(max_examples=30, deadline=None)
 @given(seed=st.integers(0, 2**31), S=st.sampled_from([1, 9, 300]), keep=st.floats(0.01, 1.0))
-def test_selection_exact_on_awkward_scores(seed, S, keep):
+def test_selection_exact_on_awkward_scores(impl, seed, S, keep):
     """The radix select against a plain sort, on scores that stress it: signed zeros, infinities,
     NaN, neighbours one ulp apart and values sharing their high 16 bits, with many ties."""
     rng = np.random.default_rng(seed)
@@ -114,5 +116,39 @@ def test_selection_exact_on_awkward_scores(seed, S, keep):
     want = select_reference(np.where(np.isnan(imp), -np.inf, imp), vis, keep)  # NaN ranks as -inf
     if max(len(w) for w in want) == 0:
         return
-    idx, n = select_visual_tokens(jnp.asarray(imp), jnp.asarray(vis), keep)
+    idx, n = select_visual_tokens(jnp.asarray(imp), jnp.asarray(vis), keep, implementation=impl)
     _check(idx, n, want)
+
+
+@pytest.mark.parametrize("S, output_length", [(16448, 4160), (30000, 9000), (70000, 1000)])
+def test_selection_at_length(impl, S, output_length):
+    """Sequences of real length (the selection kernel holds one in registers; past MAX_TOKENS the
+    XLA select takes over), with many ties and padding; an output shorter than the kept count
+    holds its first positions."""
+    rng = np.random.default_rng(S)
+    B = 2
+    imp = np.round(rng.random((B, S)) * 2000).astype(np.float32)
+    vis = rng.random((B, S)) < 0.98
+    lengths = np.asarray([S, S - 1234])
+    idx, n = select_visual_tokens(jnp.asarray(imp), jnp.asarray(vis), 0.25, valid_lengths=jnp.asarray(lengths),
+                                  output_length=output_length, implementation=impl)
+    for b, want in enumerate(select_reference(imp, vis, 0.25, lengths)):
+        assert int(n[b]) == len(want)
+        got = np.asarray(idx[b])
+        np.testing.assert_array_equal(got[:len(want)], want[:output_length])
+        assert (got[len(want):] == want[-1]).all()
+
+
+@pytest.mark.parametrize("S", [16448, 32768])
+def test_selection_kernel_fits_hopper(S):
+    """Compiled for sm_90 by the official Triton (no GPU needed), the selection kernel fits in
+    shared memory up to its length limit."""
+    pytest.importorskip("triton")
+    from mmfa_jax import triton_route
+    from mmfa_jax.kernels import selection
+
+    args = (jax.ShapeDtypeStruct((1, S), jnp.float32), jax.ShapeDtypeStruct((1, S), jnp.int8),
+            jax.ShapeDtypeStruct((1,), jnp.int32))
+    [(kernel, *_)] = triton_route.lower_for(lambda s, k, n: selection.select(s, k, n, S // 4, route="triton"), *args,
+                                           device_kind="NVIDIA H100")
+    assert kernel.shared <= 227 * 1024

@@ -45,6 +45,18 @@ def test_torch_importance_compiles(rng):
     torch.testing.assert_close(f(q, lse, vis), eager)
 
 
+def test_torch_multimodal_compiles(rng):
+    """Under torch.compile the pipeline is a custom op (fake shapes from output_length); its
+    results are the eager call's, which skips the op."""
+    q = torch.from_numpy(rng.standard_normal((1, 2, 24, 16)).astype(np.float32))
+    vis = torch.zeros(1, 24, dtype=torch.bool)
+    vis[:, 3:19] = True
+    run = lambda q, vis: mmfa_torch.multimodal_attention(q, q, q, vis, 0.5, is_causal=True,  # noqa: E731
+                                                         output_length=16, implementation="xla")
+    for got, want in zip(torch.compile(run, fullgraph=True)(q, vis), run(q, vis)):
+        torch.testing.assert_close(got, want)
+
+
 @pytest.mark.gpu
 def test_torch_importance_cuda(rng):
     q = torch.randn(2, 4, 300, 64, device="cuda", dtype=torch.bfloat16)
@@ -58,16 +70,24 @@ def test_torch_importance_cuda(rng):
     torch.testing.assert_close(got.cpu(), want, atol=2e-3, rtol=2e-2)
 
 
-def test_torch_multimodal_matches_jax(rng):
-    """The torch pipeline gives the jax pipeline's numbers (same kernels, torch layout)."""
+@pytest.mark.parametrize("memory", ["BNTH", "BTNH"])
+def test_torch_multimodal_matches_jax(rng, memory):
+    """The torch pipeline gives the jax pipeline's numbers (same kernels, torch layout), for
+    (B, H, T, D)-contiguous tensors and for transposed views of (B, T, H, D) ones (as transformers
+    makes them), which go over without a copy."""
     import jax.numpy as jnp
 
     from mmfa_jax.multimodal import multimodal_attention as jax_multimodal
 
     B, H, Hkv, T, D = 2, 4, 2, 40, 32
-    q = torch.from_numpy(rng.standard_normal((B, H, T, D)).astype(np.float32))
-    k = torch.from_numpy(rng.standard_normal((B, Hkv, T, D)).astype(np.float32))
-    v = torch.from_numpy(rng.standard_normal((B, Hkv, T, D)).astype(np.float32))
+
+    def tensor(heads):
+        x = rng.standard_normal((B, heads, T, D)).astype(np.float32)
+        if memory == "BTNH":
+            return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 2, 1, 3))).transpose(1, 2)
+        return torch.from_numpy(x)
+
+    q, k, v = tensor(H), tensor(Hkv), tensor(Hkv)
     vis = torch.zeros(B, T, dtype=torch.bool)
     vis[:, 4:30] = True
     out, idx, n, imp = mmfa_torch.multimodal_attention(q, k, v, vis, 0.5, is_causal=True, implementation="interpret")

@@ -229,11 +229,39 @@ def _skip_dead_rows(ranges, any_live_row):
     return tuple(jnp.where(any_live_row, r, lo) for r in ranges)
 
 
-def _query_tile(p: Problem):
+def _query_tile(p: Problem, tile_axis: int = 0):
     """This program's query tile. Under a causal band (no left bound) later tiles see more keys:
     hand them out first, so that the short tiles fill the last wave instead of a long one
     running alone at the end."""
-    return _tile_order(p, pl.num_programs(0))(pl.program_id(0))
+    return _tile_order(p, pl.num_programs(tile_axis))(pl.program_id(tile_axis))
+
+
+def _heads_inside_tiles(p: Problem, num_tiles: int) -> bool:
+    """Whether the grid runs every head's tile t before any head's next tile (heads as the fastest
+    grid axis) rather than one head's tiles in a row.
+
+    Under a causal band, tiles are handed out heaviest first (``_query_tile``); with heads inside,
+    that order holds across all heads, the longest-job-first schedule. With a head's tiles in a
+    row, the heavy tiles of the last heads start late. For short sequences (33 tiles of 16
+    heads: a schedule of 86 tile steps per SM against 69, by simulation) that costs a quarter of
+    the time; for long ones (129 tiles) under 1%, while there one head's K/V then stays in L2.
+    Measured on the H100 (bench/NOTES.md): 4,160 causal tokens 0.213 -> 0.178 ms, 8,256 0.669 ->
+    0.637, 16,448 2.298 -> 2.372 (hence the bound)."""
+    return p.band.right is not None and p.band.left is None and num_tiles <= 96
+
+
+def _tile_grid(num_tiles: int, heads: int, batch: int, heads_inside: bool, specs):
+    """(grid, tile axis, specs): specs written for a (tile, head, batch) grid, adapted to the grid
+    with heads as the fastest axis when ``heads_inside``."""
+    if not heads_inside:
+        return (num_tiles, heads, batch), 0, specs
+
+    def swapped(spec):
+        if spec is None:
+            return None
+        return pl.BlockSpec(spec.block_shape, lambda n, t, b, f=spec.index_map: f(t, n, b))
+
+    return (heads, num_tiles, batch), 1, [swapped(s) for s in specs]
 
 
 def _tile_order(p: Problem, num_tiles):
@@ -253,8 +281,8 @@ def _column_mask(p: Problem):
 
 
 def _forward_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, qseg_ref, kvseg_ref, qlen_ref, kvlen_ref,
-                    mask_ranges_ref, o_ref, lse_ref, *, p: Problem, block_q: int, block_k: int):
-    t = _query_tile(p)
+                    mask_ranges_ref, o_ref, lse_ref, *, p: Problem, block_q: int, block_k: int, tile_axis: int):
+    t = _query_tile(p, tile_axis)
     q_start = t * block_q
     q_pos = q_start + jnp.arange(block_q)
     q_rows = pl.ds(q_start, block_q)
@@ -319,7 +347,6 @@ def forward(p: Problem, cfg: KernelConfig, q, k, v, bias, dense_mask, q_seg, kv_
     block_q, block_k = _tile(p.q_len, cfg.block_q), _tile(p.kv_len, cfg.block_k)
     q_head, kv_head = (lambda n: n), (lambda n: n // p.group)
     num_tiles = forward_query_tiles(p.q_len, cfg)
-    grid = (num_tiles, p.q_heads, p.batch)
     ranges, ranges_spec = None, None
     if dense_mask is not None:
         ranges = mask_ranges(p, cfg, dense_mask, interpret=interpret)
@@ -340,7 +367,10 @@ def forward(p: Problem, cfg: KernelConfig, q, k, v, bias, dense_mask, q_seg, kv_
     out_specs = [_seq_spec(p, p.q_len, None, q_head), _row_spec(p.q_len, None, q_head)]
     out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct((p.batch, p.q_heads, p.q_len), jnp.float32)]
-    kernel = functools.partial(_forward_kernel, p=p, block_q=block_q, block_k=block_k)
+    grid, tile_axis, specs = _tile_grid(num_tiles, p.q_heads, p.batch, _heads_inside_tiles(p, num_tiles),
+                                        in_specs + out_specs)
+    in_specs, out_specs = specs[:len(in_specs)], specs[len(in_specs):]
+    kernel = functools.partial(_forward_kernel, p=p, block_q=block_q, block_k=block_k, tile_axis=tile_axis)
     return pl.pallas_call(
         kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
         compiler_params=_params(cfg), interpret=interpret, name="mmfa_flash_forward",
@@ -445,9 +475,10 @@ def _grad_logits(p: Problem, probs, dp, delta, tanh):
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, qseg_ref, kvseg_ref, qlen_ref, kvlen_ref,
-               do_ref, lse_ref, delta_ref, dq_ref, *dbias_refs, p: Problem, block_q: int, block_k: int):
+               do_ref, lse_ref, delta_ref, dq_ref, *dbias_refs, p: Problem, block_q: int, block_k: int,
+               tile_axis: int):
     dbias_ref = dbias_refs[0] if dbias_refs else None
-    t = _query_tile(p)
+    t = _query_tile(p, tile_axis)
     q_start = t * block_q
     q_pos = q_start + jnp.arange(block_q)
     q_rows = pl.ds(q_start, block_q)
@@ -568,10 +599,13 @@ def backward(p: Problem, dq_cfg: KernelConfig, dkv_cfg: KernelConfig, q, k, v, b
     if with_dbias:
         out_specs.append(pl.BlockSpec((None, None, p.q_len, p.kv_len), lambda t, n, b: (b, n, 0, 0)))
         out_shape.append(jax.ShapeDtypeStruct((p.batch, p.q_heads, p.q_len, p.kv_len), jnp.float32))
+    num_tiles = pl.cdiv(p.q_len, block_q)
+    grid, tile_axis, specs = _tile_grid(num_tiles, p.q_heads, p.batch, _heads_inside_tiles(p, num_tiles),
+                                        in_specs + out_specs)
+    in_specs, out_specs = specs[:len(in_specs)], specs[len(in_specs):]
     dq, *dbias = pl.pallas_call(
-        functools.partial(_dq_kernel, p=p, block_q=block_q, block_k=block_k),
-        grid=(pl.cdiv(p.q_len, block_q), p.q_heads, p.batch),
-        in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+        functools.partial(_dq_kernel, p=p, block_q=block_q, block_k=block_k, tile_axis=tile_axis),
+        grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
         compiler_params=_params(dq_cfg), interpret=interpret, name="mmfa_flash_dq",
     )(q, k, v, bias, dense_mask, q_seg, kv_seg, q_lengths, kv_lengths, do, lse, delta)
 

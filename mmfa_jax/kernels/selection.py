@@ -1,0 +1,144 @@
+"""Top-k selection of visual tokens as one Pallas program per example.
+
+The XLA form of the selection (``mmfa_jax.pruning``: two 65,536-bin histograms, prefix sums,
+scatters) is about fifteen small kernels, 60 us on the H100 for a 16k-token sequence, more than a
+third of the attention it saves at keep 0.25. Here one program holds an example's whole sequence
+in registers and does it all:
+
+1. scores become int32 keys whose signed order is the float order (NaN as -inf, -0 as +0);
+2. the keep-th largest key among the candidates is found bit by bit, from the top bit down
+   (up to 32 counting passes over the registers, no memory traffic);
+3. candidates above it are kept, and of those equal to it the earliest, up to the count;
+4. a prefix sum of the kept flags gives each kept position its slot, stored by a scatter; the
+   slots past the kept count repeat the last kept position.
+
+Inputs, per example: score (S,) float32, kind (S,) int8 (0: dropped, 1: always kept (text),
+2: a candidate (visual)), need () int32 (how many candidates to keep, at most their number).
+Outputs: indices (L,) int32 and length () int32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from mmfa_jax import triton_route
+from mmfa_jax.tuning import KernelConfig
+
+DROPPED, TEXT, CANDIDATE = 0, 1, 2
+
+# The whole sequence sits in registers, spread over every thread of the program. Past this length
+# the XLA selection is used. 16 warps: Triton stages the scatter of the positions through 8 KiB
+# of shared memory per warp on sm_90, so 32 warps would ask for 256 KiB.
+MAX_TOKENS = 1 << 15
+_CONFIG = KernelConfig(block_q=16, block_k=16, num_warps=16, num_stages=1)
+
+_SIGN = -(1 << 31)  # int32 with only the top bit set
+
+
+def _ordered_keys(score):
+    """int32 keys with key(a) < key(b) exactly when a < b as floats; NaN counts as -inf."""
+    score = jnp.where(score != score, -jnp.inf, score)
+    score = jnp.where(score == 0, 0.0, score)  # -0.0 and +0.0 are one score
+    bits = lax.bitcast_convert_type(score, jnp.int32)
+    return jnp.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # negative floats: larger magnitude, smaller key
+
+
+def _pieces(n: int) -> list[tuple[int, int]]:
+    """Static (start, size) pieces of power-of-two sizes that cover [0, n) with under an eighth of
+    waste (16,448 tokens: 16,384 + 4,096, not 32,768): Triton's arrays have power-of-two sizes,
+    and every padded slot costs its share of each counting pass."""
+    unit = max(16, pl.next_power_of_2(n) // 8)
+    total = pl.cdiv(n, unit) * unit
+    pieces, start = [], 0
+    for bit in reversed(range(total.bit_length())):
+        if total & (1 << bit):
+            pieces.append((start, 1 << bit))
+            start += 1 << bit
+    return pieces
+
+
+class _Piece:
+    """Positions [start, start + size) of the example: keys (INT32_MIN where not a candidate, which
+    no trial threshold reaches), candidate and text flags."""
+
+    def __init__(self, score_ref, kind_ref, start: int, size: int, seq_len: int):
+        self.pos = start + jnp.arange(size, dtype=jnp.int32)
+        inside = self.pos < seq_len
+        rows = pl.ds(jnp.int32(start), size)  # a traced start: the last piece may run past the end (masked)
+        kind = plgpu.load(kind_ref.at[rows], mask=inside, other=DROPPED).astype(jnp.int32)
+        self.candidate, self.text = kind == CANDIDATE, kind == TEXT
+        key = _ordered_keys(plgpu.load(score_ref.at[rows], mask=inside, other=0.0))
+        self.key = jnp.where(self.candidate, key, _SIGN)
+
+
+def _count(flags):
+    return jnp.sum(flags.astype(jnp.int32))
+
+
+def _select_kernel(score_ref, kind_ref, need_ref, indices_ref, length_ref, *, seq_len: int, out_len: int):
+    pieces = [_Piece(score_ref, kind_ref, start, size, seq_len) for start, size in _pieces(seq_len)]
+    need = need_ref[...]
+
+    # The threshold bit by bit from the top: ``t`` holds the bits found so far, offset so that
+    # unsigned order reads as signed, the largest t with at least ``need`` candidates at or above
+    # it. A trial that has exactly ``need`` at or above it settles the set early (typically after
+    # half the bits: once no other candidate lies between the trial and the need-th key).
+    def searching(state):
+        bit, _, settled = state
+        return (bit < 32) & ~settled
+
+    def next_bit(state):
+        bit, t, _ = state
+        trial = t | lax.shift_left(jnp.int32(1), 31 - bit)
+        at_least = sum(_count(p.key >= (trial ^ _SIGN)) for p in pieces)
+        return bit + 1, jnp.where(at_least >= need, trial, t), at_least == need
+
+    none = need == 0  # then the threshold is above every key
+    _, t, _ = lax.while_loop(searching, next_bit, (jnp.int32(0), jnp.where(none, jnp.int32(-1), 0), none))
+    threshold = t ^ _SIGN
+
+    # Above the threshold: kept; equal to it: the earliest, up to the count. Then each kept
+    # position's slot is its rank among the kept, by prefix sums carried from piece to piece.
+    room_for_tied = need - sum(_count(p.key > threshold) for p in pieces)
+    tied_before, kept_before, last = jnp.int32(0), jnp.int32(0), jnp.int32(0)
+    for p in pieces:
+        tied = p.candidate & (p.key == threshold)
+        tie_rank = tied_before + jnp.cumsum(tied.astype(jnp.int32))  # 1 for the earliest tied position
+        kept = p.text | (p.key > threshold) | (tied & (tie_rank <= room_for_tied))
+        # Positions not stored get distinct slots past the end: the CPU interpreter's masked
+        # scatter writes back the old value under a false mask, so a repeated slot could undo a
+        # real store.
+        slot = jnp.where(kept, kept_before + jnp.cumsum(kept.astype(jnp.int32)) - 1, out_len + p.pos)
+        plgpu.store(indices_ref.at[slot], p.pos, mask=kept & (slot < out_len))
+        tied_before += _count(tied)
+        kept_before += _count(kept)
+        last = jnp.maximum(last, jnp.max(jnp.where(kept, p.pos, 0)))
+    tail = jnp.arange(pl.next_power_of_2(out_len), dtype=jnp.int32)
+    plgpu.store(indices_ref.at[pl.ds(0, tail.shape[0])], jnp.full(tail.shape, last, jnp.int32),
+                mask=(tail >= kept_before) & (tail < out_len))
+    length_ref[...] = kept_before
+
+
+def select(score, kind, need, out_len: int, *, interpret: bool = False, route: str = "auto"):
+    """(indices (B, out_len) int32, lengths (B,) int32); see the module docstring.
+
+    score: (B, S) float32; kind: (B, S) int8; need: (B,) int32; S at most ``MAX_TOKENS``."""
+    B, S = score.shape
+    row = pl.BlockSpec((None, S), lambda b: (b, 0))
+    one = pl.BlockSpec((None,), lambda b: (b,))
+    return pl.pallas_call(
+        functools.partial(_select_kernel, seq_len=S, out_len=out_len),
+        grid=(B,),
+        in_specs=[row, row, one],
+        out_specs=[pl.BlockSpec((None, out_len), lambda b: (b, 0)), one],
+        out_shape=[jax.ShapeDtypeStruct((B, out_len), jnp.int32), jax.ShapeDtypeStruct((B,), jnp.int32)],
+        compiler_params=triton_route.compiler_params(dataclasses.replace(_CONFIG, route=route)),
+        interpret=interpret, name="mmfa_select",
+    )(score, kind, need)
