@@ -26,13 +26,16 @@ def _visual(rng, B, T):
     return vis
 
 
+def _inputs(rng, B, T, N, K, H):
+    """Random q (B, T, N, H), k and v (B, T, K, H), and a visual mask of a few spans."""
+    (q, _), (k, _), (v, _) = (normal(rng, (B, T, heads, H)) for heads in (N, K, K))
+    return q, k, v, jnp.asarray(_visual(rng, B, T))
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_keep_all_is_dense_attention(rng, impl, causal):
     B, T, N, K, H = 2, 48, 4, 2, 32
-    q, _ = normal(rng, (B, T, N, H))
-    k, _ = normal(rng, (B, T, K, H))
-    v, _ = normal(rng, (B, T, K, H))
-    vis = jnp.asarray(_visual(rng, B, T))
+    q, k, v, vis = _inputs(rng, B, T, N, K, H)
     r = multimodal_attention(q, k, v, vis, 1.0, is_causal=causal, implementation=impl)
     dense = mmfa_jax.attention(q, k, v, is_causal=causal, implementation="xla")
     np.testing.assert_array_equal(np.asarray(r.indices), np.tile(np.arange(T), (B, 1)))
@@ -72,10 +75,7 @@ def test_gradients_flow_through_the_kept_rows(rng, impl):
     """The pipeline's gradient with respect to q, k and v is the dense attention's on the kept rows,
     scattered back to their positions (zero elsewhere); the scoring kernels take no gradient."""
     B, T, N, K, H = 2, 40, 4, 2, 32
-    q, _ = normal(rng, (B, T, N, H))
-    k, _ = normal(rng, (B, T, K, H))
-    v, _ = normal(rng, (B, T, K, H))
-    vis = jnp.asarray(_visual(rng, B, T))
+    q, k, v, vis = _inputs(rng, B, T, N, K, H)
     weight = jnp.asarray(rng.standard_normal((B, T, N, H)), jnp.float32)
     r = multimodal_attention(q, k, v, vis, 0.5, is_causal=True, implementation=impl)
     idx, L = r.indices, r.indices.shape[1]
@@ -113,10 +113,7 @@ def test_bad_input(rng):
 def test_torch_order_layout(rng, impl):
     """layout="BNTH" (query (B, N, T, H)) gives the same result as the default order, transposed."""
     B, T, N, K, H = 2, 44, 4, 2, 32
-    q, _ = normal(rng, (B, T, N, H))
-    k, _ = normal(rng, (B, T, K, H))
-    v, _ = normal(rng, (B, T, K, H))
-    vis = jnp.asarray(_visual(rng, B, T))
+    q, k, v, vis = _inputs(rng, B, T, N, K, H)
     want = multimodal_attention(q, k, v, vis, 0.5, is_causal=True, implementation=impl)
     t = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731
     got = multimodal_attention(t(q), t(k), t(v), vis, 0.5, is_causal=True, implementation=impl, layout="BNTH")
