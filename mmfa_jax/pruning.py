@@ -79,7 +79,7 @@ def select_visual_tokens(importance, visual_mask, keep, *, valid_lengths=None, o
     visual = visual_mask & valid
     n_keep = keep_counts(visual, keep)
     if output_length is None:
-        lengths = jnp.sum(valid & ~visual_mask, axis=1) + n_keep  # kept_lengths
+        lengths = kept_lengths(visual_mask, keep, valid_lengths)
         try:
             output_length = max(1, int(np.max(np.asarray(lengths))))
         except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
