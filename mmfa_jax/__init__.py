@@ -7,6 +7,7 @@ backed by Pallas kernels (Triton lowering) for forward and backward.
 from mmfa_jax.attention import (
     IMPLEMENTATIONS,
     attention,
+    attention_at_rows,
     default_implementation,
     dot_product_attention,
     pallas_available,
@@ -22,6 +23,7 @@ __all__ = [
     "KernelConfig",
     "MultimodalResult",
     "attention",
+    "attention_at_rows",
     "default_implementation",
     "dot_product_attention",
     "gather_tokens",

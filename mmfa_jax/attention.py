@@ -156,7 +156,9 @@ class Options:
 def prepare(opts: Options, arrays):
     """Check and normalise the arrays; returns ((problem, config, interpret), normalised arrays)."""
     problem, args = _normalise(opts, *arrays)
-    config = None if opts.implementation == "xla" else kernel_config(opts, problem.head_dim_padded, args[0].dtype)
+    config = None if opts.implementation == "xla" else kernel_config(opts, problem.head_dim_padded, args[0].dtype
+                                                                      ).for_problem(problem.batch, problem.q_heads,
+                                                                                    problem.q_len)
     return (problem, config, opts.implementation == "interpret"), args
 
 
@@ -207,6 +209,89 @@ def backward(opts: Options, query, key, value, bias, mask, segment_ids, query_se
         _, vjp = jax.vjp(f, *args[:4])
         return vjp((d_out, d_lse))
     return _flash_bwd(static, (*args, out, lse), (d_out, d_lse))[:4]
+
+
+def attention_at_rows(query, rows, key, value, *, query_seq_lengths=None, key_value_seq_lengths=None, scale=None,
+                      is_causal: bool = False, logits_soft_cap=None, implementation=None, layout: str = "BTNH"):
+    """``attention`` with the query rows ``query[b, rows[b]]``: what the pruning pipeline runs on
+    its kept tokens. The Pallas forward reads those rows in place, so no gathered copy of the
+    query is made (the backward gathers them, and scatters their gradient back).
+
+    Args:
+      query: (B, Tq, N, H) ((B, N, Tq, H) for layout "BNTH"); rows: (B, T) int indices into its
+        sequence axis, in [0, Tq) (checked when concrete; under jit the caller vouches); key, value: (B, S, K, H) (or (B, K, S, H)). The band of ``is_causal`` is
+        taken in the T rows' own order (row i against key i), as for the gathered query.
+      The rest as for ``attention`` (no bias, mask or segments here).
+
+    Returns:
+      (B, T, N, H) (or (B, N, T, H)) output, gradients to query, key and value.
+    """
+    query, rows = jnp.asarray(query), jnp.asarray(rows)
+    opts = Options.make(scale, is_causal, None, logits_soft_cap, implementation, layout, None)
+    if query.ndim != 4 or rows.ndim != 2 or rows.shape[0] != query.shape[0] or not jnp.issubdtype(rows.dtype,
+                                                                                                   jnp.integer):
+        raise ValueError(f"rows must be (B, T) integers for a rank-4 query of batch B, got rows {rows.dtype} "
+                         f"{rows.shape} and query {query.shape}")
+    seq_len = query.shape[1 if layout == "BTNH" else 2]
+    try:
+        outside = bool(np.any((np.asarray(rows) < 0) | (np.asarray(rows) >= seq_len)))
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):  # traced: caller vouches
+        outside = False
+    if outside:
+        raise ValueError(f"rows must lie in [0, {seq_len}), the query's sequence axis")
+    return _at_rows(opts, query, rows.astype(jnp.int32), key, value, query_seq_lengths, key_value_seq_lengths)
+
+
+def take_rows(x, rows, layout: str = "BTNH"):
+    """x[b, rows[b]] along the sequence axis of a (B, L, N, H) or (B, N, L, H) array."""
+    if layout == "BTNH":
+        return jax.vmap(lambda xb, rb: xb[rb])(x, rows)
+    return jax.vmap(lambda xb, rb: xb[:, rb])(x, rows)
+
+
+def _add_rows(x, rows, values, layout: str):
+    """x with ``values`` added at ``rows`` of its sequence axis (the transpose of ``take_rows``)."""
+    if layout == "BTNH":
+        return jax.vmap(lambda xb, rb, vb: xb.at[rb].add(vb))(x, rows, values)
+    return jax.vmap(lambda xb, rb, vb: xb.at[:, rb].add(vb))(x, rows, values)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _at_rows(opts: Options, query, rows, key, value, q_lengths, kv_lengths):
+    seq = 1 if opts.layout == "BTNH" else 2
+    kept_shape = query.shape[:seq] + (rows.shape[1],) + query.shape[seq + 1:]
+    if opts.implementation == "xla":
+        q = take_rows(query, rows, opts.layout)
+        return _differentiable(opts, q, key, value, None, None, None, q_lengths, kv_lengths)[0]
+    # The checks and the kernels' problem are those of the gathered query's shape.
+    static, (_, k, v, *_, q_lengths, kv_lengths) = prepare(
+        opts, (jax.ShapeDtypeStruct(kept_shape, query.dtype), key, value, None, None, None, q_lengths, kv_lengths))
+    return _flash_at_rows(static, query, rows, k, v, q_lengths, kv_lengths)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _flash_at_rows(static, query, rows, k, v, q_len, kv_len):
+    return _flash_at_rows_fwd(static, query, rows, k, v, q_len, kv_len)[0]
+
+
+def _flash_at_rows_fwd(static, query, rows, k, v, q_len, kv_len):
+    problem, config, interpret = static
+    out, lse = flash.forward(problem, config.forward, query, k, v, None, None, None, None, q_len, kv_len,
+                             q_source=rows, interpret=interpret)
+    return out, (query, rows, k, v, q_len, kv_len, out, lse)
+
+
+def _flash_at_rows_bwd(static, residuals, d_out):
+    query, rows, k, v, q_len, kv_len, out, lse = residuals
+    layout = static[0].layout
+    q = take_rows(query, rows, layout)
+    dq, dk, dv, _ = _flash_bwd(static, (q, k, v, None, None, None, None, q_len, kv_len, out, lse),
+                               (d_out, jnp.zeros_like(lse)))[:4]
+    # Rows past the query length have dq = 0, so the repeated padding rows add nothing.
+    return _add_rows(jnp.zeros_like(query), rows, dq, layout), None, dk, dv, None, None
+
+
+_flash_at_rows.defvjp(_flash_at_rows_fwd, _flash_at_rows_bwd)
 
 
 # ----------------------------------------------------------------------------------------------

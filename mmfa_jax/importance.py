@@ -18,7 +18,7 @@ import numpy as np
 from mmfa_jax.attention import Options, _normalise, attention, kernel_config
 from mmfa_jax.kernels import flash_attention as flash
 from mmfa_jax.masking import band_visible, combine
-from mmfa_jax.pruning import gather_tokens, packed_positions
+from mmfa_jax.pruning import compact_positions, gather_tokens
 
 SCORER_RULES = ("text", "last")
 
@@ -126,9 +126,8 @@ def visual_token_importance(query, key, lse, visual_mask, scorers="text", *, per
         most = 0
     if most > R:
         raise ValueError(f"an example has {most} scorer rows, over max_scorers={R}")
-    per_head_sums = _importance(opts, R, query, key, lse, scorers, segment_ids, query_seq_lengths,
-                                key_value_seq_lengths)
-    counts = jnp.minimum(jnp.sum(scorers, axis=1), R)
+    per_head_sums, counts = _importance(opts, R, query, key, lse, scorers, segment_ids, query_seq_lengths,
+                                        key_value_seq_lengths)
     out = per_head_sums / jnp.maximum(counts, 1)[:, None, None]
     if not per_head:
         out = jnp.mean(out, axis=1)
@@ -138,35 +137,42 @@ def visual_token_importance(query, key, lse, visual_mask, scorers="text", *, per
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _importance(opts: Options, R: int, query, key, lse, scorers, segment_ids, q_lengths, kv_lengths):
-    """Summed probabilities (B, N, S) over the first R scorer rows of each example."""
+    """(summed probabilities (B, N, S) over the first R scorer rows of each example, how many
+    rows that is (B,) int32)."""
     problem, (q, k, _, _, _, q_seg, kv_seg, q_lengths, kv_lengths) = _normalise(
         opts, query, key, key, None, None, segment_ids, q_lengths, kv_lengths)
-    if opts.layout == "BNTH":  # the scorer rows are gathered into (B, R, N, H) either way
-        q = jnp.swapaxes(q, 1, 2)
-        lse = None if lse is None else jnp.swapaxes(lse, 1, 2)
     # Scorer rows first, in their original order.
-    order = packed_positions(scorers, R)
-    counts = jnp.minimum(jnp.sum(scorers, axis=1), R).astype(jnp.int32)
-    live = jnp.arange(R)[None, :] < counts[:, None]
+    order, counts = compact_positions(scorers, R, opts.implementation)
+    q_seg_rows = None if q_seg is None else jnp.take_along_axis(q_seg, order, axis=1)
+    if lse is not None:  # (B, N, R) natural-log LSE of the scorer rows
+        lse_rows = lse.astype(jnp.float32) if opts.layout == "BNTH" else jnp.swapaxes(lse.astype(jnp.float32), 1, 2)
+        lse_rows = jnp.take_along_axis(lse_rows, order[:, None, :], axis=2)
+    if opts.implementation == "xla":
+        return _importance_xla(problem, q, k, lse_rows if lse is not None else None, order, counts, q_seg_rows, kv_seg,
+                               q_lengths, kv_lengths), counts
+    cfg = kernel_config(opts, problem.head_dim_padded, q.dtype).scoring
+    interpret = opts.implementation == "interpret"
+    if lse is None:  # the scorer rows' LSE over all keys: one more pass, combined inside the importance kernel
+        stats = flash.scorer_stats(problem, cfg, q, k, order, q_seg_rows, kv_seg, kv_lengths, counts,
+                                   interpret=interpret)
+        return flash.importance(problem, cfg, q, k, order, q_seg_rows, kv_seg, kv_lengths, q_lengths, counts,
+                                stats=stats, interpret=interpret), counts
+    return flash.importance(problem, cfg, q, k, order, q_seg_rows, kv_seg, kv_lengths, q_lengths, counts,
+                            lse_rows=lse_rows, interpret=interpret), counts
+
+
+def _importance_xla(p, q, k, lse_rows, order, counts, q_seg_rows, kv_seg, q_lengths, kv_lengths):
+    """The same sums from XLA ops: the scorer rows' logits (B, N, R, S) in memory."""
+    if p.layout == "BNTH":  # the scorer rows are gathered into (B, R, N, H)
+        q = jnp.swapaxes(q, 1, 2)
+    live = jnp.arange(order.shape[1])[None, :] < counts[:, None]
     if q_lengths is not None:  # rows past the query length attend to nothing (as in attention)
         live = live & (order < q_lengths[:, None])
-    q_rows = gather_tokens(q, order)
-    q_seg_rows = None if q_seg is None else jnp.take_along_axis(q_seg, order, axis=1)
-    xla = opts.implementation == "xla"
-    if not xla:
-        cfg = kernel_config(opts, problem.head_dim_padded, q.dtype).scoring
-        interpret = opts.implementation == "interpret"
-    if lse is None:
-        lse_rows = (_scorer_lse_xla(problem, q_rows, k, order, q_seg_rows, kv_seg, kv_lengths) if xla else
-                    flash.scorer_lse(problem, cfg, q_rows, k, order, q_seg_rows, kv_seg, kv_lengths, counts,
-                                     interpret=interpret))
-    else:
-        lse_rows = jnp.swapaxes(jnp.take_along_axis(lse.astype(jnp.float32), order[:, :, None], axis=1), 1, 2)
+    s = _scorer_logits_xla(p, gather_tokens(q, order), k, order, q_seg_rows, kv_seg, kv_lengths)
+    if lse_rows is None:
+        lse_rows = jax.nn.logsumexp(s, axis=-1)  # -inf for a row that sees nothing
     lse_rows = jnp.where(live[:, None, :], lse_rows, -jnp.inf)  # (B, N, R)
-    if xla:
-        return _importance_xla(problem, q_rows, k, lse_rows, order, q_seg_rows, kv_seg, kv_lengths)
-    return flash.importance(problem, cfg, q_rows, k, lse_rows, order, q_seg_rows, kv_seg, kv_lengths, counts,
-                            interpret=interpret)
+    return jnp.sum(jnp.exp(s - jnp.where(jnp.isinf(lse_rows), jnp.inf, lse_rows)[..., None]), axis=2)
 
 
 def _scorer_logits_xla(p, q_rows, k, positions, q_seg_rows, kv_seg, kv_lengths):
@@ -187,13 +193,3 @@ def _scorer_logits_xla(p, q_rows, k, positions, q_seg_rows, kv_seg, kv_lengths):
     visible = combine((k_pos[None, :] < kv_valid[:, None])[:, None, None, :], band,
                       None if q_seg_rows is None else (q_seg_rows[:, :, None] == kv_seg[:, None, :])[:, None])
     return jnp.where(visible, s, -jnp.inf)
-
-
-def _scorer_lse_xla(p, q_rows, k, positions, q_seg_rows, kv_seg, kv_lengths):
-    s = _scorer_logits_xla(p, q_rows, k, positions, q_seg_rows, kv_seg, kv_lengths)
-    return jax.nn.logsumexp(s, axis=-1)  # -inf for a row that sees nothing
-
-
-def _importance_xla(p, q_rows, k, lse_rows, positions, q_seg_rows, kv_seg, kv_lengths):
-    s = _scorer_logits_xla(p, q_rows, k, positions, q_seg_rows, kv_seg, kv_lengths)
-    return jnp.sum(jnp.exp(s - jnp.where(jnp.isinf(lse_rows), jnp.inf, lse_rows)[..., None]), axis=2)

@@ -134,6 +134,19 @@ def _top_visual(score, visual, n_keep):
     return (visual & (key > threshold)) | (equal & (jnp.cumsum(equal, axis=1) <= rest))
 
 
+def compact_positions(mask, length: int, implementation: str | None = None):
+    """(positions (B, length) int32, counts (B,) int32): ``packed_positions`` of the boolean mask
+    (B, S), and how many of its True positions fit in the row (min(count, length)). With
+    implementation "pallas", "triton" or "interpret", one Pallas program per example
+    (``mmfa_jax.kernels.selection.compact``) where the selection kernel runs; else XLA ops."""
+    mask = jnp.asarray(mask)
+    implementation = _selection_implementation(implementation, mask.shape[1])
+    if implementation == "xla":
+        return packed_positions(mask, length), jnp.minimum(jnp.sum(mask, axis=1), length).astype(jnp.int32)
+    return selection.compact(mask, length, interpret=implementation == "interpret",
+                             route="triton" if implementation == "triton" else "auto")
+
+
 def packed_positions(mask, length: int):
     """(B, length) int32: the positions where ``mask`` (B, S) is True, in increasing order, packed
     to the front (a prefix sum and a scatter, no sort); the tail repeats the last of them (0 for

@@ -41,14 +41,24 @@ class AttentionConfig:
     backward_dq: KernelConfig
     backward_dkv: KernelConfig
     scorer: KernelConfig | None = None
+    forward_small: KernelConfig | None = None  # see ``for_problem``
 
     @property
     def scoring(self) -> KernelConfig:
         return self.scorer or self.forward
 
+    def for_problem(self, batch: int, heads: int, q_len: int) -> "AttentionConfig":
+        """The configuration for one attention problem: ``forward_small`` takes the forward's
+        place when the forward's own tiles would give at most ``FEW_PROGRAMS`` programs (short
+        sequences, under one program per SM: there smaller tiles finish sooner)."""
+        if self.forward_small is None or batch * heads * -(-q_len // self.forward.block_q) > FEW_PROGRAMS:
+            return self
+        return dataclasses.replace(self, forward=self.forward_small, forward_small=None)
+
     def _map(self, f) -> "AttentionConfig":
-        return AttentionConfig(f(self.forward), f(self.backward_dq), f(self.backward_dkv),
-                               None if self.scorer is None else f(self.scorer))
+        optional = lambda c: None if c is None else f(c)  # noqa: E731
+        return AttentionConfig(f(self.forward), f(self.backward_dq), f(self.backward_dkv), optional(self.scorer),
+                               optional(self.forward_small))
 
     def halved(self) -> "AttentionConfig":
         return self._map(KernelConfig.halved)
@@ -60,12 +70,16 @@ class AttentionConfig:
 
 K = KernelConfig
 
+# One wave of the H100's 132 SMs: at or under this many forward programs, ``forward_small``.
+FEW_PROGRAMS = 132
+
 # (family, padded head dim) -> configs. "sm90": Hopper; "sm80": Ampere and Ada; "sm75": Turing; "any": the rest,
 # including the CPU interpreter (where large tiles mean fewer interpreted grid steps).
 TABLE: dict[tuple[str, int], AttentionConfig] = {
     ("sm90", 32): AttentionConfig(K(64, 128, 4, 2), K(128, 64, 4, 3), K(128, 64, 4, 2)),
     ("sm90", 64): AttentionConfig(K(64, 128, 4, 2), K(128, 64, 4, 3), K(128, 64, 4, 2)),
-    ("sm90", 128): AttentionConfig(K(128, 128, 8, 3), K(128, 64, 8, 3), K(64, 64, 4, 2), scorer=K(128, 64, 4, 2)),
+    ("sm90", 128): AttentionConfig(K(128, 128, 8, 3), K(128, 64, 8, 3), K(64, 64, 4, 2), scorer=K(128, 64, 4, 2),
+                                   forward_small=K(64, 64, 4, 3)),
     ("sm90", 256): AttentionConfig(K(64, 64, 4, 2), K(64, 32, 4, 2), K(32, 64, 4, 2)),
     ("sm80", 32): AttentionConfig(K(128, 64, 4, 3), K(128, 32, 4, 2), K(32, 128, 4, 2)),
     ("sm80", 64): AttentionConfig(K(128, 64, 4, 3), K(128, 32, 4, 2), K(32, 128, 4, 2)),

@@ -277,8 +277,8 @@ def _fitted(build):
                 configs = (opts.config.forward, opts.config.backward_dq, opts.config.backward_dkv)
                 if all(c.num_stages <= 1 for c in configs):
                     raise
-                fewer = [dataclasses.replace(c, num_stages=max(1, c.num_stages - 1)) for c in configs]
-                opts = dataclasses.replace(opts, config=tuning.AttentionConfig(*fewer))
+                fewer = opts.config._map(lambda c: dataclasses.replace(c, num_stages=max(1, c.num_stages - 1)))
+                opts = dataclasses.replace(opts, config=fewer)
 
     return fitted
 
@@ -347,7 +347,8 @@ def forward(opts: Options, q, k, v, bias, mask, q_seg, kv_seg, q_len, kv_len) ->
     operands[4] = _int8(mask)
     present = [t for t in operands if t is not None]
     if ranges_kernel:
-        present.append(_mask_ranges(dense_mask, operands[4], ranges_kernel[0], opts.config.forward))
+        present.append(_mask_ranges(dense_mask, operands[4], ranges_kernel[0],
+                                    opts.config.for_problem(B, N, T).forward))
     out = torch.empty_like(q)
     lse = torch.empty((B, N, T), dtype=torch.float32, device=q.device)
     kernel.run(present + [out, lse], q.device)

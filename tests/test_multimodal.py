@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import assert_close, normal
-from reference import attention_reference, importance_reference, select_reference
+from reference import attention_reference, attention_reference_grads, importance_reference, select_reference
 
 import mmfa_jax
 from mmfa_jax.multimodal import multimodal_attention
@@ -97,6 +97,38 @@ def test_gradients_flow_through_the_kept_rows(rng, impl):
         dropped = np.ones(T, bool)
         dropped[np.asarray(idx[0])] = False
         assert (np.asarray(g[0, dropped]) == 0).all(), f"d{name} of pruned tokens must be zero"
+
+
+@pytest.mark.parametrize("layout", ["BTNH", "BNTH"])
+def test_attention_at_rows_reads_the_query_in_place(rng, impl, layout):
+    """attention_at_rows(query, rows, k, v) is attention over query[b, rows[b]]: output against the
+    float64 reference on the gathered rows, and dq scattered back (added where rows repeat)."""
+    B, Tq, T, N, K, H = 2, 45, 21, 4, 2, 32
+    q, q64 = normal(rng, (B, Tq, N, H))
+    k, k64 = normal(rng, (B, T, K, H))
+    v, v64 = normal(rng, (B, T, K, H))
+    rows = np.stack([rng.choice(Tq, T, replace=b == 1) for b in range(B)]).astype(np.int32)  # repeats in 1
+    lengths = np.array([T, T - 6])
+    d_out, d64 = normal(rng, (B, T, N, H))
+    t = (lambda x: jnp.swapaxes(x, 1, 2)) if layout == "BNTH" else (lambda x: x)
+
+    def loss(q, k, v):
+        out = mmfa_jax.attention_at_rows(t(q), rows, t(k), t(v), is_causal=True, query_seq_lengths=lengths,
+                                         implementation=impl, layout=layout)
+        return jnp.sum(t(out) * d_out), t(out)
+
+    (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+    gathered = np.take_along_axis(q64, rows[:, :, None, None], axis=1)
+    want, _ = attention_reference(gathered, k64, v64, is_causal=True, q_lengths=lengths)
+    assert_close(out, want, TOL, "output")
+    dq_rows, dk, dv, _ = attention_reference_grads(gathered, k64, v64, d64, is_causal=True, q_lengths=lengths)
+    dq = np.zeros_like(q64)
+    for b in range(B):
+        np.add.at(dq[b], rows[b], dq_rows[b])
+    for g, w, name in zip(grads, (dq, dk, dv), "qkv"):
+        assert_close(g, w, 1e-4, f"d{name}")
+    with pytest.raises(ValueError, match=r"rows must lie in \[0, 45\)"):
+        mmfa_jax.attention_at_rows(t(q), rows + 30, t(k), t(v), implementation=impl, layout=layout)
 
 
 def test_bad_input(rng):

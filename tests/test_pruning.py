@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from reference import select_reference
 
-from mmfa_jax.pruning import gather_tokens, keep_counts, select_visual_tokens
+from mmfa_jax.pruning import compact_positions, gather_tokens, keep_counts, select_visual_tokens
 
 
 def _check(indices, lengths, want):
@@ -151,4 +151,31 @@ def test_selection_kernel_fits_hopper(S):
             jax.ShapeDtypeStruct((1,), jnp.int32))
     [(kernel, *_)] = triton_route.lower_for(lambda s, k, n: selection.select(s, k, n, S // 4, route="triton"), *args,
                                            device_kind="NVIDIA H100")
+    assert kernel.shared <= 227 * 1024
+
+
+@pytest.mark.parametrize("S, length", [(37, 8), (300, 64), (16448, 64), (5000, 4999)])
+def test_compact_positions(impl, S, length):
+    """The positions of a mask packed to the front (the scorer rows of importance), by the
+    compaction kernel or XLA: against NumPy, including rows with none, with more than fit, and
+    with every position."""
+    rng = np.random.default_rng(S)
+    mask = rng.random((4, S)) < np.array([[0.1], [0.0], [1.0], [0.5]])
+    positions, counts = compact_positions(jnp.asarray(mask), length, implementation=impl)
+    for b in range(4):
+        want = np.flatnonzero(mask[b])[:length]
+        assert int(counts[b]) == len(want)
+        got = np.asarray(positions[b])
+        np.testing.assert_array_equal(got[:len(want)], want)
+        assert (got[len(want):] == (want[-1] if len(want) else 0)).all(), "the tail repeats the last position"
+
+
+def test_compaction_kernel_fits_hopper():
+    pytest.importorskip("triton")
+    from mmfa_jax import triton_route
+    from mmfa_jax.kernels import selection
+
+    S = selection.MAX_TOKENS
+    [(kernel, *_)] = triton_route.lower_for(lambda f: selection.compact(f, 128, route="triton"),
+                                           jax.ShapeDtypeStruct((1, S), jnp.bool_), device_kind="NVIDIA H100")
     assert kernel.shared <= 227 * 1024

@@ -89,6 +89,7 @@ def _cases():
                 if dtype == "bfloat16" and (d != 64 or kernel == "backward") and not FULL:
                     continue
                 cases.append(pytest.param(kernel, d, dtype, id=f"{kernel}-d{d}-{dtype}"))
+    cases.append(pytest.param("forward_at_rows", 64, "float16", id="forward_at_rows-d64-float16"))
     return cases
 
 

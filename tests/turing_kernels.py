@@ -45,6 +45,23 @@ def forward(head_dim, dtype, cfg):
     return fn, (q, kv, kv)
 
 
+def forward_at_rows(head_dim, dtype, cfg):
+    """The forward reading its query rows in place (the pruning pipeline's kept tokens)."""
+    T = _seq_len(cfg)
+    q, kv = _shapes(head_dim, dtype, 2 * T)
+    rows = jax.ShapeDtypeStruct((BATCH, T), jnp.int32)
+
+    def fn(q, rows, k, v):
+        kept = jax.ShapeDtypeStruct((BATCH, T, HEADS, head_dim), dtype)
+        p, (_, k, v, *_rest) = attention_module._normalise(
+            attention_module.Options.make(is_causal=True, implementation="interpret"), kept, k, v, None, None, None,
+            None, None)
+        return flash.forward(p, cfg, q, k, v, None, None, None, None, None, None, q_source=rows)
+
+    return fn, (q, rows, jax.ShapeDtypeStruct((BATCH, T, KV_HEADS, head_dim), dtype),
+                jax.ShapeDtypeStruct((BATCH, T, KV_HEADS, head_dim), dtype))
+
+
 def backward(head_dim, dtype, dq_cfg, dkv_cfg):
     T = _seq_len(dq_cfg, dkv_cfg)
     q, kv = _shapes(head_dim, dtype, T)
@@ -58,39 +75,40 @@ def backward(head_dim, dtype, dq_cfg, dkv_cfg):
 
 
 def importance(head_dim, dtype, cfg):
+    """The importance kernel, combining the stats kernel's per-chunk stats into the rows' LSE."""
     T = _seq_len(cfg)
     q, kv = _shapes(head_dim, dtype, T)
     R = max(cfg.block_q, 16) * 2
-    q_rows = jax.ShapeDtypeStruct((BATCH, R, HEADS, head_dim), dtype)
-    lse_rows = jax.ShapeDtypeStruct((BATCH, HEADS, R), jnp.float32)
     positions = jax.ShapeDtypeStruct((BATCH, R), jnp.int32)
     counts = jax.ShapeDtypeStruct((BATCH,), jnp.int32)
 
-    def fn(q, k, q_rows, lse_rows, positions, counts):
-        p, (_, k, *_rest) = _problem(q, k, k, T)
-        return flash.importance(p, cfg, q_rows, k, lse_rows, positions, None, None, None, counts)
+    def fn(q, k, positions, counts):
+        p, (q, k, *_rest) = _problem(q, k, k, T)
+        num_chunks = flash._scorer_chunks(p, cfg)[2]
+        stats = [jnp.zeros((BATCH, HEADS, num_chunks, R), jnp.float32)] * 2
+        return flash.importance(p, cfg, q, k, positions, None, None, None, None, counts, stats=stats)
 
-    return fn, (q, kv, q_rows, lse_rows, positions, counts)
+    return fn, (q, kv, positions, counts)
 
 
 def scorer_stats(head_dim, dtype, cfg):
     T = _seq_len(cfg)
     q, kv = _shapes(head_dim, dtype, T)
     R = max(cfg.block_q, 16) * 2
-    q_rows = jax.ShapeDtypeStruct((BATCH, R, HEADS, head_dim), dtype)
     positions = jax.ShapeDtypeStruct((BATCH, R), jnp.int32)
     counts = jax.ShapeDtypeStruct((BATCH,), jnp.int32)
 
-    def fn(q, k, q_rows, positions, counts):
-        p, (_, k, *_rest) = _problem(q, k, k, T)
-        return flash.scorer_lse(p, cfg, q_rows, k, positions, None, None, None, counts)
+    def fn(q, k, positions, counts):
+        p, (q, k, *_rest) = _problem(q, k, k, T)
+        return flash.scorer_stats(p, cfg, q, k, positions, None, None, None, counts)
 
-    return fn, (q, kv, q_rows, positions, counts)
+    return fn, (q, kv, positions, counts)
 
 
 # name -> (builder, the AttentionConfig entries it takes, the kernels it launches)
 KERNELS = {
     "forward": (forward, ("forward",), ("mmfa_flash_forward",)),
+    "forward_at_rows": (forward_at_rows, ("forward",), ("mmfa_flash_forward",)),
     "backward": (backward, ("backward_dq", "backward_dkv"), ("mmfa_flash_dq", "mmfa_flash_dkv")),
     "importance": (importance, ("forward",), ("mmfa_importance",)),
     "scorer_stats": (scorer_stats, ("forward",), ("mmfa_scorer_stats",)),

@@ -163,6 +163,13 @@ def _load(ref, rows, row_mask, col_mask):
     return _view(ref).load(rows, slice(None), mask=mask, other=0)
 
 
+def _load_rows(ref, rows, row_mask, col_mask, width: int):
+    """Masked load of the tile at arbitrary rows (an int vector) of a (L, width) ref. Both axes
+    take array indexers: the CPU interpreter's loads take arrays or slices, not a mix."""
+    mask = combine(row_mask[:, None], col_mask)
+    return plgpu.load(ref.at[rows[:, None], jnp.arange(width)[None, :]], mask=mask, other=0)
+
+
 def _dot(p: Problem, a, b, trans_b: bool = False, trans_a: bool = False):
     precision = lax.Precision.HIGHEST if p.dot_precision == "highest" else None
     return plgpu.dot(a, b, trans_a=trans_a, trans_b=trans_b, precision=precision)
@@ -281,7 +288,8 @@ def _column_mask(p: Problem):
 
 
 def _forward_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, qseg_ref, kvseg_ref, qlen_ref, kvlen_ref,
-                    mask_ranges_ref, o_ref, lse_ref, *, p: Problem, block_q: int, block_k: int, tile_axis: int):
+                    mask_ranges_ref, q_source_ref, o_ref, lse_ref, *, p: Problem, block_q: int, block_k: int,
+                    tile_axis: int):
     t = _query_tile(p, tile_axis)
     q_start = t * block_q
     q_pos = q_start + jnp.arange(block_q)
@@ -293,7 +301,13 @@ def _forward_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, qseg_ref, kvseg_ref
     q_valid = jnp.minimum(_scalar(qlen_ref, p.q_len), p.q_len)
     side = _Side(p, bias_ref, mask_ref, qseg_ref, kvseg_ref, kv_valid)
 
-    q = _load(q_ref, q_rows, q_pos < p.q_len, cols)
+    in_q = q_pos < p.q_len
+    # Query rows read in place (``q_source``): once per program, before the key loop, so the
+    # indirect load costs nothing in the loop's pipelining.
+    if q_source_ref is None:
+        q = _load(q_ref, q_rows, in_q, cols)
+    else:
+        q = _load_rows(q_ref, plgpu.load(q_source_ref.at[q_rows], mask=in_q, other=0), in_q, cols, hp)
     num_k_blocks = pl.cdiv(p.kv_len, block_k)
     ranges = kv_block_range(p.band, q_start, block_q, block_k, kv_valid, num_k_blocks)
     if mask_ranges_ref is not None:  # a dense mask: visit only its live blocks, unmasked where it is all True
@@ -338,8 +352,13 @@ def _forward_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, qseg_ref, kvseg_ref
 
 
 def forward(p: Problem, cfg: KernelConfig, q, k, v, bias, dense_mask, q_seg, kv_seg, q_lengths, kv_lengths,
-            *, interpret: bool = False):
-    """Returns (out like q, lse (B, N, T) float32 in natural log; -inf for rows that see nothing).
+            *, q_source=None, interpret: bool = False):
+    """Returns (out (B, T, N, H) or (B, N, T, H), lse (B, N, T) float32 in natural log; -inf for
+    rows that see nothing).
+
+    q_source: None, or (B, T) int32: query row i is read in place from row q_source[b, i] of
+    ``q``, whose sequence axis may then have any length (the pruning pipeline's kept tokens,
+    without a gathered copy of the query).
 
     With a dense mask, a first kernel (``mask_ranges``) finds the key blocks each query tile must
     visit: blocks the mask hides are skipped and a run of blocks it shows wholly goes unmasked
@@ -357,15 +376,18 @@ def forward(p: Problem, cfg: KernelConfig, q, k, v, bias, dense_mask, q_seg, kv_
         tile_of = _tile_order(p, num_tiles)
         ranges_spec = pl.BlockSpec((None, None, None, 4), lambda t, n, b: (b if bm > 1 else 0, n if nm > 1 else 0,
                                                                           tile_of(t), 0))
+    q_stored_len = q.shape[1 if p.layout == "BTNH" else 2]
     in_specs = [
-        _seq_spec(p, p.q_len, None, q_head),
+        _seq_spec(p, q_stored_len, None, q_head),
         _seq_spec(p, p.kv_len, None, kv_head),
         _seq_spec(p, p.kv_len, None, kv_head),
         *_common_in_specs(p, None, q_head),
         ranges_spec,
+        _optional(q_source is not None, _batch_spec(p.q_len)),
     ]
     out_specs = [_seq_spec(p, p.q_len, None, q_head), _row_spec(p.q_len, None, q_head)]
-    out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype),
+    out_rows = (p.batch, p.q_len, p.q_heads) if p.layout == "BTNH" else (p.batch, p.q_heads, p.q_len)
+    out_shape = [jax.ShapeDtypeStruct((*out_rows, p.head_dim), q.dtype),
                  jax.ShapeDtypeStruct((p.batch, p.q_heads, p.q_len), jnp.float32)]
     grid, tile_axis, specs = _tile_grid(num_tiles, p.q_heads, p.batch, _heads_inside_tiles(p, num_tiles),
                                         in_specs + out_specs)
@@ -374,7 +396,7 @@ def forward(p: Problem, cfg: KernelConfig, q, k, v, bias, dense_mask, q_seg, kv_
     return pl.pallas_call(
         kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
         compiler_params=_params(cfg), interpret=interpret, name="mmfa_flash_forward",
-    )(q, k, v, bias, dense_mask, q_seg, kv_seg, q_lengths, kv_lengths, ranges)
+    )(q, k, v, bias, dense_mask, q_seg, kv_seg, q_lengths, kv_lengths, ranges, q_source)
 
 
 # --------------------------------------------------------------------------------------------
@@ -634,16 +656,17 @@ def backward(p: Problem, dq_cfg: KernelConfig, dkv_cfg: KernelConfig, q, k, v, b
 
 
 # --------------------------------------------------------------------------------------------
-# Scorer rows: a few query rows (compacted, with their original positions) over all keys. The grid
+# Scorer rows: a few query rows (named by their positions, read in place) over all keys. The grid
 # runs over chunks of keys, so every SM has work however few the rows; within a program the loop
 # over the chunk's key blocks is the inner one, so Triton pipelines its loads. Two passes read K:
-# the first gives each row's max and sum of exp per chunk (combined into the LSE outside), the
-# second the attention probability each key receives, summed over the rows. Cost: two passes over
-# K for R rows, never T x S.
+# the first gives each row's max and sum of exp per chunk, the second combines those into the LSE
+# and sums the attention probability each key receives over the rows. Cost: two passes over K for
+# R rows, never T x S.
 
 
 class _Scorers:
-    """The R scorer rows against the key blocks of this program's chunk."""
+    """The scorer rows against the key blocks of this program's chunk. Row r of the R is query row
+    positions[r] (read in place from q); rows at or past ``count`` are padding."""
 
     def __init__(self, p: Problem, rows: int, block_q: int, block_k: int, blocks_per_chunk: int, q_ref, k_ref,
                  pos_ref, qseg_ref, kvseg_ref, kvlen_ref, count_ref):
@@ -654,6 +677,8 @@ class _Scorers:
         self.count = jnp.minimum(count_ref[...], rows)
         first = pl.program_id(0) * blocks_per_chunk
         self.blocks = (first, jnp.minimum(first + blocks_per_chunk, pl.cdiv(p.kv_len, block_k)))
+        # Static: whether any block can go unmasked (segments hide single logits anywhere).
+        self.any_full = qseg_ref is None and p.kv_len >= block_k
 
     @property
     def num_row_tiles(self):
@@ -664,20 +689,42 @@ class _Scorers:
         r = i * self.block_q + jnp.arange(self.block_q)
         r_rows = pl.ds(i * self.block_q, self.block_q)
         in_r = r < self.count
-        q = _load(self.q_ref, r_rows, r < self.rows, self.cols)
         q_pos = plgpu.load(self.pos_ref.at[r_rows], mask=in_r, other=0)
+        q = _load_rows(self.q_ref, q_pos, in_r, self.cols, self.p.head_dim_padded)
         q_seg = None if self.qseg_ref is None else plgpu.load(self.qseg_ref.at[r_rows], mask=in_r, other=-1)
         return r_rows, in_r, q, q_pos, q_seg
 
-    def logits(self, tile, j):
-        """Key block j: (key slice, key in range, base-2 logits (block_q, block_k), -inf where hidden)."""
+    def ranges(self, tile, skip_hidden: bool):
+        """(lo, full_lo, full_hi, hi): this chunk's key blocks, those in [full_lo, full_hi) visible
+        to every live row of the tile (no mask needed: the band seen from the tile's first and
+        last live positions). ``skip_hidden``: [lo, hi) holds only blocks some row may see;
+        else it is the whole chunk (a pass that writes every key)."""
+        p, (first, last) = self.p, self.blocks
+        _, in_r, _, q_pos, _ = tile
+        q_min = jnp.min(jnp.where(in_r, q_pos, p.q_len))
+        q_max = jnp.max(jnp.where(in_r, q_pos, 0))
+        num_blocks = pl.cdiv(p.kv_len, self.block_k)
+        band = kv_block_range(p.band, q_min, jnp.maximum(q_max - q_min + 1, 1), self.block_k, self.kv_valid,
+                              num_blocks)
+        lo, hi = (jnp.maximum(band[0], first), jnp.minimum(band[3], last)) if skip_hidden else (first, last)
+        hi = jnp.maximum(lo, hi)
+        full_lo = jnp.clip(band[1], lo, hi)
+        full_hi = jnp.clip(band[2], full_lo, hi)
+        return lo, full_lo, full_hi, hi
+
+    def logits(self, tile, j, masked: bool = True):
+        """Key block j: (key slice, key in range, base-2 logits (block_q, block_k)); masked: -inf
+        where hidden and in rows that are not live. Unmasked (a block every live row sees wholly,
+        below the key length), rows that are not live hold finite logits of a zero query."""
         p, bk = self.p, self.block_k
         _, in_r, q, q_pos, q_seg = tile
         k_pos = j * bk + jnp.arange(bk)
         k_rows = pl.ds(j * bk, bk)
         in_k = k_pos < p.kv_len
-        k = _load(self.k_ref, k_rows, in_k, self.cols)
+        k = _load(self.k_ref, k_rows, in_k if masked else None, self.cols)
         s, _ = _logits(p, _dot(p, q, k, trans_b=True), None)
+        if not masked:
+            return k_rows, None, s
         vis = combine(k_pos[None, :] < self.kv_valid, band_visible(p.band, q_pos, k_pos))
         if q_seg is not None:
             kv_seg = plgpu.load(self.kvseg_ref.at[k_rows], mask=in_k, other=-2)
@@ -693,41 +740,81 @@ def _scorer_stats_kernel(q_ref, k_ref, pos_ref, qseg_ref, kvseg_ref, kvlen_ref, 
     def row_tile(i, carry):
         tile = sc.row_tile(i)
 
-        def key_block(j, ml):  # online max and sum of exp over the chunk
+        def key_block(j, ml, masked):  # online max and sum of exp over the chunk (base 2)
             m, l = ml
-            _, _, s = sc.logits(tile, j)
+            _, _, s = sc.logits(tile, j, masked)
             m_new = jnp.maximum(m, jnp.max(s, axis=1))
             shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
             return m_new, l * jnp.exp2(m - shift) + jnp.sum(jnp.exp2(s - shift[:, None]), axis=1)
 
         init = (jnp.full((block_q,), -jnp.inf, jnp.float32), jnp.zeros((block_q,), jnp.float32))
-        m, l = lax.fori_loop(*sc.blocks, key_block, init)
-        r_rows, in_r = tile[0], tile[1]
-        plgpu.store(m_ref.at[r_rows], m, mask=in_r)
-        plgpu.store(l_ref.at[r_rows], l, mask=in_r)
+        # (Rows that are not live are never stored, so the unmasked blocks may leave them finite.)
+        m, l = _three_ranges(key_block, sc.ranges(tile, skip_hidden=True), init, any_full=sc.any_full)
+        plgpu.store(m_ref.at[tile[0]], m, mask=tile[1])
+        plgpu.store(l_ref.at[tile[0]], l, mask=tile[1])
         return carry
 
     lax.fori_loop(0, sc.num_row_tiles, row_tile, 0)
 
 
-def _importance_kernel(q_ref, k_ref, lse_ref, pos_ref, qseg_ref, kvseg_ref, kvlen_ref, count_ref, out_ref, *,
-                       p: Problem, rows: int, block_q: int, block_k: int, blocks_per_chunk: int):
+# Chunks of the stats combined at a time by the importance kernel (bounds its registers).
+_CHUNKS_AT_ONCE = 32
+
+
+def _combined_lse(m_ref, l_ref, r_rows, live, num_chunks: int):
+    """Base-2 LSE of the rows r_rows from the stats kernel's per-chunk (max, sum), +inf for rows
+    that are not live or see nothing (so that their probabilities come out 0)."""
+    width = min(_CHUNKS_AT_ONCE, pl.next_power_of_2(num_chunks))
+    c = jnp.arange(width)
+
+    def group(g, ml):
+        top, total = ml
+        at = c + g * width
+        mask = (at < num_chunks)[:, None] & live[None, :]
+        m = plgpu.load(m_ref.at[pl.ds(g * width, width), r_rows], mask=mask, other=-jnp.inf)
+        l = plgpu.load(l_ref.at[pl.ds(g * width, width), r_rows], mask=mask, other=0.0)
+        new_top = jnp.maximum(top, jnp.max(m, axis=0))
+        shift = jnp.where(new_top == -jnp.inf, 0.0, new_top)
+        return new_top, total * jnp.exp2(top - shift) + jnp.sum(l * jnp.exp2(m - shift[None, :]), axis=0)
+
+    n = r_rows.size
+    top, total = lax.fori_loop(0, pl.cdiv(num_chunks, width), group,
+                               (jnp.full((n,), -jnp.inf, jnp.float32), jnp.zeros((n,), jnp.float32)))
+    return jnp.where(total > 0, top + jnp.log2(jnp.where(total > 0, total, 1.0)), jnp.inf)
+
+
+def _importance_kernel(q_ref, k_ref, *refs, p: Problem, rows: int, block_q: int, block_k: int,
+                       blocks_per_chunk: int, num_chunks: int | None):
+    # Either the rows' LSE (B, N, R) or the stats kernel's (max, sum) per chunk (B, N, chunks, R).
+    lse_ref, m_ref, l_ref = (refs[0], None, None) if num_chunks is None else (None, refs[0], refs[1])
+    pos_ref, qseg_ref, kvseg_ref, kvlen_ref, qlen_ref, count_ref, out_ref = refs[1 if num_chunks is None else 2:]
     sc = _Scorers(p, rows, block_q, block_k, blocks_per_chunk, q_ref, k_ref, pos_ref, qseg_ref, kvseg_ref, kvlen_ref,
                   count_ref)
+    q_valid = _scalar(qlen_ref, p.q_len)
 
     def row_tile(i, carry):
         tile = sc.row_tile(i)
-        lse = _backward_lse(plgpu.load(lse_ref.at[tile[0]], mask=tile[1], other=-jnp.inf))
+        r_rows, in_r, q_pos = tile[0], tile[1], tile[3]
+        live = in_r & (q_pos < q_valid)  # rows past the query length attend to nothing (as in attention)
+        if lse_ref is None:
+            lse = _combined_lse(m_ref, l_ref, r_rows, live, num_chunks)
+        else:
+            lse = _backward_lse(plgpu.load(lse_ref.at[r_rows], mask=live, other=-jnp.inf))
 
-        def key_block(j, carry):
-            k_rows, in_k, s = sc.logits(tile, j)
+        def key_block(j, carry, masked):
+            k_rows, in_k, s = sc.logits(tile, j, masked)
+            # Rows that are not live have lse +inf: probability 0 (their logits are finite).
             probs = jnp.sum(jnp.exp2(s - lse[:, None]), axis=0)
             # This program owns these keys: the first row tile writes, later ones add.
-            before = plgpu.load(out_ref.at[k_rows], mask=in_k & (i > 0), other=0.0)
-            plgpu.store(out_ref.at[k_rows], before + probs, mask=in_k)
+            if masked:
+                before = plgpu.load(out_ref.at[k_rows], mask=in_k & (i > 0), other=0.0)
+                plgpu.store(out_ref.at[k_rows], before + probs, mask=in_k)
+            else:
+                plgpu.store(out_ref.at[k_rows], jnp.where(i > 0, out_ref[k_rows], 0.0) + probs)
             return carry
 
-        return lax.fori_loop(*sc.blocks, key_block, carry)
+        # Every key of the chunk is written (zeros where no row sees it).
+        return _three_ranges(key_block, sc.ranges(tile, skip_hidden=False), carry, any_full=sc.any_full)
 
     # At least one row tile, so that an example without scorer rows still writes its zeros.
     lax.fori_loop(0, jnp.maximum(sc.num_row_tiles, 1), row_tile, 0)
@@ -737,68 +824,79 @@ def _importance_kernel(q_ref, k_ref, lse_ref, pos_ref, qseg_ref, kvseg_ref, kvle
 _SCORER_PROGRAMS = 512
 
 
-def _scorer_call(kernel, p: Problem, cfg: KernelConfig, q_rows, k, lse_rows, positions, q_seg_rows, kv_seg,
-                 kv_lengths, counts, out_specs, out_shape, interpret: bool, name: str):
-    R = q_rows.shape[1]
-    block_q, block_k = _tile(R, cfg.block_q), _tile(p.kv_len, cfg.block_k)
-    num_blocks = pl.cdiv(p.kv_len, block_k)
-    per_chunk = _blocks_per_chunk(p, num_blocks)
-    hp = p.head_dim_padded
-    grid = (pl.cdiv(num_blocks, per_chunk), p.q_heads, p.batch)
-    in_specs = [
-        pl.BlockSpec((None, R, None, hp), lambda t, n, b: (b, 0, n, 0)),
-        _seq_spec(p, p.kv_len, None, lambda n: n // p.group),
-        _optional(lse_rows is not None, pl.BlockSpec((None, None, R), lambda t, n, b: (b, n, 0))),
-        _batch_spec(R),
-        _optional(q_seg_rows is not None, _batch_spec(R)),
-        _optional(kv_seg is not None, _batch_spec(p.kv_len)),
-        _optional(kv_lengths is not None, _batch_spec(None)),
-        _batch_spec(None),
-    ]
-    args = [q_rows, k, lse_rows, positions, q_seg_rows, kv_seg, kv_lengths, counts]
-    if lse_rows is None:  # the stats kernel takes no LSE
-        del in_specs[2], args[2]
-    kernel = functools.partial(kernel, p=p, rows=R, block_q=block_q, block_k=block_k, blocks_per_chunk=per_chunk)
-    return pl.pallas_call(
-        kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-        compiler_params=_params(cfg), interpret=interpret, name=name,
-    )(*args)
-
-
 def _blocks_per_chunk(p: Problem, num_blocks: int) -> int:
     return max(1, min(16, num_blocks * p.q_heads * p.batch // _SCORER_PROGRAMS))
 
 
-def scorer_lse(p: Problem, cfg: KernelConfig, q_rows, k, positions, q_seg_rows, kv_seg, kv_lengths, counts, *,
-               interpret: bool = False):
-    """LSE of the scorer rows over the full key set, (B, N, R) float32 (-inf for rows past
-    ``counts`` and rows that see no key). Arguments as for ``importance``."""
-    R = q_rows.shape[1]
-    num_blocks = pl.cdiv(p.kv_len, _tile(p.kv_len, cfg.block_k))
-    num_blocks = pl.cdiv(num_blocks, _blocks_per_chunk(p, num_blocks))  # one (m, l) per chunk
+def _scorer_chunks(p: Problem, cfg: KernelConfig) -> tuple[int, int, int]:
+    """(block_k, key blocks per chunk, chunks) of the scorer kernels."""
+    block_k = _tile(p.kv_len, cfg.block_k)
+    num_blocks = pl.cdiv(p.kv_len, block_k)
+    per_chunk = _blocks_per_chunk(p, num_blocks)
+    return block_k, per_chunk, pl.cdiv(num_blocks, per_chunk)
+
+
+def _scorer_call(kernel, p: Problem, cfg: KernelConfig, q, k, row_stats, positions, q_seg_rows, kv_seg, kv_lengths,
+                 q_lengths, counts, out_specs, out_shape, interpret: bool, name: str, **static):
+    """One scorer kernel over the grid (chunks, heads, batch). ``row_stats``: the per-row inputs
+    (LSE, or per-chunk stats) as (array, BlockSpec) pairs; ``q_lengths`` None for the stats kernel."""
+    R = positions.shape[1]
+    block_k, per_chunk, num_chunks = _scorer_chunks(p, cfg)
+    head = lambda n: n  # noqa: E731
+    in_specs = [
+        _seq_spec(p, p.q_len, None, head),
+        _seq_spec(p, p.kv_len, None, lambda n: n // p.group),
+        *(spec for _, spec in row_stats),
+        _batch_spec(R),
+        _optional(q_seg_rows is not None, _batch_spec(R)),
+        _optional(kv_seg is not None, _batch_spec(p.kv_len)),
+        _optional(kv_lengths is not None, _batch_spec(None)),
+        *([] if kernel is _scorer_stats_kernel else [_optional(q_lengths is not None, _batch_spec(None))]),
+        _batch_spec(None),
+    ]
+    args = [q, k, *(a for a, _ in row_stats), positions, q_seg_rows, kv_seg, kv_lengths,
+            *([] if kernel is _scorer_stats_kernel else [q_lengths]), counts]
+    kernel = functools.partial(kernel, p=p, rows=R, block_q=_tile(R, cfg.block_q), block_k=block_k,
+                               blocks_per_chunk=per_chunk, **static)
+    return pl.pallas_call(
+        kernel, grid=(num_chunks, p.q_heads, p.batch), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+        compiler_params=_params(cfg), interpret=interpret, name=name,
+    )(*args)
+
+
+def scorer_stats(p: Problem, cfg: KernelConfig, q, k, positions, q_seg_rows, kv_seg, kv_lengths, counts, *,
+                 interpret: bool = False):
+    """Per key chunk, each scorer row's max logit and sum of exp (base 2): two (B, N, chunks, R)
+    float32 arrays, which ``importance`` combines into the rows' LSE. Arguments as for
+    ``importance``; rows past ``counts`` are left unwritten (``importance`` never reads them)."""
+    R = positions.shape[1]
+    num_chunks = _scorer_chunks(p, cfg)[2]
     spec = pl.BlockSpec((None, None, None, R), lambda t, n, b: (b, n, t, 0))
-    shape = jax.ShapeDtypeStruct((p.batch, p.q_heads, num_blocks, R), jnp.float32)
-    # Rows past ``counts`` are never stored: start from -inf / 0 so they combine to -inf.
-    m, l = _scorer_call(_scorer_stats_kernel, p, cfg, q_rows, k, None, positions, q_seg_rows, kv_seg, kv_lengths,
+    shape = jax.ShapeDtypeStruct((p.batch, p.q_heads, num_chunks, R), jnp.float32)
+    return _scorer_call(_scorer_stats_kernel, p, cfg, q, k, [], positions, q_seg_rows, kv_seg, kv_lengths, None,
                         counts, [spec, spec], [shape, shape], interpret, "mmfa_scorer_stats")
-    live = jnp.arange(R)[None, None, None, :] < counts[:, None, None, None]
-    m = jnp.where(live, m, -jnp.inf)
-    l = jnp.where(live, l, 0.0)
-    top = jnp.max(m, axis=2)
-    total = jnp.sum(l * jnp.exp2(m - jnp.where(top == -jnp.inf, 0.0, top)[:, :, None]), axis=2)
-    return jnp.where(total > 0, (top + jnp.log2(jnp.where(total > 0, total, 1.0))) * LN2, -jnp.inf)
 
 
-def importance(p: Problem, cfg: KernelConfig, q_rows, k, lse_rows, positions, q_seg_rows, kv_seg, kv_lengths, counts,
-               *, interpret: bool = False):
+def importance(p: Problem, cfg: KernelConfig, q, k, positions, q_seg_rows, kv_seg, kv_lengths, q_lengths, counts, *,
+               lse_rows=None, stats=None, interpret: bool = False):
     """Summed attention probabilities per key and query head, (B, N, S) float32.
 
-    q_rows: (B, R, N, H) the scorer rows, compacted; lse_rows: (B, N, R) their LSE over the full
-    key set (-inf for padding rows); positions: (B, R) int32, their row index in the original
-    query (for the causal/window band); q_seg_rows: (B, R) or None; counts: (B,) int32, how many
-    of the R rows are real. ``p`` describes the original (T-row) attention; k is in its layout.
+    q, k: the query and key of the original (T-row) attention, in its layout (``p``); positions:
+    (B, R) int32, the scorer rows (query rows, read in place; also their place in the causal or
+    window band); counts: (B,) int32, how many of the R are real; q_seg_rows: (B, R) or None;
+    q_lengths: (B,) or None: rows at or past it attend to nothing. The rows' normaliser comes as
+    ``lse_rows`` (B, N, R) float32 (natural log, -inf for a row that sees nothing), or as
+    ``stats``, what ``scorer_stats`` returned for the same arguments (combined here).
     """
+    R = positions.shape[1]
     out_spec = pl.BlockSpec((None, None, p.kv_len), lambda t, n, b: (b, n, 0))
     shape = jax.ShapeDtypeStruct((p.batch, p.q_heads, p.kv_len), jnp.float32)
-    return _scorer_call(_importance_kernel, p, cfg, q_rows, k, lse_rows, positions, q_seg_rows, kv_seg, kv_lengths,
-                        counts, out_spec, shape, interpret, "mmfa_importance")
+    if stats is not None:
+        num_chunks = stats[0].shape[2]
+        spec = pl.BlockSpec((None, None, num_chunks, R), lambda t, n, b: (b, n, 0, 0))
+        row_stats = [(stats[0], spec), (stats[1], spec)]
+    else:
+        num_chunks = None
+        row_stats = [(lse_rows, pl.BlockSpec((None, None, R), lambda t, n, b: (b, n, 0)))]
+    return _scorer_call(_importance_kernel, p, cfg, q, k, row_stats, positions, q_seg_rows, kv_seg, kv_lengths,
+                        q_lengths, counts, out_spec, shape, interpret, "mmfa_importance", num_chunks=num_chunks)

@@ -19,7 +19,6 @@ Outputs: indices (L,) int32 and length () int32.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -34,10 +33,11 @@ from mmfa_jax.tuning import KernelConfig
 DROPPED, TEXT, CANDIDATE = 0, 1, 2
 
 # The whole sequence sits in registers, spread over every thread of the program. Past this length
-# the XLA selection is used. 16 warps: Triton stages the scatter of the positions through 8 KiB
-# of shared memory per warp on sm_90, so 32 warps would ask for 256 KiB.
+# the XLA selection is used. At most 16 warps: Triton stages the scatter of the positions through
+# 8 KiB of shared memory per warp on sm_90, so 32 warps would ask for 256 KiB.
 MAX_TOKENS = 1 << 15
-_CONFIG = KernelConfig(block_q=16, block_k=16, num_warps=16, num_stages=1)
+# (up to this many tokens, warps), measured on the H100 (bench/NOTES.md).
+_WARPS = ((4096, 4), (MAX_TOKENS, 8))
 
 _SIGN = -(1 << 31)  # int32 with only the top bit set
 
@@ -90,6 +90,8 @@ def _select_kernel(score_ref, kind_ref, need_ref, indices_ref, length_ref, *, se
     # unsigned order reads as signed, the largest t with at least ``need`` candidates at or above
     # it. A trial that has exactly ``need`` at or above it settles the set early (typically after
     # half the bits: once no other candidate lies between the trial and the need-th key).
+    # (Two bits a pass, counting three trials in one (3, n) reduction, measured slower: 39 against
+    # 28 us at 16,448 tokens.)
     def searching(state):
         bit, _, settled = state
         return (bit < 32) & ~settled
@@ -104,26 +106,73 @@ def _select_kernel(score_ref, kind_ref, need_ref, indices_ref, length_ref, *, se
     _, t, _ = lax.while_loop(searching, next_bit, (jnp.int32(0), jnp.where(none, jnp.int32(-1), 0), none))
     threshold = t ^ _SIGN
 
-    # Above the threshold: kept; equal to it: the earliest, up to the count. Then each kept
-    # position's slot is its rank among the kept, by prefix sums carried from piece to piece.
+    # Above the threshold: kept; equal to it: the earliest, up to the count.
     room_for_tied = need - sum(_count(p.key > threshold) for p in pieces)
-    tied_before, kept_before, last = jnp.int32(0), jnp.int32(0), jnp.int32(0)
+    tied_before, packer = jnp.int32(0), _Packer(indices_ref, out_len)
     for p in pieces:
         tied = p.candidate & (p.key == threshold)
         tie_rank = tied_before + jnp.cumsum(tied.astype(jnp.int32))  # 1 for the earliest tied position
-        kept = p.text | (p.key > threshold) | (tied & (tie_rank <= room_for_tied))
-        # Positions not stored get distinct slots past the end: the CPU interpreter's masked
-        # scatter writes back the old value under a false mask, so a repeated slot could undo a
-        # real store.
-        slot = jnp.where(kept, kept_before + jnp.cumsum(kept.astype(jnp.int32)) - 1, out_len + p.pos)
-        plgpu.store(indices_ref.at[slot], p.pos, mask=kept & (slot < out_len))
+        packer.add(p.pos, p.text | (p.key > threshold) | (tied & (tie_rank <= room_for_tied)))
         tied_before += _count(tied)
-        kept_before += _count(kept)
-        last = jnp.maximum(last, jnp.max(jnp.where(kept, p.pos, 0)))
-    tail = jnp.arange(pl.next_power_of_2(out_len), dtype=jnp.int32)
-    plgpu.store(indices_ref.at[pl.ds(0, tail.shape[0])], jnp.full(tail.shape, last, jnp.int32),
-                mask=(tail >= kept_before) & (tail < out_len))
-    length_ref[...] = kept_before
+    length_ref[...] = packer.finish()
+
+
+class _Packer:
+    """Stores kept positions, piece by piece in increasing order, packed to the front of a row of
+    ``out_len`` (positions past it are dropped); the rest of the row repeats the last kept
+    position (0 if none), so that it is harmless to gather."""
+
+    def __init__(self, ref, out_len: int):
+        self.ref, self.out_len = ref, out_len
+        self.kept, self.last = jnp.int32(0), jnp.int32(0)
+
+    def add(self, pos, kept):
+        # Each kept position's slot is its rank among the kept: a prefix sum carried from piece to
+        # piece. Positions not stored get distinct slots past the end: the CPU interpreter's
+        # masked scatter writes back the old value under a false mask, so a repeated slot could
+        # undo a real store.
+        slot = jnp.where(kept, self.kept + jnp.cumsum(kept.astype(jnp.int32)) - 1, self.out_len + pos)
+        plgpu.store(self.ref.at[slot], pos, mask=kept & (slot < self.out_len))
+        self.kept += _count(kept)
+        self.last = jnp.maximum(self.last, jnp.max(jnp.where(kept & (slot < self.out_len), pos, 0)))
+
+    def finish(self):
+        """Fills the tail; returns how many positions were kept (stored or not)."""
+        tail = jnp.arange(pl.next_power_of_2(self.out_len), dtype=jnp.int32)
+        plgpu.store(self.ref.at[pl.ds(0, tail.shape[0])], jnp.full(tail.shape, self.last, jnp.int32),
+                    mask=(tail >= self.kept) & (tail < self.out_len))
+        return self.kept
+
+
+def _compact_kernel(flags_ref, positions_ref, count_ref, *, seq_len: int, out_len: int):
+    packer = _Packer(positions_ref, out_len)
+    for start, size in _pieces(seq_len):
+        pos = start + jnp.arange(size, dtype=jnp.int32)
+        inside = pos < seq_len
+        packer.add(pos, plgpu.load(flags_ref.at[pl.ds(jnp.int32(start), size)], mask=inside, other=False) & inside)
+    count_ref[...] = jnp.minimum(packer.finish(), out_len)
+
+
+def _config(seq_len: int, route: str) -> KernelConfig:
+    """Warps by sequence length: short sequences finish sooner on fewer (less to synchronise)."""
+    warps = next((w for most, w in _WARPS if seq_len <= most), _WARPS[-1][1])  # (longer: the interpreter only)
+    return KernelConfig(block_q=16, block_k=16, num_warps=warps, num_stages=1, route=route)
+
+
+def compact(flags, out_len: int, *, interpret: bool = False, route: str = "auto"):
+    """(positions (B, out_len) int32, counts (B,) int32): per example the positions where the
+    boolean flags (B, S) are True, increasing, packed to the front (the tail repeats the last, 0
+    for none; those past out_len are dropped), and how many of them the row holds (at most
+    out_len). What ``mmfa_jax.pruning.packed_positions`` computes, in one program per example."""
+    B, S = flags.shape
+    return pl.pallas_call(
+        functools.partial(_compact_kernel, seq_len=S, out_len=out_len),
+        grid=(B,),
+        in_specs=[pl.BlockSpec((None, S), lambda b: (b, 0))],
+        out_specs=[pl.BlockSpec((None, out_len), lambda b: (b, 0)), pl.BlockSpec((None,), lambda b: (b,))],
+        out_shape=[jax.ShapeDtypeStruct((B, out_len), jnp.int32), jax.ShapeDtypeStruct((B,), jnp.int32)],
+        compiler_params=triton_route.compiler_params(_config(S, route)), interpret=interpret, name="mmfa_compact",
+    )(flags)
 
 
 def select(score, kind, need, out_len: int, *, interpret: bool = False, route: str = "auto"):
@@ -139,6 +188,5 @@ def select(score, kind, need, out_len: int, *, interpret: bool = False, route: s
         in_specs=[row, row, one],
         out_specs=[pl.BlockSpec((None, out_len), lambda b: (b, 0)), one],
         out_shape=[jax.ShapeDtypeStruct((B, out_len), jnp.int32), jax.ShapeDtypeStruct((B,), jnp.int32)],
-        compiler_params=triton_route.compiler_params(dataclasses.replace(_CONFIG, route=route)),
-        interpret=interpret, name="mmfa_select",
+        compiler_params=triton_route.compiler_params(_config(S, route)), interpret=interpret, name="mmfa_select",
     )(score, kind, need)
