@@ -157,11 +157,12 @@ def _time_demo(name, tok, result, keep, repeats, impl):
     wait = jax.block_until_ready
     # Each jitted call above pays the host's dispatch (tens of us, more than these short sequences
     # take on a GPU). In a model one jitted program runs every layer: so also per layer of a
-    # program that runs LAYERS of them (each layer its own copy of q, k, v, so none is hoisted).
-    stacked = [jnp.stack([x] * LAYERS) for x in (tok.q, tok.k, tok.v)]
-    dense_layers = jax.jit(lambda qs, ks, vs: jax.lax.map(lambda a: dense(*a), (qs, ks, vs)))
-    pipeline_layers = jax.jit(lambda qs, ks, vs, visual: jax.lax.map(
-        lambda a: pipeline(*a, visual), (qs, ks, vs)))
+    # program that runs LAYERS of them, each on its own copy of q, k, v (separate arrays: slices of
+    # one stacked array would be copied for the kernels; and so that no layer is shared), unrolled
+    # (a while loop would wait on the host for its condition every layer).
+    stacked = [[jnp.array(x, copy=True) for _ in range(LAYERS)] for x in (tok.q, tok.k, tok.v)]
+    dense_layers = jax.jit(lambda qs, ks, vs: [dense(*layer) for layer in zip(qs, ks, vs)])
+    pipeline_layers = jax.jit(lambda qs, ks, vs, visual: [pipeline(*layer, visual) for layer in zip(qs, ks, vs)])
     rows = [
         (name, "mmfa dense attention, full sequence", T,
          median_ms(lambda: dense(tok.q, tok.k, tok.v), wait, repeats)),

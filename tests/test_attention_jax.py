@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from reference import attention_reference, attention_reference_grads
 
 import mmfa_jax
-from mmfa_jax import AttentionConfig, KernelConfig
+from mmfa_jax import AttentionConfig, KernelConfig, tuning
 
 # Small tiles: many key and query tiles even on short sequences, so the kernels' block ranges
 # (skipped, unmasked and masked tiles) are exercised.
@@ -282,6 +282,22 @@ def test_default_implementation_matches_reference(rng):
     expected = "pallas" if mmfa_jax.pallas_available() else "xla"
     assert mmfa_jax.default_implementation() == expected
     assert mmfa_jax.dot_product_attention is mmfa_jax.attention
+
+
+def test_small_problem_forward_tiles(impl, rng):
+    """The sm90 d128 row's forward tiles for small problems (``for_problem``) and its own tiles
+    both give the reference's output on one small problem, so the GPU suite, whose problems are
+    mostly small, checks both."""
+    row = tuning.TABLE[("sm90", 128)]  # bfloat16 tiles
+    assert row.for_problem(2, 16, 293).forward == row.forward_small  # 96 programs of 128 rows
+    assert row.for_problem(1, 16, 4160).forward == row.forward  # 528
+    assert row.for_problem(2, 16, 293).backward_dq == row.backward_dq
+    c = Case(T=150, S=150, H=128, causal=True, dtype="bfloat16")
+    x = make_inputs(rng, c)
+    ref, _ = attention_reference(x["q64"], x["k64"], x["v64"], is_causal=True)
+    for config in (row, dataclasses.replace(row, forward_small=None)):
+        out = mmfa_jax.attention(x["q"], x["k"], x["v"], is_causal=True, config=config, implementation=impl)
+        assert_close(out, ref, tolerance("bfloat16"), f"out with {config.for_problem(c.B, c.N, c.T).forward}")
 
 
 def test_under_jit_with_traced_lengths(impl, rng):

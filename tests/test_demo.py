@@ -13,7 +13,7 @@ def test_demo_finds_the_colour(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert status == 0, printed  # 0 means >= 80% of the kept patches are the closest to the colour
     assert out.stat().st_size > 10_000
-    assert "mmfa pipeline" in printed and "torch SDPA" in printed
+    assert "mmfa pipeline" in printed and "torch SDPA" in printed and "per layer, 8 layers" in printed
 
 
 def test_demo_needs_a_colour(tmp_path):

@@ -15,6 +15,9 @@ in registers and does it all:
 Inputs, per example: score (S,) float32, kind (S,) int8 (0: dropped, 1: always kept (text),
 2: a candidate (visual)), need () int32 (how many candidates to keep, at most their number).
 Outputs: indices (L,) int32 and length () int32.
+
+``compact`` is step 4 alone, for a boolean mask: the positions of the scorer rows of importance
+(one kernel where XLA's prefix sum, scatter and selects take seven).
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ DROPPED, TEXT, CANDIDATE = 0, 1, 2
 # 8 KiB of shared memory per warp on sm_90, so 32 warps would ask for 256 KiB.
 MAX_TOKENS = 1 << 15
 # (up to this many tokens, warps), measured on the H100 (bench/NOTES.md).
-_WARPS = ((4096, 4), (MAX_TOKENS, 8))
+_WARPS = ((4096, 4), (MAX_TOKENS, 16))
 
 _SIGN = -(1 << 31)  # int32 with only the top bit set
 
