@@ -144,21 +144,20 @@ def _importance(opts: Options, R: int, query, key, lse, scorers, segment_ids, q_
     # Scorer rows first, in their original order.
     order, counts = compact_positions(scorers, R, opts.implementation)
     q_seg_rows = None if q_seg is None else jnp.take_along_axis(q_seg, order, axis=1)
+    lse_rows = stats = None
     if lse is not None:  # (B, N, R) natural-log LSE of the scorer rows
         lse_rows = lse.astype(jnp.float32) if opts.layout == "BNTH" else jnp.swapaxes(lse.astype(jnp.float32), 1, 2)
         lse_rows = jnp.take_along_axis(lse_rows, order[:, None, :], axis=2)
     if opts.implementation == "xla":
-        return _importance_xla(problem, q, k, lse_rows if lse is not None else None, order, counts, q_seg_rows, kv_seg,
-                               q_lengths, kv_lengths), counts
+        return _importance_xla(problem, q, k, lse_rows, order, counts, q_seg_rows, kv_seg, q_lengths,
+                               kv_lengths), counts
     cfg = kernel_config(opts, problem.head_dim_padded, q.dtype).scoring
     interpret = opts.implementation == "interpret"
     if lse is None:  # the scorer rows' LSE over all keys: one more pass, combined inside the importance kernel
         stats = flash.scorer_stats(problem, cfg, q, k, order, q_seg_rows, kv_seg, kv_lengths, counts,
                                    interpret=interpret)
-        return flash.importance(problem, cfg, q, k, order, q_seg_rows, kv_seg, kv_lengths, q_lengths, counts,
-                                stats=stats, interpret=interpret), counts
     return flash.importance(problem, cfg, q, k, order, q_seg_rows, kv_seg, kv_lengths, q_lengths, counts,
-                            lse_rows=lse_rows, interpret=interpret), counts
+                            lse_rows=lse_rows, stats=stats, interpret=interpret), counts
 
 
 def _importance_xla(p, q, k, lse_rows, order, counts, q_seg_rows, kv_seg, q_lengths, kv_lengths):
