@@ -153,12 +153,14 @@ class Options:
                    _check_implementation(implementation), layout, config)
 
 
-def prepare(opts: Options, arrays):
-    """Check and normalise the arrays; returns ((problem, config, interpret), normalised arrays)."""
+def prepare(opts: Options, arrays, *, kv_rows: bool = False):
+    """Check and normalise the arrays; returns ((problem, config, interpret), normalised arrays).
+    kv_rows: the forward will read its key and value rows by index (``attention_at_rows``)."""
     problem, args = _normalise(opts, *arrays)
-    config = None if opts.implementation == "xla" else kernel_config(opts, problem.head_dim_padded, args[0].dtype
-                                                                      ).for_problem(problem.batch, problem.q_heads,
-                                                                                    problem.q_len)
+    config = None
+    if opts.implementation != "xla":
+        config = kernel_config(opts, problem.head_dim_padded, args[0].dtype).for_problem(
+            problem.batch, problem.q_heads, problem.q_len, kv_rows=kv_rows)
     return (problem, config, opts.implementation == "interpret"), args
 
 
@@ -211,35 +213,47 @@ def backward(opts: Options, query, key, value, bias, mask, segment_ids, query_se
     return _flash_bwd(static, (*args, out, lse), (d_out, d_lse))[:4]
 
 
-def attention_at_rows(query, rows, key, value, *, query_seq_lengths=None, key_value_seq_lengths=None, scale=None,
-                      is_causal: bool = False, logits_soft_cap=None, implementation=None, layout: str = "BTNH"):
-    """``attention`` with the query rows ``query[b, rows[b]]``: what the pruning pipeline runs on
-    its kept tokens. The Pallas forward reads those rows in place, so no gathered copy of the
-    query is made (the backward gathers them, and scatters their gradient back).
+def attention_at_rows(query, rows, key, value, *, kv_rows=None, query_seq_lengths=None,
+                      key_value_seq_lengths=None, scale=None, is_causal: bool = False, logits_soft_cap=None,
+                      implementation=None, layout: str = "BTNH", config: tuning.AttentionConfig | None = None):
+    """``attention`` with the query rows ``query[b, rows[b]]`` (and, with ``kv_rows``, the key and
+    value rows ``key[b, kv_rows[b]]``): what the pruning pipeline runs on its kept tokens. The
+    Pallas forward reads those rows in place, so no gathered copies are made (the backward gathers
+    them, and scatters their gradients back).
 
     Args:
       query: (B, Tq, N, H) ((B, N, Tq, H) for layout "BNTH"); rows: (B, T) int indices into its
-        sequence axis, in [0, Tq) (checked when concrete; under jit the caller vouches); key, value: (B, S, K, H) (or (B, K, S, H)). The band of ``is_causal`` is
-        taken in the T rows' own order (row i against key i), as for the gathered query.
-      The rest as for ``attention`` (no bias, mask or segments here).
+        sequence axis, in [0, Tq). key, value: (B, S, K, H) (or (B, K, S, H)); kv_rows: None, or
+        (B, S') int indices into their sequence axis, in [0, S). Indices are checked when
+        concrete; under jit the caller vouches for them. The band of ``is_causal`` is taken in
+        the rows' own order (row i against key i), as for gathered copies.
+      The rest as for ``attention`` (no bias, mask or segments here); with ``kv_rows`` the
+      table's ``forward_rows`` tiles are used where it has them.
 
     Returns:
       (B, T, N, H) (or (B, N, T, H)) output, gradients to query, key and value.
     """
-    query, rows = jnp.asarray(query), jnp.asarray(rows)
-    opts = Options.make(scale, is_causal, None, logits_soft_cap, implementation, layout, None)
-    if query.ndim != 4 or rows.ndim != 2 or rows.shape[0] != query.shape[0] or not jnp.issubdtype(rows.dtype,
-                                                                                                   jnp.integer):
-        raise ValueError(f"rows must be (B, T) integers for a rank-4 query of batch B, got rows {rows.dtype} "
-                         f"{rows.shape} and query {query.shape}")
-    seq_len = query.shape[1 if layout == "BTNH" else 2]
+    query, rows, key, value = (jnp.asarray(x) for x in (query, rows, key, value))
+    opts = Options.make(scale, is_causal, None, logits_soft_cap, implementation, layout, config)
+    seq = 1 if layout == "BTNH" else 2
+    rows = _checked_rows(rows, "rows", query, seq)
+    if kv_rows is not None:
+        kv_rows = _checked_rows(jnp.asarray(kv_rows), "kv_rows", key, seq)
+    return _at_rows(opts, query, rows, key, value, kv_rows, query_seq_lengths, key_value_seq_lengths)
+
+
+def _checked_rows(rows, name, x, seq: int):
+    """int32 (B, T) row indices into the sequence axis of the rank-4 ``x``."""
+    if x.ndim != 4 or rows.ndim != 2 or rows.shape[0] != x.shape[0] or not jnp.issubdtype(rows.dtype, jnp.integer):
+        raise ValueError(f"{name} must be (B, T) integers for a rank-4 array of batch B, got {name} {rows.dtype} "
+                         f"{rows.shape} and an array of shape {x.shape}")
     try:
-        outside = bool(np.any((np.asarray(rows) < 0) | (np.asarray(rows) >= seq_len)))
+        outside = bool(np.any((np.asarray(rows) < 0) | (np.asarray(rows) >= x.shape[seq])))
     except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):  # traced: caller vouches
         outside = False
     if outside:
-        raise ValueError(f"rows must lie in [0, {seq_len}), the query's sequence axis")
-    return _at_rows(opts, query, rows.astype(jnp.int32), key, value, query_seq_lengths, key_value_seq_lengths)
+        raise ValueError(f"{name} must lie in [0, {x.shape[seq]}), the sequence axis of its array")
+    return rows.astype(jnp.int32)
 
 
 def take_rows(x, rows, layout: str = "BTNH"):
@@ -256,39 +270,50 @@ def _add_rows(x, rows, values, layout: str):
     return jax.vmap(lambda xb, rb, vb: xb.at[:, rb].add(vb))(x, rows, values)
 
 
+def _rows_shape(x, rows, layout: str):
+    seq = 1 if layout == "BTNH" else 2
+    return jax.ShapeDtypeStruct(x.shape[:seq] + (rows.shape[1],) + x.shape[seq + 1:], x.dtype)
+
+
 @functools.partial(jax.jit, static_argnums=0)
-def _at_rows(opts: Options, query, rows, key, value, q_lengths, kv_lengths):
-    seq = 1 if opts.layout == "BTNH" else 2
-    kept_shape = query.shape[:seq] + (rows.shape[1],) + query.shape[seq + 1:]
+def _at_rows(opts: Options, query, rows, key, value, kv_rows, q_lengths, kv_lengths):
     if opts.implementation == "xla":
         q = take_rows(query, rows, opts.layout)
-        return _differentiable(opts, q, key, value, None, None, None, q_lengths, kv_lengths)[0]
-    # The checks and the kernels' problem are those of the gathered query's shape.
+        k, v = (x if kv_rows is None else take_rows(x, kv_rows, opts.layout) for x in (key, value))
+        return _differentiable(opts, q, k, v, None, None, None, q_lengths, kv_lengths)[0]
+    # The checks and the kernels' problem are those of the gathered copies' shapes.
+    k_view, v_view = (x if kv_rows is None else _rows_shape(x, kv_rows, opts.layout) for x in (key, value))
     static, (_, k, v, *_, q_lengths, kv_lengths) = prepare(
-        opts, (jax.ShapeDtypeStruct(kept_shape, query.dtype), key, value, None, None, None, q_lengths, kv_lengths))
-    return _flash_at_rows(static, query, rows, k, v, q_lengths, kv_lengths)
+        opts, (_rows_shape(query, rows, opts.layout), k_view, v_view, None, None, None, q_lengths, kv_lengths),
+        kv_rows=kv_rows is not None)
+    if kv_rows is not None:  # prepare saw shapes only: the arrays themselves are read in place
+        k, v = key, value
+    return _flash_at_rows(static, query, rows, k, v, kv_rows, q_lengths, kv_lengths)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash_at_rows(static, query, rows, k, v, q_len, kv_len):
-    return _flash_at_rows_fwd(static, query, rows, k, v, q_len, kv_len)[0]
+def _flash_at_rows(static, query, rows, k, v, kv_rows, q_len, kv_len):
+    return _flash_at_rows_fwd(static, query, rows, k, v, kv_rows, q_len, kv_len)[0]
 
 
-def _flash_at_rows_fwd(static, query, rows, k, v, q_len, kv_len):
+def _flash_at_rows_fwd(static, query, rows, k, v, kv_rows, q_len, kv_len):
     problem, config, interpret = static
     out, lse = flash.forward(problem, config.forward, query, k, v, None, None, None, None, q_len, kv_len,
-                             q_source=rows, interpret=interpret)
-    return out, (query, rows, k, v, q_len, kv_len, out, lse)
+                             q_source=rows, kv_source=kv_rows, interpret=interpret)
+    return out, (query, rows, k, v, kv_rows, q_len, kv_len, out, lse)
 
 
 def _flash_at_rows_bwd(static, residuals, d_out):
-    query, rows, k, v, q_len, kv_len, out, lse = residuals
+    query, rows, key, value, kv_rows, q_len, kv_len, out, lse = residuals
     layout = static[0].layout
     q = take_rows(query, rows, layout)
+    k, v = (x if kv_rows is None else take_rows(x, kv_rows, layout) for x in (key, value))
     dq, dk, dv, _ = _flash_bwd(static, (q, k, v, None, None, None, None, q_len, kv_len, out, lse),
                                (d_out, jnp.zeros_like(lse)))[:4]
-    # Rows past the query length have dq = 0, so the repeated padding rows add nothing.
-    return _add_rows(jnp.zeros_like(query), rows, dq, layout), None, dk, dv, None, None
+    # Rows past the lengths have zero gradients, so the repeated padding rows add nothing.
+    if kv_rows is not None:
+        dk, dv = (_add_rows(jnp.zeros_like(x), kv_rows, d, layout) for x, d in ((key, dk), (value, dv)))
+    return _add_rows(jnp.zeros_like(query), rows, dq, layout), None, dk, dv, None, None, None
 
 
 _flash_at_rows.defvjp(_flash_at_rows_fwd, _flash_at_rows_bwd)

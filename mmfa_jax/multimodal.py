@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmfa_jax.attention import _check_implementation, attention_at_rows, take_rows
+from mmfa_jax.attention import Options, _check_implementation, attention_at_rows, kernel_config, take_rows
+from mmfa_jax.kernels import flash_attention as flash
 from mmfa_jax.importance import scorer_rows, visual_token_importance
 from mmfa_jax.pruning import select_visual_tokens
 
@@ -91,15 +92,22 @@ def multimodal_attention(query, key, value, visual_mask, keep, *, scorers="text"
         implementation=implementation, layout=layout)
     indices, lengths = select_visual_tokens(importance, visual_mask, keep, valid_lengths=query_seq_lengths,
                                             output_length=output_length, implementation=implementation)
-    # Keys and values are gathered (the forward reads each key tile many times); the query rows
-    # are read in place by the forward, once each.
-    k, v = (take_rows(x, indices, layout) for x in (key, value))
+    # The forward reads the kept query rows in place, and the key and value rows too where the
+    # table says that beats gathered copies (``AttentionConfig.reads_rows_in_place``).
+    kv_rows = None
+    if implementation != "xla":
+        config = kernel_config(Options.make(implementation=implementation), flash.padded_head_dim(query.shape[3]),
+                               query.dtype)
+        kv_rows = indices if config.reads_rows_in_place(indices.shape[1]) else None
+    if kv_rows is None:
+        key, value = (take_rows(x, indices, layout) for x in (key, value))
     # Under causality a row before the length never sees a key past it, so the key lengths add
     # nothing; and the forward kernel with both lengths runs about 14% slower on the H100 than
     # with either alone (bench/NOTES.md).
-    out = attention_at_rows(query, indices, k, v, scale=scale, is_causal=is_causal, logits_soft_cap=logits_soft_cap,
-                            query_seq_lengths=lengths, key_value_seq_lengths=None if is_causal else lengths,
-                            implementation=implementation, layout=layout)
+    out = attention_at_rows(query, indices, key, value, kv_rows=kv_rows, scale=scale, is_causal=is_causal,
+                            logits_soft_cap=logits_soft_cap, query_seq_lengths=lengths,
+                            key_value_seq_lengths=None if is_causal else lengths, implementation=implementation,
+                            layout=layout)
     return MultimodalResult(out, indices, lengths, importance)
 
 

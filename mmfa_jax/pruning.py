@@ -7,6 +7,7 @@ Shapes stay static under jit: the kept tokens of each example are packed to the 
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -19,19 +20,27 @@ from mmfa_jax.kernels import selection
 
 
 def keep_counts(visual_mask, keep):
-    """How many visual tokens each example keeps: ceil(keep * n_visual) for a ratio in (0, 1],
-    min(keep, n_visual) for an int count. (B,) int32."""
-    n_visual = jnp.sum(visual_mask, axis=1)
+    """How many visual tokens each example keeps: ceil(keep * n_visual) for a ratio in (0, 1]
+    (the product rounded to 4 decimals first, in float64), min(keep, n_visual) for an int count.
+    (B,) int32."""
+    return jnp.asarray(keep_table(visual_mask.shape[1], keep))[jnp.sum(visual_mask, axis=1)]
+
+
+@functools.lru_cache(maxsize=64)
+def keep_table(seq_len: int, keep) -> np.ndarray:
+    """(seq_len + 1,) int32: entry n is how many of n visual tokens are kept (``keep_counts``).
+    Computed once on the host: under jit it is a constant, so the selection kernel looks its
+    count up rather than waiting for kernels that compute it."""
     if isinstance(keep, (bool, np.bool_)) or not isinstance(keep, (int, float, np.integer, np.floating)):
         raise TypeError(f"keep must be a ratio in (0, 1] or a positive int count, got {keep!r}")
     if isinstance(keep, (int, np.integer)):
         if keep < 1:
             raise ValueError(f"keep as a count must be >= 1, got {keep}")
-        return jnp.minimum(n_visual, int(keep)).astype(jnp.int32)
+        return np.minimum(np.arange(seq_len + 1), int(keep)).astype(np.int32)
     if not 0.0 < keep <= 1.0 or math.isnan(keep):
         raise ValueError(f"keep as a ratio must be in (0, 1], got {keep}")
-    # A float32 product can land a hair above an integer (0.3 * 10 = 3.0000002): round first.
-    return jnp.ceil(jnp.round(n_visual * keep, 4)).astype(jnp.int32)
+    # A product can land a hair above an integer (0.3 * 10 = 3.0000000000000004): round first.
+    return np.array([math.ceil(round(i * float(keep), 4)) for i in range(seq_len + 1)], np.int32)
 
 
 def kept_lengths(visual_mask, keep, valid_lengths=None):
@@ -77,7 +86,7 @@ def select_visual_tokens(importance, visual_mask, keep, *, valid_lengths=None, o
     valid = jnp.ones((B, S), bool) if valid_lengths is None else (
         jnp.arange(S)[None, :] < jnp.asarray(valid_lengths)[:, None])
     visual = visual_mask & valid
-    n_keep = keep_counts(visual, keep)
+    table = keep_table(S, keep)  # (and checks keep)
     if output_length is None:
         lengths = kept_lengths(visual_mask, keep, valid_lengths)
         try:
@@ -89,10 +98,10 @@ def select_visual_tokens(importance, visual_mask, keep, *, valid_lengths=None, o
     implementation = _selection_implementation(implementation, S)
     if implementation != "xla":
         kind = jnp.where(valid, jnp.where(visual_mask, selection.CANDIDATE, selection.TEXT), selection.DROPPED)
-        return selection.select(importance.astype(jnp.float32), kind.astype(jnp.int8), n_keep, output_length,
+        return selection.select(importance.astype(jnp.float32), kind.astype(jnp.int8), table, output_length,
                                 interpret=implementation == "interpret",
                                 route="triton" if implementation == "triton" else "auto")
-    chosen = _top_visual(importance.astype(jnp.float32), visual, n_keep)
+    chosen = _top_visual(importance.astype(jnp.float32), visual, keep_counts(visual, keep))
     kept = (valid & ~visual_mask) | chosen
     return packed_positions(kept, output_length), jnp.sum(kept, axis=1).astype(jnp.int32)
 

@@ -42,23 +42,36 @@ class AttentionConfig:
     backward_dkv: KernelConfig
     scorer: KernelConfig | None = None
     forward_small: KernelConfig | None = None  # see ``for_problem``
+    forward_rows: KernelConfig | None = None  # see ``for_problem``
 
     @property
     def scoring(self) -> KernelConfig:
         return self.scorer or self.forward
 
-    def for_problem(self, batch: int, heads: int, q_len: int) -> "AttentionConfig":
+    def for_problem(self, batch: int, heads: int, q_len: int, *, kv_rows: bool = False) -> "AttentionConfig":
         """The configuration for one attention problem: ``forward_small`` takes the forward's
         place when the forward's own tiles would give at most ``FEW_PROGRAMS`` programs (short
-        sequences, under one program per SM: there smaller tiles finish sooner)."""
-        if self.forward_small is None or batch * heads * -(-q_len // self.forward.block_q) > FEW_PROGRAMS:
+        sequences, under one program per SM: there smaller tiles finish sooner); otherwise
+        ``forward_rows`` does when the forward reads its key and value rows by index
+        (``kv_rows``: the loads of gathered rows pipeline differently, so other tiles win)."""
+        if self.forward_small is not None and batch * heads * -(-q_len // self.forward.block_q) <= FEW_PROGRAMS:
+            forward = self.forward_small
+        elif kv_rows and self.forward_rows is not None:
+            forward = self.forward_rows
+        else:
             return self
-        return dataclasses.replace(self, forward=self.forward_small, forward_small=None)
+        return dataclasses.replace(self, forward=forward, forward_small=None, forward_rows=None)
+
+    def reads_rows_in_place(self, kept_len: int) -> bool:
+        """Whether the pruning pipeline's forward should read its kept key/value rows in place
+        (``forward_rows``) rather than from gathered copies: on rows where the table has such
+        tiles, for kept sequences up to ``ROWS_IN_PLACE_MAX`` tokens."""
+        return self.forward_rows is not None and kept_len <= ROWS_IN_PLACE_MAX
 
     def _map(self, f) -> "AttentionConfig":
         optional = lambda c: None if c is None else f(c)  # noqa: E731
         return AttentionConfig(f(self.forward), f(self.backward_dq), f(self.backward_dkv), optional(self.scorer),
-                               optional(self.forward_small))
+                               optional(self.forward_small), optional(self.forward_rows))
 
     def halved(self) -> "AttentionConfig":
         return self._map(KernelConfig.halved)
@@ -73,13 +86,19 @@ K = KernelConfig
 # One wave of the H100's 132 SMs: at or under this many forward programs, ``forward_small``.
 FEW_PROGRAMS = 132
 
+# Kept sequences up to this length read their key/value rows in place; longer ones are gathered
+# first, since the loads by index slow the forward more than the gather costs as the sequence grows
+# (H100, 16 heads x 128, bf16, causal: at 4,160 kept tokens gather + forward 193 us against 180 in
+# place; at 8,256 even; at 12,352 the pipeline 1.56 against 1.62 ms; bench/NOTES.md).
+ROWS_IN_PLACE_MAX = 8192
+
 # (family, padded head dim) -> configs. "sm90": Hopper; "sm80": Ampere and Ada; "sm75": Turing; "any": the rest,
 # including the CPU interpreter (where large tiles mean fewer interpreted grid steps).
 TABLE: dict[tuple[str, int], AttentionConfig] = {
     ("sm90", 32): AttentionConfig(K(64, 128, 4, 2), K(128, 64, 4, 3), K(128, 64, 4, 2)),
     ("sm90", 64): AttentionConfig(K(64, 128, 4, 2), K(128, 64, 4, 3), K(128, 64, 4, 2)),
     ("sm90", 128): AttentionConfig(K(128, 128, 8, 3), K(128, 64, 8, 3), K(64, 64, 4, 2), scorer=K(128, 64, 4, 2),
-                                   forward_small=K(64, 64, 4, 3)),
+                                   forward_small=K(64, 64, 4, 3), forward_rows=K(128, 64, 4, 3)),
     ("sm90", 256): AttentionConfig(K(64, 64, 4, 2), K(64, 32, 4, 2), K(32, 64, 4, 2)),
     ("sm80", 32): AttentionConfig(K(128, 64, 4, 3), K(128, 32, 4, 2), K(32, 128, 4, 2)),
     ("sm80", 64): AttentionConfig(K(128, 64, 4, 3), K(128, 32, 4, 2), K(32, 128, 4, 2)),
@@ -99,10 +118,11 @@ TABLE: dict[tuple[str, int], AttentionConfig] = {
     ("sm75-float32", 64): AttentionConfig(K(64, 64, 4, 1), K(64, 32, 4, 1), K(64, 32, 4, 1)),
     ("sm75-float32", 128): AttentionConfig(K(64, 32, 4, 1), K(16, 16, 4, 1), K(16, 16, 4, 1)),
     ("sm75-float32", 256): AttentionConfig(K(16, 16, 4, 1), K(16, 16, 2, 1), K(16, 16, 2, 1)),
-    ("any", 32): AttentionConfig(K(64, 64, 4, 2), K(64, 64, 4, 2), K(64, 64, 4, 2)),
-    ("any", 64): AttentionConfig(K(64, 64, 4, 2), K(64, 64, 4, 2), K(64, 64, 4, 2)),
-    ("any", 128): AttentionConfig(K(64, 64, 4, 2), K(64, 64, 4, 2), K(64, 64, 4, 2)),
-    ("any", 256): AttentionConfig(K(32, 32, 4, 2), K(32, 32, 4, 2), K(32, 32, 4, 2)),
+    # (The interpreter's rows read the pipeline's kept rows in place, so the CPU suite runs that path.)
+    ("any", 32): AttentionConfig(K(64, 64, 4, 2), K(64, 64, 4, 2), K(64, 64, 4, 2), forward_rows=K(64, 64, 4, 2)),
+    ("any", 64): AttentionConfig(K(64, 64, 4, 2), K(64, 64, 4, 2), K(64, 64, 4, 2), forward_rows=K(64, 64, 4, 2)),
+    ("any", 128): AttentionConfig(K(64, 64, 4, 2), K(64, 64, 4, 2), K(64, 64, 4, 2), forward_rows=K(64, 64, 4, 2)),
+    ("any", 256): AttentionConfig(K(32, 32, 4, 2), K(32, 32, 4, 2), K(32, 32, 4, 2), forward_rows=K(32, 32, 4, 2)),
 }
 
 

@@ -284,20 +284,27 @@ def test_default_implementation_matches_reference(rng):
     assert mmfa_jax.dot_product_attention is mmfa_jax.attention
 
 
-def test_small_problem_forward_tiles(impl, rng):
-    """The sm90 d128 row's forward tiles for small problems (``for_problem``) and its own tiles
-    both give the reference's output on one small problem, so the GPU suite, whose problems are
-    mostly small, checks both."""
+def test_small_problem_and_row_reading_forward_tiles(impl, rng):
+    """The sm90 d128 row's forward tiles for small problems and for key/value rows read by index
+    (``for_problem``) and its own tiles all give the reference's output on one small problem, so
+    the GPU suite, whose problems are mostly small, checks each."""
     row = tuning.TABLE[("sm90", 128)]  # bfloat16 tiles
     assert row.for_problem(2, 16, 293).forward == row.forward_small  # 96 programs of 128 rows
+    assert row.for_problem(2, 16, 293, kv_rows=True).forward == row.forward_small
     assert row.for_problem(1, 16, 4160).forward == row.forward  # 528
+    assert row.for_problem(1, 16, 4160, kv_rows=True).forward == row.forward_rows
     assert row.for_problem(2, 16, 293).backward_dq == row.backward_dq
     c = Case(T=150, S=150, H=128, causal=True, dtype="bfloat16")
     x = make_inputs(rng, c)
     ref, _ = attention_reference(x["q64"], x["k64"], x["v64"], is_causal=True)
-    for config in (row, dataclasses.replace(row, forward_small=None)):
+    large = dataclasses.replace(row, forward_small=None)  # as if the problem were large
+    for config in (row, large):
         out = mmfa_jax.attention(x["q"], x["k"], x["v"], is_causal=True, config=config, implementation=impl)
         assert_close(out, ref, tolerance("bfloat16"), f"out with {config.for_problem(c.B, c.N, c.T).forward}")
+    rows = np.tile(np.arange(c.T, dtype=np.int32), (c.B, 1))
+    out = mmfa_jax.attention_at_rows(x["q"], rows, x["k"], x["v"], kv_rows=rows, is_causal=True, config=large,
+                                     implementation=impl)
+    assert_close(out, ref, tolerance("bfloat16"), f"out with {row.forward_rows}")
 
 
 def test_under_jit_with_traced_lengths(impl, rng):

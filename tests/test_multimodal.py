@@ -99,36 +99,53 @@ def test_gradients_flow_through_the_kept_rows(rng, impl):
         assert (np.asarray(g[0, dropped]) == 0).all(), f"d{name} of pruned tokens must be zero"
 
 
+@pytest.mark.parametrize("kv_in_place", [False, True])
 @pytest.mark.parametrize("layout", ["BTNH", "BNTH"])
-def test_attention_at_rows_reads_the_query_in_place(rng, impl, layout):
-    """attention_at_rows(query, rows, k, v) is attention over query[b, rows[b]]: output against the
-    float64 reference on the gathered rows, and dq scattered back (added where rows repeat)."""
-    B, Tq, T, N, K, H = 2, 45, 21, 4, 2, 32
+def test_attention_at_rows_reads_the_rows_in_place(rng, impl, layout, kv_in_place):
+    """attention_at_rows(query, rows, k, v[, kv_rows]) is attention over query[b, rows[b]] (and
+    key[b, kv_rows[b]]): output against the float64 reference on the gathered rows, and the
+    gradients scattered back (added where rows repeat)."""
+    B, Tq, Tk, T, N, K, H = 2, 45, 33, 21, 4, 2, 32
     q, q64 = normal(rng, (B, Tq, N, H))
-    k, k64 = normal(rng, (B, T, K, H))
-    v, v64 = normal(rng, (B, T, K, H))
-    rows = np.stack([rng.choice(Tq, T, replace=b == 1) for b in range(B)]).astype(np.int32)  # repeats in 1
+    k, k64 = normal(rng, (B, Tk if kv_in_place else T, K, H))
+    v, v64 = normal(rng, (B, Tk if kv_in_place else T, K, H))
+    pick = lambda n: np.stack([rng.choice(n, T, replace=b == 1) for b in range(B)]).astype(np.int32)  # noqa: E731
+    rows = pick(Tq)  # repeats in example 1
+    kv_rows = pick(Tk) if kv_in_place else None
     lengths = np.array([T, T - 6])
     d_out, d64 = normal(rng, (B, T, N, H))
     t = (lambda x: jnp.swapaxes(x, 1, 2)) if layout == "BNTH" else (lambda x: x)
 
     def loss(q, k, v):
-        out = mmfa_jax.attention_at_rows(t(q), rows, t(k), t(v), is_causal=True, query_seq_lengths=lengths,
-                                         implementation=impl, layout=layout)
+        out = mmfa_jax.attention_at_rows(t(q), rows, t(k), t(v), kv_rows=kv_rows, is_causal=True,
+                                         query_seq_lengths=lengths, implementation=impl, layout=layout)
         return jnp.sum(t(out) * d_out), t(out)
 
+    def gather(x, r):
+        return x if r is None else np.take_along_axis(x, r[:, :, None, None], axis=1)
+
+    def scatter(g, r, like):
+        if r is None:
+            return g
+        full = np.zeros_like(like)
+        for b in range(B):
+            np.add.at(full[b], r[b], g[b])
+        return full
+
     (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
-    gathered = np.take_along_axis(q64, rows[:, :, None, None], axis=1)
-    want, _ = attention_reference(gathered, k64, v64, is_causal=True, q_lengths=lengths)
+    q_rows, k_rows, v_rows = gather(q64, rows), gather(k64, kv_rows), gather(v64, kv_rows)
+    want, _ = attention_reference(q_rows, k_rows, v_rows, is_causal=True, q_lengths=lengths)
     assert_close(out, want, TOL, "output")
-    dq_rows, dk, dv, _ = attention_reference_grads(gathered, k64, v64, d64, is_causal=True, q_lengths=lengths)
-    dq = np.zeros_like(q64)
-    for b in range(B):
-        np.add.at(dq[b], rows[b], dq_rows[b])
-    for g, w, name in zip(grads, (dq, dk, dv), "qkv"):
+    dq, dk, dv, _ = attention_reference_grads(q_rows, k_rows, v_rows, d64, is_causal=True, q_lengths=lengths)
+    wants = scatter(dq, rows, q64), scatter(dk, kv_rows, k64), scatter(dv, kv_rows, v64)
+    for g, w, name in zip(grads, wants, "qkv"):
         assert_close(g, w, 1e-4, f"d{name}")
     with pytest.raises(ValueError, match=r"rows must lie in \[0, 45\)"):
         mmfa_jax.attention_at_rows(t(q), rows + 30, t(k), t(v), implementation=impl, layout=layout)
+    if kv_in_place:
+        with pytest.raises(ValueError, match=r"kv_rows must lie in \[0, 33\)"):
+            mmfa_jax.attention_at_rows(t(q), rows, t(k), t(v), kv_rows=kv_rows + 20, implementation=impl,
+                                       layout=layout)
 
 
 def test_bad_input(rng):

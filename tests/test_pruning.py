@@ -148,7 +148,7 @@ def test_selection_kernel_fits_hopper(S):
     from mmfa_jax.kernels import selection
 
     args = (jax.ShapeDtypeStruct((1, S), jnp.float32), jax.ShapeDtypeStruct((1, S), jnp.int8),
-            jax.ShapeDtypeStruct((1,), jnp.int32))
+            jax.ShapeDtypeStruct((S + 1,), jnp.int32))
     [(kernel, *_)] = triton_route.lower_for(lambda s, k, n: selection.select(s, k, n, S // 4, route="triton"), *args,
                                            device_kind="NVIDIA H100")
     assert kernel.shared <= 227 * 1024

@@ -46,20 +46,19 @@ def forward(head_dim, dtype, cfg):
 
 
 def forward_at_rows(head_dim, dtype, cfg):
-    """The forward reading its query rows in place (the pruning pipeline's kept tokens)."""
+    """The forward reading its query, key and value rows in place (the pipeline's kept tokens)."""
     T = _seq_len(cfg)
     q, kv = _shapes(head_dim, dtype, 2 * T)
     rows = jax.ShapeDtypeStruct((BATCH, T), jnp.int32)
 
     def fn(q, rows, k, v):
-        kept = jax.ShapeDtypeStruct((BATCH, T, HEADS, head_dim), dtype)
-        p, (_, k, v, *_rest) = attention_module._normalise(
-            attention_module.Options.make(is_causal=True, implementation="interpret"), kept, k, v, None, None, None,
-            None, None)
-        return flash.forward(p, cfg, q, k, v, None, None, None, None, None, None, q_source=rows)
+        kept_q = jax.ShapeDtypeStruct((BATCH, T, HEADS, head_dim), dtype)
+        kept_kv = jax.ShapeDtypeStruct((BATCH, T, KV_HEADS, head_dim), dtype)
+        p, _ = attention_module._normalise(attention_module.Options.make(is_causal=True, implementation="interpret"),
+                                           kept_q, kept_kv, kept_kv, None, None, None, None, None)
+        return flash.forward(p, cfg, q, k, v, None, None, None, None, None, None, q_source=rows, kv_source=rows)
 
-    return fn, (q, rows, jax.ShapeDtypeStruct((BATCH, T, KV_HEADS, head_dim), dtype),
-                jax.ShapeDtypeStruct((BATCH, T, KV_HEADS, head_dim), dtype))
+    return fn, (q, rows, kv, kv)
 
 
 def backward(head_dim, dtype, dq_cfg, dkv_cfg):

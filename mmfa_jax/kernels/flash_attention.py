@@ -63,11 +63,16 @@ class Problem:
 
     @property
     def head_dim_padded(self) -> int:
-        return max(16, pl.next_power_of_2(self.head_dim))
+        return padded_head_dim(self.head_dim)
 
     @property
     def needs_elementwise_mask(self) -> bool:
         return self.has_segments or self.mask_shape is not None
+
+
+def padded_head_dim(head_dim: int) -> int:
+    """The head dimension the kernels compute with: a power of two, at least 16 (masked loads)."""
+    return max(16, pl.next_power_of_2(head_dim))
 
 
 def _tile(n: int, block: int) -> int:
@@ -166,8 +171,9 @@ def _load(ref, rows, row_mask, col_mask):
 def _load_rows(ref, rows, row_mask, col_mask, width: int):
     """Masked load of the tile at arbitrary rows (an int vector) of a (L, width) ref. Both axes
     take array indexers: the CPU interpreter's loads take arrays or slices, not a mix."""
-    mask = combine(row_mask[:, None], col_mask)
-    return plgpu.load(ref.at[rows[:, None], jnp.arange(width)[None, :]], mask=mask, other=0)
+    mask = combine(None if row_mask is None else row_mask[:, None], col_mask)
+    return plgpu.load(ref.at[rows[:, None], jnp.arange(width)[None, :]], mask=mask,
+                      other=None if mask is None else 0)
 
 
 def _dot(p: Problem, a, b, trans_b: bool = False, trans_a: bool = False):
@@ -288,8 +294,8 @@ def _column_mask(p: Problem):
 
 
 def _forward_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, qseg_ref, kvseg_ref, qlen_ref, kvlen_ref,
-                    mask_ranges_ref, q_source_ref, o_ref, lse_ref, *, p: Problem, block_q: int, block_k: int,
-                    tile_axis: int):
+                    mask_ranges_ref, q_source_ref, kv_source_ref, o_ref, lse_ref, *, p: Problem, block_q: int,
+                    block_k: int, tile_axis: int):
     t = _query_tile(p, tile_axis)
     q_start = t * block_q
     q_pos = q_start + jnp.arange(block_q)
@@ -322,8 +328,13 @@ def _forward_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, qseg_ref, kvseg_ref
         k_rows = pl.ds(k_start, block_k)
         k_pos = k_start + jnp.arange(block_k)
         row_ok = k_pos < p.kv_len if masked else None
-        k = _load(k_ref, k_rows, row_ok, cols)
-        v = _load(v_ref, k_rows, row_ok, cols)
+        if kv_source_ref is None:
+            k = _load(k_ref, k_rows, row_ok, cols)
+            v = _load(v_ref, k_rows, row_ok, cols)
+        else:
+            src = plgpu.load(kv_source_ref.at[k_rows], mask=row_ok, other=None if row_ok is None else 0)
+            k = _load_rows(k_ref, src, row_ok, cols, hp)
+            v = _load_rows(v_ref, src, row_ok, cols, hp)
         s, _ = _logits(p, _dot(p, q, k, trans_b=True), side.pair_tile(bias_ref, q_rows, k_rows, q_pos, k_pos, 0))
         if masked:
             s = jnp.where(side.visible(q_rows, k_rows, q_pos, k_pos), s, -jnp.inf)
@@ -352,13 +363,15 @@ def _forward_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, qseg_ref, kvseg_ref
 
 
 def forward(p: Problem, cfg: KernelConfig, q, k, v, bias, dense_mask, q_seg, kv_seg, q_lengths, kv_lengths,
-            *, q_source=None, interpret: bool = False):
+            *, q_source=None, kv_source=None, interpret: bool = False):
     """Returns (out (B, T, N, H) or (B, N, T, H), lse (B, N, T) float32 in natural log; -inf for
     rows that see nothing).
 
     q_source: None, or (B, T) int32: query row i is read in place from row q_source[b, i] of
     ``q``, whose sequence axis may then have any length (the pruning pipeline's kept tokens,
     without a gathered copy of the query).
+    kv_source: likewise (B, S) int32 rows of ``k`` and ``v`` for key i (read in place in the key
+    loop: the pipeline's kept keys without gathered copies).
 
     With a dense mask, a first kernel (``mask_ranges``) finds the key blocks each query tile must
     visit: blocks the mask hides are skipped and a run of blocks it shows wholly goes unmasked
@@ -376,14 +389,15 @@ def forward(p: Problem, cfg: KernelConfig, q, k, v, bias, dense_mask, q_seg, kv_
         tile_of = _tile_order(p, num_tiles)
         ranges_spec = pl.BlockSpec((None, None, None, 4), lambda t, n, b: (b if bm > 1 else 0, n if nm > 1 else 0,
                                                                           tile_of(t), 0))
-    q_stored_len = q.shape[1 if p.layout == "BTNH" else 2]
+    seq = 1 if p.layout == "BTNH" else 2
     in_specs = [
-        _seq_spec(p, q_stored_len, None, q_head),
-        _seq_spec(p, p.kv_len, None, kv_head),
-        _seq_spec(p, p.kv_len, None, kv_head),
+        _seq_spec(p, q.shape[seq], None, q_head),
+        _seq_spec(p, k.shape[seq], None, kv_head),
+        _seq_spec(p, v.shape[seq], None, kv_head),
         *_common_in_specs(p, None, q_head),
         ranges_spec,
         _optional(q_source is not None, _batch_spec(p.q_len)),
+        _optional(kv_source is not None, _batch_spec(p.kv_len)),
     ]
     out_specs = [_seq_spec(p, p.q_len, None, q_head), _row_spec(p.q_len, None, q_head)]
     out_rows = (p.batch, p.q_len, p.q_heads) if p.layout == "BTNH" else (p.batch, p.q_heads, p.q_len)
@@ -396,7 +410,7 @@ def forward(p: Problem, cfg: KernelConfig, q, k, v, bias, dense_mask, q_seg, kv_
     return pl.pallas_call(
         kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
         compiler_params=_params(cfg), interpret=interpret, name="mmfa_flash_forward",
-    )(q, k, v, bias, dense_mask, q_seg, kv_seg, q_lengths, kv_lengths, ranges, q_source)
+    )(q, k, v, bias, dense_mask, q_seg, kv_seg, q_lengths, kv_lengths, ranges, q_source, kv_source)
 
 
 # --------------------------------------------------------------------------------------------

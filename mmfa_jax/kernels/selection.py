@@ -6,14 +6,16 @@ third of the attention it saves at keep 0.25. Here one program holds an example'
 in registers and does it all:
 
 1. scores become int32 keys whose signed order is the float order (NaN as -inf, -0 as +0);
-2. the keep-th largest key among the candidates is found bit by bit, from the top bit down
-   (up to 32 counting passes over the registers, no memory traffic);
+2. the keep-th largest key among the candidates is found bit by bit, from the first bit on which
+   the smallest and largest candidates differ down (up to 32 counting passes over the
+   registers, no memory traffic);
 3. candidates above it are kept, and of those equal to it the earliest, up to the count;
 4. a prefix sum of the kept flags gives each kept position its slot, stored by a scatter; the
    slots past the kept count repeat the last kept position.
 
 Inputs, per example: score (S,) float32, kind (S,) int8 (0: dropped, 1: always kept (text),
-2: a candidate (visual)), need () int32 (how many candidates to keep, at most their number).
+2: a candidate (visual)); and for all: keep_table (S + 1,) int32, how many of n candidates to keep
+(``mmfa_jax.pruning.keep_table``: a constant, so no kernel runs before this one to count them).
 Outputs: indices (L,) int32 and length () int32.
 
 ``compact`` is step 4 alone, for a boolean mask: the positions of the scorer rows of importance
@@ -43,6 +45,7 @@ MAX_TOKENS = 1 << 15
 _WARPS = ((4096, 4), (MAX_TOKENS, 16))
 
 _SIGN = -(1 << 31)  # int32 with only the top bit set
+_MAX = (1 << 31) - 1
 
 
 def _ordered_keys(score):
@@ -85,9 +88,9 @@ def _count(flags):
     return jnp.sum(flags.astype(jnp.int32))
 
 
-def _select_kernel(score_ref, kind_ref, need_ref, indices_ref, length_ref, *, seq_len: int, out_len: int):
+def _select_kernel(score_ref, kind_ref, keep_table_ref, indices_ref, length_ref, *, seq_len: int, out_len: int):
     pieces = [_Piece(score_ref, kind_ref, start, size, seq_len) for start, size in _pieces(seq_len)]
-    need = need_ref[...]
+    need = keep_table_ref[sum(_count(p.candidate) for p in pieces)]
 
     # The threshold bit by bit from the top: ``t`` holds the bits found so far, offset so that
     # unsigned order reads as signed, the largest t with at least ``need`` candidates at or above
@@ -105,8 +108,16 @@ def _select_kernel(score_ref, kind_ref, need_ref, indices_ref, length_ref, *, se
         at_least = sum(_count(p.key >= (trial ^ _SIGN)) for p in pieces)
         return bit + 1, jnp.where(at_least >= need, trial, t), at_least == need
 
+    # The threshold lies between the smallest and the largest candidate key, so it shares the
+    # leading bits on which those two agree: the search starts below them (at 16,448 tokens of
+    # importance scores: 28.9 -> 24.8 us on the H100).
+    largest = functools.reduce(jnp.maximum, [jnp.max(p.key) for p in pieces])
+    smallest = functools.reduce(jnp.minimum, [jnp.min(jnp.where(p.candidate, p.key, _MAX)) for p in pieces])
+    shared = lax.clz(smallest ^ largest)  # 32 when they are equal
+    low = jnp.where(shared >= 32, 0, lax.shift_right_logical(jnp.int32(-1), jnp.minimum(shared, 31)))
     none = need == 0  # then the threshold is above every key
-    _, t, _ = lax.while_loop(searching, next_bit, (jnp.int32(0), jnp.where(none, jnp.int32(-1), 0), none))
+    start = jnp.where(none, jnp.int32(-1), (smallest ^ _SIGN) & ~low)
+    _, t, _ = lax.while_loop(searching, next_bit, (jnp.where(none, 0, shared), start, none))
     threshold = t ^ _SIGN
 
     # Above the threshold: kept; equal to it: the earliest, up to the count.
@@ -178,18 +189,19 @@ def compact(flags, out_len: int, *, interpret: bool = False, route: str = "auto"
     )(flags)
 
 
-def select(score, kind, need, out_len: int, *, interpret: bool = False, route: str = "auto"):
+def select(score, kind, keep_table, out_len: int, *, interpret: bool = False, route: str = "auto"):
     """(indices (B, out_len) int32, lengths (B,) int32); see the module docstring.
 
-    score: (B, S) float32; kind: (B, S) int8; need: (B,) int32; S at most ``MAX_TOKENS``."""
+    score: (B, S) float32; kind: (B, S) int8; keep_table: (S + 1,) int32 (entry n at most n);
+    S at most ``MAX_TOKENS``."""
     B, S = score.shape
     row = pl.BlockSpec((None, S), lambda b: (b, 0))
     one = pl.BlockSpec((None,), lambda b: (b,))
     return pl.pallas_call(
         functools.partial(_select_kernel, seq_len=S, out_len=out_len),
         grid=(B,),
-        in_specs=[row, row, one],
+        in_specs=[row, row, pl.BlockSpec((S + 1,), lambda b: (0,))],
         out_specs=[pl.BlockSpec((None, out_len), lambda b: (b, 0)), one],
         out_shape=[jax.ShapeDtypeStruct((B, out_len), jnp.int32), jax.ShapeDtypeStruct((B,), jnp.int32)],
         compiler_params=triton_route.compiler_params(_config(S, route)), interpret=interpret, name="mmfa_select",
-    )(score, kind, need)
+    )(score, kind, jnp.asarray(keep_table, jnp.int32))
