@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The one GPU regression command: every headline figure of the README, in one run, one table at the end.
+#   scripts/regression.sh            (on the GPU machine, from the repo root; CSVs and logs land in $OUT or results/)
+# Attention target (mmfa both faces against cuDNN), pipeline target (both faces), split-KV decode against
+# torch SDPA, and the VLM TTFT/ITL rows (LLaVA-1.5-7B, Qwen2.5-VL-7B, Gemma-3-4B shapes, random weights).
+# VLM_FAMILIES / VLM_VISUAL override the VLM grid (e.g. VLM_VISUAL="2304 4608 9216").
+set -uo pipefail
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
+out="${OUT:-results}"; mkdir -p "$out"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+python3 -c "import jax, torch, triton; print('jax', jax.__version__, 'torch', torch.__version__, 'triton', triton.__version__)"
+status=0
+step() { local name=$1; shift; echo "== $name: $*"; local t0=$SECONDS
+  "$@" > "$out/$name.log" 2>&1 || { status=1; echo "   FAILED (see $out/$name.log)"; tail -n 5 "$out/$name.log"; }
+  echo "   $((SECONDS - t0)) s"; }
+step attention python3 bench/attention.py --preset target --impls mmfa_jax,mmfa_torch,jax_cudnn,torch_cudnn \
+  --repeats 5 --out "$out/attention.csv"
+step pipeline python3 bench/mmfa.py --preset target --torch --out "$out/pipeline.csv"
+step decode python3 bench/decode.py --out "$out/decode.csv"
+step vlm python3 bench/vlm.py --preset h100 --families ${VLM_FAMILIES:-llava qwen2_5_vl gemma3} \
+  --impls sdpa mmfa mmfa+prune --keeps 0.25 --visual ${VLM_VISUAL:-2304 9216} --new-tokens 16 --out "$out/vlm.csv"
+python3 scripts/regression_table.py "$out" | tee "$out/table.md"
+exit $status

@@ -1,0 +1,66 @@
+"""Prints the headline table of a scripts/regression.sh run from its CSVs (markdown).
+
+    python scripts/regression_table.py results/
+"""
+
+from __future__ import annotations
+
+import csv
+import sys
+from pathlib import Path
+
+
+def _rows(path: Path):
+    if not path.exists():
+        return []
+    with open(path) as f:
+        return [r for r in csv.DictReader(f)]
+
+
+def _num(x, fmt="{:.3g}"):
+    try:
+        return fmt.format(float(x))
+    except (TypeError, ValueError):
+        return "-"
+
+
+def main(argv=None):
+    folder = Path((argv or sys.argv[1:] or ["results"])[0])
+    print("| attention (B2, 16x128, 8k, bf16), TFLOP/s | " + " | ".join(["fwd", "fwd+bwd", "fwd causal",
+                                                                          "fwd+bwd causal"]) + " |")
+    print("|---|---|---|---|---|")
+    attn = _rows(folder / "attention.csv")
+    for impl in dict.fromkeys(r["impl"] for r in attn):
+        cells = []
+        for causal in ("False", "True"):
+            for mode in ("fwd", "fwd+bwd"):
+                hit = [r for r in attn if r["impl"] == impl and r["mode"] == mode and r["causal"] == causal]
+                cells.append(_num(hit[0]["tflops"], "{:.0f}") if hit and not hit[0]["error"] else "-")
+        print(f"| {impl} | " + " | ".join(cells) + " |")
+    print("\n| pipeline (16,384 + 64, 16x128, bf16, causal) | dense ms | jax pipeline ms | speedup | torch pipeline ms |")
+    print("|---|---|---|---|---|")
+    for r in _rows(folder / "pipeline.csv"):
+        print(f"| keep {r['keep']} | {_num(r['dense_ms'])} | {_num(r['pipeline_ms'])} | {_num(r['speedup'])}x | "
+              f"{_num(r.get('torch_pipeline_ms'))} |")
+    print("\n| decode (32/8 heads, d128, bf16), µs | B | S | " + " | ".join(
+        dict.fromkeys(r["impl"] for r in _rows(folder / "decode.csv"))) + " |")
+    dec = _rows(folder / "decode.csv")
+    impls = list(dict.fromkeys(r["impl"] for r in dec))
+    print("|---|---|---|" + "---|" * len(impls))
+    for key in dict.fromkeys((r["batch"], r["seq_len"], r["rows"]) for r in dec):
+        cells = []
+        for impl in impls:
+            hit = [r for r in dec if (r["batch"], r["seq_len"], r["rows"]) == key and r["impl"] == impl]
+            cells.append(f"{_num(hit[0]['us'], '{:.0f}')} ({_num(hit[0]['hbm_fraction'], '{:.0%}')})"
+                         if hit and not hit[0]["error"] else "err")
+        print(f"| rows {key[2]} | {key[0]} | {key[1]} | " + " | ".join(cells) + " |")
+    print("\n| VLM (random weights, bf16, B1) | visual | impl | keep | TTFT ms | ITL ms | error |")
+    print("|---|---|---|---|---|---|---|")
+    for r in _rows(folder / "vlm.csv"):
+        print(f"| {r.get('model') or r.get('family')} | {r.get('visual_tokens', '')} | {r.get('impl', '')} | "
+              f"{r.get('keep') or ''} | {_num(r.get('ttft_ms'), '{:.1f}')} | {_num(r.get('itl_mean_ms'), '{:.1f}')} | "
+              f"{(r.get('error') or '')[:60]} |")
+
+
+if __name__ == "__main__":
+    main()
