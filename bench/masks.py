@@ -22,7 +22,8 @@ import torch  # noqa: E402
 
 import mmfa_torch  # noqa: E402
 from bench.attention import time_it  # noqa: E402
-from mmfa_jax.attention import Options, forward  # noqa: E402
+from mmfa_jax._autodiff import forward  # noqa: E402
+from mmfa_jax._checks import Options  # noqa: E402
 
 SHAPES = [(8, 4, 256), (28, 4, 128), (16, 16, 128)]  # (query heads, KV heads, head dim)
 

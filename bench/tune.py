@@ -21,8 +21,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench.attention import time_it  # noqa: E402
-from mmfa_jax import tuning  # noqa: E402
-from mmfa_jax.attention import Options, backward, forward  # noqa: E402
+from mmfa_jax import backends, tuning  # noqa: E402
+from mmfa_jax._autodiff import backward, forward  # noqa: E402
+from mmfa_jax._checks import Options  # noqa: E402
 from mmfa_jax.tuning import AttentionConfig, KernelConfig  # noqa: E402
 
 FORWARD = [KernelConfig(bq, bk, w, s) for bq, bk, w, s in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3, 4))
@@ -58,7 +59,7 @@ def main(argv=None):
     shape = (args.batch, args.seq_len, args.heads, args.head_dim)
     q, k, v, do = (jnp.asarray(rng.standard_normal(shape, np.float32), args.dtype) for _ in range(4))
     flops = 4.0 * args.batch * args.heads * args.seq_len**2 * args.head_dim / (2 if args.causal else 1)
-    base = tuning.config_for(max(16, 1 << (args.head_dim - 1).bit_length()), args.dtype, tuning.gpu_family())
+    base = tuning.config_for(max(16, 1 << (args.head_dim - 1).bit_length()), args.dtype, backends.resolve("pallas").family)
     print(f"{jax.devices()[0].device_kind}: {shape} {args.dtype} causal={args.causal}; table row {base}", flush=True)
 
     def opts(cfg):

@@ -15,10 +15,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmfa_jax.attention import Options, _normalise, attention, kernel_config
+from mmfa_jax import _autodiff
+from mmfa_jax._checks import ArgumentError, Options
+from mmfa_jax.attention import attention
 from mmfa_jax.kernels import flash_attention as flash
 from mmfa_jax.masking import band_visible, combine
-from mmfa_jax.pruning import compact_positions, gather_tokens
+from mmfa_jax.pruning import compact, gather_tokens
 
 SCORER_RULES = ("text", "last")
 
@@ -30,7 +32,7 @@ def scorer_rows(rule: str, visual_mask, query_seq_lengths=None):
     """
     visual_mask = jnp.asarray(visual_mask)
     if visual_mask.ndim != 2 or visual_mask.dtype != jnp.bool_:
-        raise ValueError(f"visual_mask must be a boolean (B, S) array, got {visual_mask.dtype} {visual_mask.shape}")
+        raise ArgumentError(f"visual_mask must be a boolean (B, S) array, got {visual_mask.dtype} {visual_mask.shape}")
     B, T = visual_mask.shape
     rows = jnp.arange(T)[None, :]
     length = jnp.full((B,), T) if query_seq_lengths is None else jnp.minimum(jnp.asarray(query_seq_lengths), T)
@@ -39,7 +41,7 @@ def scorer_rows(rule: str, visual_mask, query_seq_lengths=None):
         return valid & ~visual_mask
     if rule == "last":
         return valid & (rows == length[:, None] - 1)
-    raise ValueError(f"scorers must be one of {SCORER_RULES} or a boolean (B, T) array, got {rule!r}")
+    raise ArgumentError(f"scorers must be one of {SCORER_RULES} or a boolean (B, T) array, got {rule!r}")
 
 
 def sparsevlm_raters(query, key, visual_mask, text_mask=None, *, is_causal: bool = False, scale=None,
@@ -55,7 +57,7 @@ def sparsevlm_raters(query, key, visual_mask, text_mask=None, *, is_causal: bool
     query, key, visual_mask = jnp.asarray(query), jnp.asarray(key), jnp.asarray(visual_mask)
     B, T, _, _ = query.shape
     if visual_mask.shape != (B, T) or visual_mask.dtype != jnp.bool_:
-        raise ValueError(f"visual_mask must be a boolean (B, T) = {(B, T)} array, got {visual_mask.dtype} "
+        raise ArgumentError(f"visual_mask must be a boolean (B, T) = {(B, T)} array, got {visual_mask.dtype} "
                          f"{visual_mask.shape}")
     text = scorer_rows("text", visual_mask, query_seq_lengths) if text_mask is None else jnp.asarray(text_mask)
     indicator = jnp.broadcast_to(visual_mask[:, :, None, None], key.shape).astype(key.dtype)
@@ -69,7 +71,8 @@ def sparsevlm_raters(query, key, visual_mask, text_mask=None, *, is_causal: bool
 def visual_token_importance(query, key, lse, visual_mask, scorers="text", *, per_head: bool = False,
                             max_scorers: int | None = None, scale=None, is_causal: bool = False,
                             local_window_size=None, logits_soft_cap=None, segment_ids=None, query_seq_lengths=None,
-                            key_value_seq_lengths=None, implementation=None, config=None, layout="BTNH"):
+                            key_value_seq_lengths=None, implementation=None, config=None, layout="BTNH",
+                            causal_alignment="top_left"):
     """Importance of every key for the scorer rows: (B, S) float32, or (B, N, S) with ``per_head``.
 
     Args:
@@ -84,9 +87,9 @@ def visual_token_importance(query, key, lse, visual_mask, scorers="text", *, per
       max_scorers: a static bound R on the scorer rows per example; only the first R are read
         (the kernel's work is R rows). Default T. When the mask is concrete, more scorers than R
         raise; under jit the caller must make sure the bound holds.
-      scale, is_causal, local_window_size, logits_soft_cap, segment_ids, query_seq_lengths,
-      key_value_seq_lengths: exactly as given to ``attention``, so that the probabilities are the
-        attention's own.
+      scale, is_causal, causal_alignment, local_window_size, logits_soft_cap, segment_ids,
+      query_seq_lengths, key_value_seq_lengths: exactly as given to ``attention``, so that the
+        probabilities are the attention's own.
       implementation: "pallas", "interpret" or "xla", as for ``attention``.
       layout: "BTNH", or "BNTH" for query (B, N, T, H), key (B, K, S, H) and lse (B, N, T).
 
@@ -94,38 +97,39 @@ def visual_token_importance(query, key, lse, visual_mask, scorers="text", *, per
       Mean over scorer rows (and heads) of the attention probability each key receives. An
       example with no scorer row gets zeros.
     """
-    opts = Options.make(scale, is_causal, local_window_size, logits_soft_cap, implementation, layout, config)
+    opts = Options.make(scale, is_causal, local_window_size, logits_soft_cap, implementation, layout, config,
+                        causal_alignment=causal_alignment)
     query, key = jnp.asarray(query), jnp.asarray(key)
     if query.ndim != 4 or key.ndim != 4:
-        raise ValueError(f"query and key must have rank 4, got {query.shape} and {key.shape}")
+        raise ArgumentError(f"query and key must have rank 4, got {query.shape} and {key.shape}")
     seq_axis, head_axis = (1, 2) if layout == "BTNH" else (2, 1)
     B, T, N = query.shape[0], query.shape[seq_axis], query.shape[head_axis]
     S = key.shape[seq_axis]
     lse = None if lse is None else jnp.asarray(lse)
     lse_shape = (B, T, N) if layout == "BTNH" else (B, N, T)
     if lse is not None and lse.shape != lse_shape:
-        raise ValueError(f"lse must have shape {lse_shape} (attention's return_lse), got {lse.shape}")
+        raise ArgumentError(f"lse must have shape {lse_shape} (attention's return_lse), got {lse.shape}")
     visual_mask = jnp.asarray(visual_mask)
     if visual_mask.shape != (B, S) or visual_mask.dtype != jnp.bool_:
-        raise ValueError(f"visual_mask must be a boolean (B, S) = {(B, S)} array, got {visual_mask.dtype} "
+        raise ArgumentError(f"visual_mask must be a boolean (B, S) = {(B, S)} array, got {visual_mask.dtype} "
                          f"{visual_mask.shape}")
     if isinstance(scorers, str):
         if T != S:
-            raise ValueError(f"scorers={scorers!r} needs self-attention (T == S), got T={T}, S={S}; pass a (B, T) mask")
+            raise ArgumentError(f"scorers={scorers!r} needs self-attention (T == S), got T={T}, S={S}; pass a (B, T) mask")
         scorers = scorer_rows(scorers, visual_mask, query_seq_lengths)
     scorers = jnp.asarray(scorers)
     if scorers.shape != (B, T) or scorers.dtype != jnp.bool_:
-        raise ValueError(f"scorers must be 'text', 'last' or a boolean (B, T) = {(B, T)} array, got "
+        raise ArgumentError(f"scorers must be 'text', 'last' or a boolean (B, T) = {(B, T)} array, got "
                          f"{scorers.dtype} {scorers.shape}")
     R = T if max_scorers is None else int(max_scorers)
     if not 1 <= R <= T:
-        raise ValueError(f"max_scorers must be in [1, T={T}], got {max_scorers}")
+        raise ArgumentError(f"max_scorers must be in [1, T={T}], got {max_scorers}")
     try:
         most = int(np.max(np.sum(np.asarray(scorers), axis=1)))
     except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):  # traced: caller vouches
         most = 0
     if most > R:
-        raise ValueError(f"an example has {most} scorer rows, over max_scorers={R}")
+        raise ArgumentError(f"an example has {most} scorer rows, over max_scorers={R}")
     per_head_sums, counts = _importance(opts, R, query, key, lse, scorers, segment_ids, query_seq_lengths,
                                         key_value_seq_lengths)
     out = per_head_sums / jnp.maximum(counts, 1)[:, None, None]
@@ -139,25 +143,24 @@ def visual_token_importance(query, key, lse, visual_mask, scorers="text", *, per
 def _importance(opts: Options, R: int, query, key, lse, scorers, segment_ids, q_lengths, kv_lengths):
     """(summed probabilities (B, N, S) over the first R scorer rows of each example, how many
     rows that is (B,) int32)."""
-    problem, (q, k, _, _, _, q_seg, kv_seg, q_lengths, kv_lengths) = _normalise(
-        opts, query, key, key, None, None, segment_ids, q_lengths, kv_lengths)
+    (problem, config, lowering), (q, k, _, _, _, q_seg, kv_seg, q_lengths, kv_lengths) = _autodiff.prepare(
+        opts, (query, key, key, None, None, segment_ids, q_lengths, kv_lengths))
     # Scorer rows first, in their original order.
-    order, counts = compact_positions(scorers, R, opts.implementation)
+    order, counts = compact(scorers, R, lowering)
     q_seg_rows = None if q_seg is None else jnp.take_along_axis(q_seg, order, axis=1)
     lse_rows = stats = None
     if lse is not None:  # (B, N, R) natural-log LSE of the scorer rows
         lse_rows = lse.astype(jnp.float32) if opts.layout == "BNTH" else jnp.swapaxes(lse.astype(jnp.float32), 1, 2)
         lse_rows = jnp.take_along_axis(lse_rows, order[:, None, :], axis=2)
-    if opts.implementation == "xla":
+    if not lowering.kernels:
         return _importance_xla(problem, q, k, lse_rows, order, counts, q_seg_rows, kv_seg, q_lengths,
                                kv_lengths), counts
-    cfg = kernel_config(opts, problem.head_dim_padded, q.dtype).scoring
-    interpret = opts.implementation == "interpret"
+    cfg = config.scoring
     if lse is None:  # the scorer rows' LSE over all keys: one more pass, combined inside the importance kernel
         stats = flash.scorer_stats(problem, cfg, q, k, order, q_seg_rows, kv_seg, kv_lengths, counts,
-                                   interpret=interpret)
+                                   lowering=lowering)
     return flash.importance(problem, cfg, q, k, order, q_seg_rows, kv_seg, kv_lengths, q_lengths, counts,
-                            lse_rows=lse_rows, stats=stats, interpret=interpret), counts
+                            lse_rows=lse_rows, stats=stats, lowering=lowering), counts
 
 
 def _importance_xla(p, q, k, lse_rows, order, counts, q_seg_rows, kv_seg, q_lengths, kv_lengths):

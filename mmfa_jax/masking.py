@@ -1,8 +1,10 @@
 """Which keys a query may see: one definition shared by the Pallas kernels and the XLA path.
 
-Positions are aligned bottom-right: with ``q_len`` queries and ``kv_len`` keys (the static array
-lengths), query ``i`` sits at key position ``i + offset`` with ``offset = kv_len - q_len``, so the
-last query lines up with the last key. A query at aligned position ``p`` may see key ``j`` when
+Query ``i`` sits at key position ``i + offset``: ``offset = 0`` aligned top-left (as
+``jax.nn.dot_product_attention``, torch SDPA's ``is_causal`` and Flax: query i sees keys j <= i),
+``offset = kv_len - q_len`` aligned bottom-right (as FlashAttention, and a KV-cache decode step: the
+last query lines up with the last key), with ``q_len`` queries and ``kv_len`` keys (the static array
+lengths). A query at aligned position ``p`` may see key ``j`` when
 
     p - window_left <= j <= p + window_right          (a missing bound is unbounded)
 
@@ -26,7 +28,7 @@ class Band:
     """The diagonal band of visible keys: static, hashable.
 
     Attributes:
-      offset: key position of query 0 (``kv_len - q_len`` for bottom-right alignment).
+      offset: key position of query 0 (0 top-left, ``kv_len - q_len`` bottom-right).
       left: how far back a query may look (None: unbounded).
       right: how far ahead a query may look (None: unbounded; 0 when causal).
     """
@@ -36,11 +38,12 @@ class Band:
     right: int | None
 
     @classmethod
-    def make(cls, q_len: int, kv_len: int, causal: bool, window: tuple[int | None, int | None]) -> "Band":
+    def make(cls, q_len: int, kv_len: int, causal: bool, window: tuple[int | None, int | None], *,
+             bottom_right: bool) -> "Band":
         left, right = window
         if causal:
             right = 0 if right is None else min(right, 0)
-        return cls(offset=kv_len - q_len, left=left, right=right)
+        return cls(offset=kv_len - q_len if bottom_right else 0, left=left, right=right)
 
     @property
     def is_full(self) -> bool:

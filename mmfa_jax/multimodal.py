@@ -18,10 +18,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmfa_jax.attention import Options, _check_implementation, attention_at_rows, kernel_config, take_rows
+from mmfa_jax import _checks, backends, pruning, tuning
+from mmfa_jax._autodiff import take_rows
+from mmfa_jax._checks import ArgumentError
+from mmfa_jax.attention import attention_at_rows
 from mmfa_jax.kernels import flash_attention as flash
 from mmfa_jax.importance import scorer_rows, visual_token_importance
-from mmfa_jax.pruning import select_visual_tokens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +43,8 @@ jax.tree_util.register_dataclass(MultimodalResult, data_fields=["out", "indices"
                                  meta_fields=[])
 
 
-def multimodal_attention(query, key, value, visual_mask, keep, *, scorers="text", max_scorers: int | None = None,
+def multimodal_attention(query, key, value, visual_mask, keep=None, *, keep_count=None, scorers="text",
+                         max_scorers: int | None = None,
                          scale=None, is_causal: bool = False, logits_soft_cap=None, query_seq_lengths=None,
                          output_length: int | None = None, implementation=None,
                          layout: str = "BTNH") -> MultimodalResult:
@@ -50,10 +53,11 @@ def multimodal_attention(query, key, value, visual_mask, keep, *, scorers="text"
     Args:
       query, key, value: (B, T, N, H) and (B, T, K, H): self-attention over one token sequence.
       visual_mask: bool (B, T), the visual tokens (any number of spans per example).
-      keep: ratio in (0, 1] or int count of visual tokens kept per example.
+      keep: the ratio in (0, 1] of each example's visual tokens kept (rounded up); or
+      keep_count: how many are kept (at most all). Exactly one of the two.
       scorers: "text", "last" or a bool (B, T) mask of the rows that rate the visual tokens.
-      max_scorers: static bound on scorer rows per example (default: the most any example has,
-        when the masks are concrete; else T, which costs a full (T, S) scoring pass).
+      max_scorers: static bound on scorer rows per example, at least 1 (default: the most any
+        example has, when the masks are concrete; else T, which costs a full (T, S) scoring pass).
       scale, is_causal, logits_soft_cap: as for ``attention``; causality is kept in original order.
       query_seq_lengths: (B,) valid lengths (right padding).
       output_length: static length of the kept sequence (default: the longest, when concrete).
@@ -66,38 +70,38 @@ def multimodal_attention(query, key, value, visual_mask, keep, *, scorers="text"
       A ``MultimodalResult``. With keep=1.0 its ``out`` is the dense attention's output.
     """
     query, key, value, visual_mask = (jnp.asarray(x) for x in (query, key, value, visual_mask))
-    if layout not in ("BTNH", "BNTH"):
-        raise ValueError(f"layout must be 'BTNH' or 'BNTH', got {layout!r}")
+    _checks.choice(layout, "layout", _checks.LAYOUTS)
+    rule = _checks.checked_keep(keep, keep_count)
     seq = 1 if layout == "BTNH" else 2
     if (query.ndim != 4 or key.ndim != 4 or (key.shape[0], key.shape[seq]) != (query.shape[0], query.shape[seq])
             or key.shape != value.shape):
         shapes = "(B, T, N, H) and key/value (B, T, K, H)" if seq == 1 else "(B, N, T, H) and key/value (B, K, T, H)"
-        raise ValueError(f"multimodal_attention is self-attention: query {shapes} over one sequence, got "
+        raise ArgumentError(f"multimodal_attention is self-attention: query {shapes} over one sequence, got "
                          f"{query.shape}, {key.shape}, {value.shape}")
     B, T = query.shape[0], query.shape[seq]
     if visual_mask.shape != (B, T) or visual_mask.dtype != jnp.bool_:
-        raise ValueError(f"visual_mask must be a boolean (B, T) = {(B, T)} array, got {visual_mask.dtype} "
+        raise ArgumentError(f"visual_mask must be a boolean (B, T) = {(B, T)} array, got {visual_mask.dtype} "
                          f"{visual_mask.shape}")
     rows = scorer_rows(scorers, visual_mask, query_seq_lengths) if isinstance(scorers, str) else jnp.asarray(scorers)
     if rows.shape != (B, T) or rows.dtype != jnp.bool_:
-        raise ValueError(f"scorers must be 'text', 'last' or a boolean (B, T) array, got {rows.dtype} {rows.shape}")
+        raise ArgumentError(f"scorers must be 'text', 'last' or a boolean (B, T) array, got {rows.dtype} {rows.shape}")
     if max_scorers is None:
         max_scorers = _concrete_max(jnp.sum(rows, axis=1), default=T)
+    elif _checks.integer(max_scorers, "max_scorers", minimum=1) > T:
+        raise ArgumentError(f"max_scorers must be in [1, T={T}], got {max_scorers}")
     # The scores only pick tokens: no gradient flows through them (nor through the scoring kernels).
-    implementation = _check_implementation(implementation)
+    lowering = backends.resolve(implementation)  # once, for every step
     importance = visual_token_importance(
         jax.lax.stop_gradient(query), jax.lax.stop_gradient(key), None, visual_mask, rows,
         max_scorers=int(max(1, min(max_scorers, T))), scale=scale, is_causal=bool(is_causal),
         logits_soft_cap=logits_soft_cap, query_seq_lengths=query_seq_lengths, key_value_seq_lengths=query_seq_lengths,
-        implementation=implementation, layout=layout)
-    indices, lengths = select_visual_tokens(importance, visual_mask, keep, valid_lengths=query_seq_lengths,
-                                            output_length=output_length, implementation=implementation)
+        implementation=lowering, layout=layout)
+    indices, lengths = pruning.select(importance, visual_mask, rule, query_seq_lengths, output_length, lowering)
     # The forward reads the kept query rows in place, and the key and value rows too where the
     # table says that beats gathered copies (``AttentionConfig.reads_rows_in_place``).
     kv_rows = None
-    if implementation != "xla":
-        config = kernel_config(Options.make(implementation=implementation), flash.padded_head_dim(query.shape[3]),
-                               query.dtype)
+    if lowering.kernels:
+        config = tuning.config_for(flash.padded_head_dim(query.shape[3]), query.dtype, lowering.family)
         kv_rows = indices if config.reads_rows_in_place(indices.shape[1]) else None
     if kv_rows is None:
         key, value = (take_rows(x, indices, layout) for x in (key, value))
@@ -106,7 +110,7 @@ def multimodal_attention(query, key, value, visual_mask, keep, *, scorers="text"
     # with either alone (bench/NOTES.md).
     out = attention_at_rows(query, indices, key, value, kv_rows=kv_rows, scale=scale, is_causal=is_causal,
                             logits_soft_cap=logits_soft_cap, query_seq_lengths=lengths,
-                            key_value_seq_lengths=None if is_causal else lengths, implementation=implementation,
+                            key_value_seq_lengths=None if is_causal else lengths, implementation=lowering,
                             layout=layout)
     return MultimodalResult(out, indices, lengths, importance)
 

@@ -14,36 +14,35 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmfa_jax.attention import _check_implementation
-from mmfa_jax import tuning
+from mmfa_jax import _checks, backends
+from mmfa_jax._checks import ArgumentError, Keep
 from mmfa_jax.kernels import selection
 
 
-def keep_counts(visual_mask, keep):
-    """How many visual tokens each example keeps: ceil(keep * n_visual) for a ratio in (0, 1]
-    (the product rounded to 4 decimals first, in float64), min(keep, n_visual) for an int count.
-    (B,) int32."""
-    return jnp.asarray(keep_table(visual_mask.shape[1], keep))[jnp.sum(visual_mask, axis=1)]
+def keep_counts(visual_mask, keep=None, *, keep_count=None):
+    """How many visual tokens each example keeps: ceil(keep * n_visual) for a ratio ``keep`` in
+    (0, 1] (the product rounded to 4 decimals first, in float64), min(keep_count, n_visual) for a
+    count. (B,) int32."""
+    return jnp.asarray(keep_table(visual_mask.shape[1], _checks.checked_keep(keep, keep_count)))[
+        jnp.sum(visual_mask, axis=1)]
 
 
 @functools.lru_cache(maxsize=64)
-def keep_table(seq_len: int, keep) -> np.ndarray:
+def _keep_table(seq_len: int, rule: Keep) -> np.ndarray:
+    if rule.count is not None:
+        return np.minimum(np.arange(seq_len + 1), rule.count).astype(np.int32)
+    # A product can land a hair above an integer (0.3 * 10 = 3.0000000000000004): round first.
+    return np.array([math.ceil(round(i * rule.ratio, 4)) for i in range(seq_len + 1)], np.int32)
+
+
+def keep_table(seq_len: int, rule: Keep) -> np.ndarray:
     """(seq_len + 1,) int32: entry n is how many of n visual tokens are kept (``keep_counts``).
     Computed once on the host: under jit it is a constant, so the selection kernel looks its
-    count up rather than waiting for kernels that compute it."""
-    if isinstance(keep, (bool, np.bool_)) or not isinstance(keep, (int, float, np.integer, np.floating)):
-        raise TypeError(f"keep must be a ratio in (0, 1] or a positive int count, got {keep!r}")
-    if isinstance(keep, (int, np.integer)):
-        if keep < 1:
-            raise ValueError(f"keep as a count must be >= 1, got {keep}")
-        return np.minimum(np.arange(seq_len + 1), int(keep)).astype(np.int32)
-    if not 0.0 < keep <= 1.0 or math.isnan(keep):
-        raise ValueError(f"keep as a ratio must be in (0, 1], got {keep}")
-    # A product can land a hair above an integer (0.3 * 10 = 3.0000000000000004): round first.
-    return np.array([math.ceil(round(i * float(keep), 4)) for i in range(seq_len + 1)], np.int32)
+    count up rather than waiting for kernels that compute it. ``rule``: ``_checks.checked_keep``'s."""
+    return _keep_table(int(seq_len), _checks.checked_keep(rule))
 
 
-def kept_lengths(visual_mask, keep, valid_lengths=None):
+def kept_lengths(visual_mask, keep=None, valid_lengths=None, *, keep_count=None):
     """(B,) int32: how many tokens each example keeps (its valid text tokens and its share of
     visual ones), what ``select_visual_tokens`` returns as lengths; its maximum is the default
     ``output_length``."""
@@ -51,22 +50,25 @@ def kept_lengths(visual_mask, keep, valid_lengths=None):
     S = visual_mask.shape[1]
     valid = jnp.ones_like(visual_mask) if valid_lengths is None else (
         jnp.arange(S)[None, :] < jnp.asarray(valid_lengths)[:, None])
-    return (jnp.sum(valid & ~visual_mask, axis=1) + keep_counts(visual_mask & valid, keep)).astype(jnp.int32)
+    return (jnp.sum(valid & ~visual_mask, axis=1)
+            + keep_counts(visual_mask & valid, _checks.checked_keep(keep, keep_count))).astype(jnp.int32)
 
 
-def select_visual_tokens(importance, visual_mask, keep, *, valid_lengths=None, output_length: int | None = None,
-                         implementation: str | None = None):
+def select_visual_tokens(importance, visual_mask, keep=None, *, keep_count=None, valid_lengths=None,
+                         output_length: int | None = None, implementation: str | None = None):
     """Which tokens survive pruning, in their original order.
 
     Args:
       importance: (B, S) float scores of the tokens (only visual ones matter).
       visual_mask: (B, S) bool, the visual tokens.
-      keep: ratio in (0, 1] or int count of visual tokens to keep per example. Every valid
-        non-visual (text) token stays. Among visual tokens the highest scores win; ties go to
-        the earlier position, so the result is deterministic.
+      keep: the ratio in (0, 1] of each example's visual tokens to keep (rounded up); or
+      keep_count: how many to keep (at most all). Exactly one of the two. Every valid non-visual
+        (text) token stays. Among visual tokens the highest scores win; ties go to the earlier
+        position, so the result is deterministic.
       valid_lengths: (B,) int, tokens at or past it are padding and dropped (default: none).
       output_length: static length of the index array. Default: the longest kept sequence when
-        the inputs are concrete, else S.
+        the inputs are concrete, else S. Shorter than an example's kept length raises (when the
+        inputs are concrete).
       implementation: "pallas" or "triton" (one Pallas program per example,
         ``mmfa_jax.kernels.selection``; the default on GPUs where the kernels run, up to
         ``MAX_TOKENS`` tokens), "interpret" (that kernel in the CPU interpreter) or "xla" (a radix
@@ -77,40 +79,58 @@ def select_visual_tokens(importance, visual_mask, keep, *, valid_lengths=None, o
       kept positions in increasing order; the rest repeat the last kept position (harmless to
       gather, ignored through ``lengths``).
     """
+    return select(importance, visual_mask, _checks.checked_keep(keep, keep_count), valid_lengths, output_length,
+                  backends.resolve(implementation))
+
+
+def select(importance, visual_mask, rule: Keep, valid_lengths, output_length, lowering: backends.Lowering):
+    """``select_visual_tokens`` with the keep rule checked and the backend resolved."""
     importance, visual_mask = jnp.asarray(importance), jnp.asarray(visual_mask)
     if visual_mask.ndim != 2 or visual_mask.dtype != jnp.bool_:
-        raise ValueError(f"visual_mask must be a boolean (B, S) array, got {visual_mask.dtype} {visual_mask.shape}")
+        raise ArgumentError(f"visual_mask must be a boolean (B, S) array, got {visual_mask.dtype} {visual_mask.shape}")
     if importance.shape != visual_mask.shape:
-        raise ValueError(f"importance must have the shape of visual_mask {visual_mask.shape}, got {importance.shape}")
+        raise ArgumentError(f"importance must have the shape of visual_mask {visual_mask.shape}, got "
+                            f"{importance.shape}")
     B, S = visual_mask.shape
     valid = jnp.ones((B, S), bool) if valid_lengths is None else (
         jnp.arange(S)[None, :] < jnp.asarray(valid_lengths)[:, None])
     visual = visual_mask & valid
-    table = keep_table(S, keep)  # (and checks keep)
+    table = keep_table(S, rule)
+    lengths = kept_lengths(visual_mask, rule, valid_lengths)
+    longest = _concrete_max(lengths)
     if output_length is None:
-        lengths = kept_lengths(visual_mask, keep, valid_lengths)
-        try:
-            output_length = max(1, int(np.max(np.asarray(lengths))))
-        except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
-            output_length = S
+        output_length = S if longest is None else max(1, longest)
+    output_length = _checks.integer(output_length, "output_length")
     if not 1 <= output_length <= S:
-        raise ValueError(f"output_length must be in [1, S={S}], got {output_length}")
-    implementation = _selection_implementation(implementation, S)
-    if implementation != "xla":
+        raise ArgumentError(f"output_length must be in [1, S={S}], got {output_length}")
+    if longest is not None and longest > output_length:
+        raise ArgumentError(f"output_length={output_length} is shorter than the {longest} tokens an example keeps "
+                            f"({rule}); pass output_length >= {longest}, or None")
+    lowering = _selection_lowering(lowering, S)
+    if lowering.kernels:
         kind = jnp.where(valid, jnp.where(visual_mask, selection.CANDIDATE, selection.TEXT), selection.DROPPED)
         return selection.select(importance.astype(jnp.float32), kind.astype(jnp.int8), table, output_length,
-                                interpret=implementation == "interpret",
-                                route="triton" if implementation == "triton" else "auto")
-    chosen = _top_visual(importance.astype(jnp.float32), visual, keep_counts(visual, keep))
+                                lowering=lowering)
+    chosen = _top_visual(importance.astype(jnp.float32), visual, keep_counts(visual, rule))
     kept = (valid & ~visual_mask) | chosen
     return packed_positions(kept, output_length), jnp.sum(kept, axis=1).astype(jnp.int32)
 
 
-def _selection_implementation(implementation, S: int) -> str:
-    implementation = _check_implementation(implementation)
-    if implementation in ("pallas", "triton") and (S > selection.MAX_TOKENS or tuning.gpu_family() == "sm75"):
-        return "xla"  # the kernel holds a whole sequence in registers; Turing's 64 KiB of shared memory is too little
-    return implementation
+def _concrete_max(x) -> int | None:
+    """max(x) when x is concrete, None under jit."""
+    try:
+        return int(np.max(np.asarray(x)))
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+        return None
+
+
+def _selection_lowering(lowering: backends.Lowering, S: int) -> backends.Lowering:
+    """The backend of the selection and compaction kernels: the call's, but XLA where the kernel
+    does not fit (it holds a whole sequence in registers; Turing's 64 KiB of shared memory is too
+    little, and past ``selection.MAX_TOKENS`` tokens any GPU's)."""
+    if lowering.compiled and (S > selection.MAX_TOKENS or lowering.family == "sm75"):
+        return backends.Lowering("xla")
+    return lowering
 
 
 def _top_visual(score, visual, n_keep):
@@ -148,12 +168,16 @@ def compact_positions(mask, length: int, implementation: str | None = None):
     (B, S), and how many of its True positions fit in the row (min(count, length)). With
     implementation "pallas", "triton" or "interpret", one Pallas program per example
     (``mmfa_jax.kernels.selection.compact``) where the selection kernel runs; else XLA ops."""
+    return compact(mask, length, backends.resolve(implementation))
+
+
+def compact(mask, length: int, lowering: backends.Lowering):
+    """``compact_positions`` with the backend resolved."""
     mask = jnp.asarray(mask)
-    implementation = _selection_implementation(implementation, mask.shape[1])
-    if implementation == "xla":
+    lowering = _selection_lowering(lowering, mask.shape[1])
+    if not lowering.kernels:
         return packed_positions(mask, length), jnp.minimum(jnp.sum(mask, axis=1), length).astype(jnp.int32)
-    return selection.compact(mask, length, interpret=implementation == "interpret",
-                             route="triton" if implementation == "triton" else "auto")
+    return selection.compact(mask, length, lowering=lowering)
 
 
 def packed_positions(mask, length: int):
@@ -177,9 +201,9 @@ def gather_tokens(x, indices, axis: int = 1):
     x = jnp.asarray(x)
     axis = axis % x.ndim
     if axis == 0:
-        raise ValueError("axis must not be 0: the axis before it is the batch axis")
+        raise ArgumentError("axis must not be 0: the axis before it is the batch axis")
     if x.shape[axis - 1] != indices.shape[0]:
-        raise ValueError(f"batch axis {axis - 1} of x has size {x.shape[axis - 1]}, indices have batch "
+        raise ArgumentError(f"batch axis {axis - 1} of x has size {x.shape[axis - 1]}, indices have batch "
                          f"{indices.shape[0]}")
     # Advanced indexing on (batch, axis) gathers whole trailing slices per index, rather than an
     # index per element as take_along_axis would.

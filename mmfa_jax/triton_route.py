@@ -6,26 +6,22 @@ lowering to Triton IR (TTIR), compiles that IR with the official ``triton`` pack
 the result through jaxlib's Triton kernel call (the FFI target ``triton_kernel_call_ffi``, what
 jax-triton uses). So the kernels run on Turing (sm_75: T4, RTX 20xx, Quadro RTX) too.
 
-How a kernel picks its route. Every mmfa kernel builds its ``pallas_call`` with
-``compiler_params(cfg)``, a ``RouteParams``: jax's Triton ``CompilerParams`` plus a ``route``
-field. Pallas looks up the lowering rule by the params' class, and ours decides, at lowering
-time, for the device being lowered for (a real one, or an abstract one under
-``jax.sharding.use_abstract_mesh``):
-
-  route "auto" (the default)  XLA's Triton on compute capability >= 8.0, this route below;
-                              ``MMFA_ROUTE=triton`` in the environment forces this route everywhere
-  route "triton"              this route (``implementation="triton"`` in both faces)
-  route "stock"               XLA's Triton always (fails below 8.0, as stock jax does)
+Which kernels take this route is decided once per call by ``mmfa_jax.backends.resolve`` (the
+backend "triton-route": ``implementation="triton"``, "pallas" on Turing, or ``MMFA_ROUTE=triton``).
+Every mmfa kernel builds its ``pallas_call`` with ``compiler_params(cfg, lowering)``, a
+``RouteParams``: jax's Triton ``CompilerParams`` plus the resolved backend and the compute
+capability to compile for. Pallas looks up the lowering rule by the params' class; ours only obeys
+the backend the params carry ("xla-triton": jax's stock lowering; "triton-route": this route).
 
 Compiled kernels are cached in memory and on disk (``$MMFA_CACHE_DIR/triton``, default
 ``~/.cache/mmfa/triton``), keyed by the hash of the kernel's Triton IR (which spells out the
 kernel, its shapes, dtypes and block sizes), num_warps, num_stages, the target compute capability
 and the Triton version: a new process does not recompile.
 
-``MMFA_TRITON_ARCH=75`` (testing knob) compiles for that compute capability instead of the
-device's and also selects that family's block configurations: the sm_75 code, FMA dots and
-Turing tiles, then runs on a newer GPU (its PTX is compiled forward by jaxlib), which is how the
-Turing code is checked on Hopper.
+``MMFA_TRITON_ARCH=75`` (testing knob, read by ``mmfa_jax.backends.settings``) compiles for that
+compute capability instead of the device's and also selects that family's block configurations:
+the sm_75 code, FMA dots and Turing tiles, then runs on a newer GPU (its PTX is compiled forward by
+jaxlib), which is how the Turing code is checked on Hopper.
 """
 
 from __future__ import annotations
@@ -46,9 +42,10 @@ from pathlib import Path
 
 from jax.experimental.pallas import triton as plgpu
 
-ROUTES = ("auto", "stock", "triton")
-STOCK_MIN_CC = 80  # XLA's Triton refuses anything older
-MIN_CC = 75  # what this route is built and checked for (Turing)
+from mmfa_jax import backends
+
+STOCK_MIN_CC = backends.STOCK_MIN_CC
+MIN_CC = backends.ROUTE_MIN_CC
 MIN_TRITON = (3, 2)
 CACHE_FORMAT = 1  # bump when the cached record changes meaning
 
@@ -71,50 +68,22 @@ class SharedMemoryError(RouteError):
 
 @dataclasses.dataclass(frozen=True)
 class RouteParams(plgpu.CompilerParams):
-    """jax's Triton compiler parameters plus the launch route ("auto", "stock" or "triton") and,
-    for messages, the block configuration that the kernel was built with."""
+    """jax's Triton compiler parameters plus the backend resolved for the call ("xla-triton" or
+    "triton-route"), the compute capability to compile for, and, for messages, the block
+    configuration that the kernel was built with."""
 
-    route: str = "auto"
+    backend: str = "xla-triton"
+    compile_cc: int | None = None
     config: str = ""
 
 
-def compiler_params(cfg) -> RouteParams:
-    """The ``compiler_params`` of a kernel built from a ``tuning.KernelConfig``."""
-    return RouteParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages, route=getattr(cfg, "route", "auto"),
+def compiler_params(cfg, lowering) -> RouteParams:
+    """The ``compiler_params`` of a kernel built from the ``tuning.KernelConfig`` ``cfg`` for the
+    ``backends.Lowering`` ``lowering`` (use ``lowering.pallas_args(cfg)``)."""
+    return RouteParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages, backend=lowering.backend,
+                       compile_cc=lowering.cc,
                        config=f"block_q={cfg.block_q}, block_k={cfg.block_k}, num_warps={cfg.num_warps}, "
                               f"num_stages={cfg.num_stages}")
-
-
-def forced() -> bool:
-    """True when ``MMFA_ROUTE=triton`` asks for this route everywhere."""
-    value = os.environ.get("MMFA_ROUTE", "auto").strip().lower()
-    if value not in ("", "auto", "triton", "stock"):
-        raise RouteError(f"MMFA_ROUTE must be 'auto', 'triton' or 'stock', got {value!r}")
-    return value == "triton"
-
-
-def arch_override() -> int | None:
-    """The compute capability that ``MMFA_TRITON_ARCH`` asks to compile for (e.g. 75), or None."""
-    value = os.environ.get("MMFA_TRITON_ARCH", "").strip().lower().removeprefix("sm_").removeprefix("sm")
-    if not value:
-        return None
-    try:
-        cc = int(value.replace(".", ""))
-    except ValueError:
-        raise RouteError(f"MMFA_TRITON_ARCH must be a compute capability such as 75 or sm_75, got {value!r}") from None
-    if cc < MIN_CC:
-        raise RouteError(f"MMFA_TRITON_ARCH={cc} is below sm_{MIN_CC}, the oldest GPU the route supports")
-    return cc
-
-
-def uses_route(route: str, cc: int) -> bool:
-    """Whether a kernel with this route setting, lowered for compute capability ``cc``, takes the
-    Triton route (True) or XLA's Triton (False)."""
-    if route not in ROUTES:
-        raise RouteError(f"route must be one of {ROUTES}, got {route!r}")
-    if route == "auto":
-        return cc < STOCK_MIN_CC or forced() or arch_override() is not None
-    return route == "triton"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -219,8 +188,7 @@ STATS = {"compiled": 0, "memory_hits": 0, "disk_hits": 0, "launches_lowered": 0}
 
 def cache_dir() -> Path:
     """Where compiled kernels are kept: ``$MMFA_CACHE_DIR/triton``, default ``~/.cache/mmfa/triton``."""
-    root = os.environ.get("MMFA_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "mmfa")
-    return Path(root) / "triton"
+    return Path(backends.settings().cache_dir) / "triton"
 
 
 def cache_key(ttir: str, cc: int, num_warps: int, num_stages: int, version: str) -> str:
@@ -368,14 +336,6 @@ def shared_memory_limit(cc: int) -> int:
 
 _collecting = threading.local()
 
-# A device kind jax knows (jax._src.pallas.triton.gpu_info) for each compute capability: what an
-# abstract device is named when lowering for a GPU that jax itself is not running on.
-DEVICE_KIND_OF_CC = {
-    75: "Tesla T4", 80: "NVIDIA A100", 86: "NVIDIA A10", 89: "NVIDIA L4", 90: "NVIDIA H100", 100: "NVIDIA B200",
-    103: "NVIDIA B300", 110: "NVIDIA Thor", 120: "NVIDIA RTX PRO 6000", 121: "NVIDIA GB10",
-}
-
-
 class Launch(typing.NamedTuple):
     """One kernel as the route compiled it for a lowered pallas_call: the kernel, the label of its
     block configuration, and its grid (x, y, z). Its parameters are the call's operands, then its
@@ -431,21 +391,21 @@ def _device_cc() -> int:
 def _lower(ctx, *in_nodes, jaxpr, grid_mapping, compiler_params, input_output_aliases, **params):
     from jax._src.pallas.triton import pallas_call_registration as stock
 
-    device_cc = _device_cc()
-    if not uses_route(compiler_params.route, device_cc):
+    if compiler_params.backend != "triton-route":
         plain = plgpu.CompilerParams(num_warps=compiler_params.num_warps, num_stages=compiler_params.num_stages)
         return stock.pallas_call_lowering(ctx, *in_nodes, jaxpr=jaxpr, grid_mapping=grid_mapping,
                                           compiler_params=plain, input_output_aliases=input_output_aliases,
                                           **params)
     from jax._src.pallas.triton import lowering
 
+    device_cc = _device_cc()
     [platform] = ctx.platforms or ctx.module_context.platforms
     if platform != "cuda":
         raise RouteError(f"the Triton route is for NVIDIA GPUs (cuda), not {platform}")
     if device_cc < MIN_CC:
         raise RouteError(f"the GPU has compute capability {device_cc / 10:.1f}; mmfa's kernels need 7.5 or newer "
                          "(use implementation='xla')")
-    compile_cc = arch_override() or device_cc
+    compile_cc = compiler_params.compile_cc or device_cc
     if compile_cc > device_cc:
         raise RouteError(f"MMFA_TRITON_ARCH={compile_cc} is newer than the GPU (sm_{device_cc}): code for it cannot run")
     num_warps = 4 if compiler_params.num_warps is None else compiler_params.num_warps

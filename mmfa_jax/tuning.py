@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 
 
@@ -25,7 +24,6 @@ class KernelConfig:
     block_k: int
     num_warps: int
     num_stages: int
-    route: str = "auto"  # how the kernel is compiled: see mmfa_jax.triton_route ("auto", "stock", "triton")
 
     def halved(self) -> "KernelConfig":
         return dataclasses.replace(self, block_q=max(16, self.block_q // 2), block_k=max(16, self.block_k // 2))
@@ -68,17 +66,22 @@ class AttentionConfig:
         tiles, for kept sequences up to ``ROWS_IN_PLACE_MAX`` tokens."""
         return self.forward_rows is not None and kept_len <= ROWS_IN_PLACE_MAX
 
-    def _map(self, f) -> "AttentionConfig":
+    def map(self, f) -> "AttentionConfig":
+        """This configuration with ``f`` applied to each of its kernel configurations."""
         optional = lambda c: None if c is None else f(c)  # noqa: E731
         return AttentionConfig(f(self.forward), f(self.backward_dq), f(self.backward_dkv), optional(self.scorer),
                                optional(self.forward_small), optional(self.forward_rows))
 
     def halved(self) -> "AttentionConfig":
-        return self._map(KernelConfig.halved)
+        return self.map(KernelConfig.halved)
 
-    def with_route(self, route: str) -> "AttentionConfig":
-        """The same tiles, compiled by the given route ("auto", "stock" or "triton")."""
-        return self._map(lambda c: dataclasses.replace(c, route=route))
+    def fewer_stages(self) -> "AttentionConfig | None":
+        """One software-pipelining stage fewer in every kernel (at least one), or None when every
+        kernel has one already: what a launch retries with when a kernel needs more shared memory
+        than the GPU has."""
+        if all(c.num_stages <= 1 for c in (self.forward, self.backward_dq, self.backward_dkv)):
+            return None
+        return self.map(lambda c: dataclasses.replace(c, num_stages=max(1, c.num_stages - 1)))
 
 
 K = KernelConfig
@@ -126,29 +129,9 @@ TABLE: dict[tuple[str, int], AttentionConfig] = {
 }
 
 
-def gpu_family(device: jax.Device | None = None) -> str:
-    """'sm90', 'sm80', 'sm75' or 'any' for the given (default: first) device.
-
-    ``MMFA_TRITON_ARCH`` (see mmfa_jax.triton_route), when set, names the family: the kernels are
-    then compiled for that architecture and must fit it."""
-    device = device or jax.devices()[0]
-    cc = getattr(device, "compute_capability", None)
-    if device.platform != "gpu" or cc is None:
-        return "any"
-    return family_of(int(round(float(cc) * 10)))
-
-
-def family_of(cc: int) -> str:
-    """The table's family for an NVIDIA GPU of compute capability ``cc`` (75, 80, 90...), or the one
-    that ``MMFA_TRITON_ARCH`` names."""
-    from mmfa_jax import triton_route
-
-    major = (triton_route.arch_override() or cc) // 10
-    return "sm90" if major >= 9 else "sm80" if major >= 8 else "sm75" if major == 7 else "any"
-
-
 def config_for(head_dim_padded: int, dtype, family: str) -> AttentionConfig:
-    """The table's row for this head size; float32 takes half the tiles (on Turing: its own rows)."""
+    """The table's row for this head size on a GPU family (``mmfa_jax.backends.Lowering.family``:
+    "sm90", "sm80", "sm75" or "any"); float32 takes half the tiles (on Turing: its own rows)."""
     if family == "sm75" and jnp.dtype(dtype) == jnp.float32:
         family = "sm75-float32"
     key = min((d for (fam, d) in TABLE if fam == family and d >= head_dim_padded), default=None)

@@ -45,7 +45,7 @@ def xla_attention(p, q, k, v, bias, mask, q_seg, kv_seg, q_lengths, kv_lengths):
     m = jnp.where(jnp.isfinite(m), m, 0.0)
     e = jnp.exp(s - m)
     l = jnp.sum(e, axis=-1, keepdims=True)
-    live = l > 0
+    live = l != 0  # (NaN in the inputs: NaN rows, as in the kernels)
     if q_lengths is not None:
         live = live & (q_pos[None, None, :, None] < q_lengths[:, None, None, None])
     probs = jnp.where(live, e / jnp.where(live, l, 1.0), 0.0)

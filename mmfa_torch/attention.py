@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import torch
 
-from mmfa_jax import triton_route
-from mmfa_jax.attention import COMPILED, IMPLEMENTATIONS, normalise_window, pallas_available
+from mmfa_jax import _checks, backends
+from mmfa_jax._checks import ArgumentError, ArgumentTypeError
 from mmfa_torch import launch, ops
 
 Tensor = torch.Tensor
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def scaled_dot_product_attention(
@@ -33,10 +31,12 @@ def scaled_dot_product_attention(
     key_value_seq_lengths: Tensor | None = None,
     return_lse: bool = False,
     implementation: str | None = None,
+    causal_alignment: _checks.Alignment = "top_left",
 ):
     """Mirror of ``torch.nn.functional.scaled_dot_product_attention`` on mmfa's kernels.
 
-    Shapes: query (B, Hq, L, D), key/value (B, Hkv, S, D); the batch axis may be left out.
+    Shapes: query (B, Hq, L, D), key/value (B, Hkv, S, D); the batch axis may be left out, and
+    batch axes broadcast as in SDPA (a query (Hq, L, D) against key/value (B, Hkv, S, D), say).
     Hkv must divide Hq, and Hq != Hkv needs ``enable_gqa=True`` (as in torch). K/V are never
     repeated. Inputs may be contiguous in (B, H, L, D) or be the ``transpose(1, 2)`` view of a
     contiguous (B, L, H, D) tensor (what attention layers usually produce): both cross to the
@@ -44,10 +44,15 @@ def scaled_dot_product_attention(
     are copied to contiguous first.
 
     Args:
-      attn_mask: bool (True takes part) or additive float mask, broadcastable to (B, Hq, L, S).
+      attn_mask: bool (True takes part) or additive float mask, broadcastable to (B, Hq, L, S)
+        ((S,) and (L, S) included); or torch's ``causal_upper_left(L, S)`` /
+        ``causal_lower_right(L, S)`` (``torch.nn.attention.bias``): the causal mask aligned
+        top-left or bottom-right.
       dropout_p: must be 0 (dropout is not supported).
-      is_causal: lower-triangular mask aligned bottom-right (query i sees keys <= i + S - L);
-        may be combined with ``attn_mask``.
+      is_causal: lower-triangular mask aligned top-left, as SDPA's (query i sees keys j <= i);
+        may be combined with ``attn_mask``. ``causal_alignment="bottom_right"`` (or
+        ``attn_mask=causal_lower_right(L, S)``) aligns it bottom-right (query i sees keys
+        j <= i + S - L: a KV-cache decode step).
       scale: default 1/sqrt(D).
       local_window_size, logits_soft_cap, segment_ids, query_seq_lengths,
       key_value_seq_lengths: as in ``mmfa_jax.attention``.
@@ -59,50 +64,49 @@ def scaled_dot_product_attention(
 
     Returns:
       (B, Hq, L, D) like query (and the LSE if asked). Differentiable in query, key, value and
-      a float attn_mask; works under torch.compile.
+      a float attn_mask; works under torch.compile. Bad arguments raise ``ArgumentError`` /
+      ``ArgumentTypeError`` (a ValueError / TypeError that is also the RuntimeError SDPA raises).
     """
-    if dropout_p != 0.0:
-        raise ValueError(f"dropout_p must be 0.0: mmfa attention has no dropout (got {dropout_p})")
+    _checks.no_dropout(dropout_p)
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
+            raise ArgumentTypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() not in (3, 4):
-            raise ValueError(f"{name} must have rank 4 (B, H, L, D) or 3 (H, L, D), got shape {tuple(t.shape)}")
-    if not (query.dim() == key.dim() == value.dim()):
-        raise ValueError(f"query, key and value must have the same rank, got {query.dim()}, {key.dim()}, {value.dim()}")
+            raise ArgumentError(f"{name} must have rank 4 (B, H, L, D) or 3 (H, L, D), got shape {tuple(t.shape)}")
     if not (query.device == key.device == value.device):
-        raise ValueError(f"query, key and value must be on one device, got {query.device}, {key.device}, {value.device}")
-    unbatched = query.dim() == 3
-    if unbatched:
-        query, key, value = query[None], key[None], value[None]
-    if query.shape[1] != key.shape[1] and not enable_gqa:
-        raise ValueError(
-            f"query has {query.shape[1]} heads and key/value {key.shape[1]}: pass enable_gqa=True for grouped-query "
-            "attention")
-    implementation = _implementation(implementation, query.device)
+        raise ArgumentError(f"query, key and value must be on one device, got {query.device}, {key.device}, "
+                            f"{value.device}")
+    unbatched = query.dim() == key.dim() == value.dim() == 3
+    query, key, value = _broadcast_batch(query, key, value, enable_gqa)
+    attn_mask, is_causal, causal_alignment = _causal_bias(attn_mask, is_causal, causal_alignment, query, key)
+    lowering = _lowering(implementation, query.device)
+    opts = _checks.Options.make(scale, is_causal, local_window_size, logits_soft_cap, lowering, "BNTH",
+                                causal_alignment=causal_alignment)
 
     bias = mask = None
     if attn_mask is not None:
-        _check_broadcast(attn_mask, "attn_mask", (query.shape[0], query.shape[1], query.shape[2], key.shape[2]))
+        if not isinstance(attn_mask, torch.Tensor):
+            raise ArgumentTypeError(f"attn_mask must be a torch.Tensor, got {type(attn_mask).__name__}")
         if attn_mask.dtype == torch.bool:
-            mask = attn_mask.contiguous()
-        elif attn_mask.dtype in SUPPORTED_DTYPES:
-            bias = attn_mask.contiguous()
+            mask = attn_mask
         else:
-            raise TypeError(f"attn_mask must be bool, float16, bfloat16 or float32, got {attn_mask.dtype}")
+            bias = attn_mask
     q_seg = kv_seg = None
     if segment_ids is not None:
         if isinstance(segment_ids, (tuple, list)) and len(segment_ids) != 2:
-            raise ValueError("segment_ids must be one (B, L) tensor or a pair (query (B, L), key/value (B, S))")
+            raise ArgumentError("segment_ids must be one (B, L) tensor or a pair (query (B, L), key/value (B, S))")
         q_seg, kv_seg = segment_ids if isinstance(segment_ids, (tuple, list)) else (segment_ids, segment_ids)
-        q_seg, kv_seg = _int32(q_seg, "segment_ids"), _int32(kv_seg, "segment_ids")
-    left, right = (-1 if w is None else w for w in normalise_window(local_window_size))  # -1: open side
-    if scale is not None and not math.isfinite(scale):
-        raise ValueError(f"scale must be a finite number, got {scale}")
-    if logits_soft_cap is not None and not logits_soft_cap > 0:
-        raise ValueError(f"logits_soft_cap must be positive or None, got {logits_soft_cap}")
+    # The one argument layer, on the logical (B, H, L, D) shapes.
+    d = _checks.check_attention(opts, query, key, value, _as_mask_shape(bias, "attn_mask"),
+                                _as_mask_shape(mask, "attn_mask"),
+                                None if q_seg is None else (q_seg, kv_seg), query_seq_lengths, key_value_seq_lengths)[0]
+    if d.empty:  # nothing to compute; rows that see no key give zeros
+        out = query.new_zeros(query.shape)
+        lse = torch.full((d.batch, d.q_heads, d.q_len), float("-inf"), device=query.device)
+        return _result(out, lse, unbatched, return_lse)
+    bias, mask = (None if t is None else t.contiguous() for t in (bias, mask))
+    q_seg, kv_seg = _int32(q_seg, "segment_ids"), _int32(kv_seg, "segment_ids")
+    left, right = (-1 if w is None else w for w in opts.window)  # -1: open side
 
     # Hand the kernels the memory order the tensors already have: no copy either way.
     layout = _layout_of(query)
@@ -110,25 +114,72 @@ def scaled_dot_product_attention(
     out, lse = ops.attention(
         q, k, v, bias, mask, q_seg, kv_seg, _int32(query_seq_lengths, "query_seq_lengths"),
         _int32(key_value_seq_lengths, "key_value_seq_lengths"),
-        None if scale is None else float(scale), bool(is_causal), int(left), int(right),
-        None if logits_soft_cap is None else float(logits_soft_cap), layout,
-        implementation)
+        opts.scale, opts.is_causal, opts.alignment, int(left), int(right), opts.softcap, layout, lowering.backend,
+        -1 if lowering.cc is None else lowering.cc)
     if layout == "BTNH":
         out = out.transpose(1, 2)
+    return _result(out, lse, unbatched, return_lse)
+
+
+def _result(out, lse, unbatched: bool, return_lse: bool):
     if unbatched:
         out, lse = out[0], lse[0]
     return (out, lse) if return_lse else out
 
 
+class _MaskShape:
+    """A mask or bias tensor's shape and dtype, as the argument layer reads them; names the
+    argument as the torch face's user knows it."""
+
+    def __init__(self, t: Tensor):
+        self.shape, self.dtype = tuple(t.shape), t.dtype
+
+
+def _as_mask_shape(t, name: str):
+    if t is None:
+        return None
+    if t.dtype not in (torch.bool, torch.float16, torch.bfloat16, torch.float32):
+        raise ArgumentTypeError(f"{name} must be bool, float16, bfloat16 or float32, got {t.dtype}")
+    return _MaskShape(t)
+
+
+def _broadcast_batch(query: Tensor, key: Tensor, value: Tensor, enable_gqa: bool):
+    """Rank-4 tensors whose batch axes broadcast as SDPA's do (leading axes right-aligned, size 1
+    against any size); the heads axis broadcasts too, except between GQA groups."""
+    ts = [t if t.dim() == 4 else t[None] for t in (query, key, value)]
+    batch = torch.broadcast_shapes(*(t.shape[:1] for t in ts)) if len({t.shape[0] for t in ts}) > 1 else None
+    heads = {t.shape[1] for t in ts}
+    if query.shape[-3] != key.shape[-3] and not enable_gqa and 1 not in heads:
+        raise ArgumentError(
+            f"query has {query.shape[-3]} heads and key/value {key.shape[-3]}: pass enable_gqa=True for grouped-query "
+            "attention")
+    if batch is not None or (1 in heads and len(heads) > 1):
+        b = ts[0].shape[0] if batch is None else batch[0]
+        h = max(heads) if 1 in heads and len(heads) == 2 and not enable_gqa else None
+        ts = [t.expand(b, h if h is not None and t.shape[1] == 1 else t.shape[1], *t.shape[2:]) for t in ts]
+    return ts
+
+
+def _causal_bias(attn_mask, is_causal: bool, alignment: str, query: Tensor, key: Tensor):
+    """torch's ``CausalBias`` (``causal_upper_left`` / ``causal_lower_right``) as what it means: the
+    causal mask, aligned top-left or bottom-right; never read as a tensor (its storage is not
+    initialised)."""
+    from torch.nn.attention.bias import CausalBias, CausalVariant
+
+    if not isinstance(attn_mask, CausalBias):
+        return attn_mask, is_causal, alignment
+    L, S = query.shape[-2], key.shape[-2]
+    if (attn_mask.seq_len_q, attn_mask.seq_len_kv) != (L, S):
+        raise ArgumentError(f"attn_mask is a causal bias for (L, S) = {(attn_mask.seq_len_q, attn_mask.seq_len_kv)}, "
+                            f"but query and key have L={L}, S={S}")
+    if is_causal:
+        raise ArgumentError("pass is_causal=True or a causal attn_mask (causal_upper_left / causal_lower_right), "
+                            "not both")
+    bottom_right = attn_mask.variant == CausalVariant.LOWER_RIGHT
+    return None, True, "bottom_right" if bottom_right else "top_left"
+
+
 attention = scaled_dot_product_attention
-
-
-def _check_broadcast(t: Tensor, name: str, shape: tuple[int, ...]):
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    lead = (1,) * (len(shape) - t.dim())
-    if t.dim() > len(shape) or any(d not in (1, want) for d, want in zip(lead + tuple(t.shape), shape)):
-        raise ValueError(f"{name} must be broadcastable to (B, Hq, L, S) = {shape}, got shape {tuple(t.shape)}")
 
 
 def _layout_of(query: Tensor) -> str:
@@ -147,7 +198,7 @@ def _int32(t, name):
     if t is None:
         return None
     if not isinstance(t, torch.Tensor) or t.is_floating_point() or t.dtype == torch.bool:
-        raise TypeError(f"{name} must be an integer tensor, got {getattr(t, 'dtype', type(t).__name__)}")
+        raise ArgumentTypeError(f"{name} must be an integer tensor, got {getattr(t, 'dtype', type(t).__name__)}")
     return t.to(torch.int32).contiguous()
 
 
@@ -156,29 +207,21 @@ def _jax_has_gpu() -> bool:
     return any(d.platform == "gpu" for d in jax.devices())
 
 
-def _direct_launch(device: torch.device) -> bool:
-    """Whether CUDA tensors on ``device`` can go to the kernels straight from torch (mmfa_torch.launch)."""
-    return launch.enabled() and launch.available() and _capability(device.index) >= triton_route.MIN_CC
+def target(device: torch.device) -> backends.Target:
+    """The device a torch call runs on, as the backend registry reads it: the tensors' own GPU when
+    mmfa_torch launches the kernels itself, else JAX's device (the tensors cross through DLPack)."""
+    if device.type == "cuda" and launch.enabled() and launch.available():
+        return backends.Target.cuda(launch.compute_capability(device.index), torch.cuda.get_device_name(device))
+    if device.type == "cuda":
+        if not _jax_has_gpu():
+            raise RuntimeError(
+                "mmfa_torch got CUDA tensors but can neither launch the kernels itself (that needs the `triton` "
+                "package and a GPU of compute capability >= 7.5) nor hand them to JAX, which has no GPU backend "
+                "here: install triton (it comes with torch on Linux) or jax with its CUDA plugin "
+                "(pip install 'jax[cuda13]'), or move the tensors to the CPU")
+        return backends.current_target()
+    return backends.Target(device.type)
 
 
-@functools.cache
-def _capability(device_index: int | None) -> int:
-    major, minor = torch.cuda.get_device_capability(device_index)
-    return 10 * major + minor
-
-
-def _implementation(implementation: str | None, device: torch.device) -> str:
-    direct = device.type == "cuda" and _direct_launch(device)
-    if device.type == "cuda" and not direct and not _jax_has_gpu():
-        raise RuntimeError(
-            "mmfa_torch got CUDA tensors but can neither launch the kernels itself (that needs the `triton` package "
-            "and a GPU of compute capability >= 7.5) nor hand them to JAX, which has no GPU backend here: install "
-            "triton (it comes with torch on Linux) or jax with its CUDA plugin (pip install 'jax[cuda13]'), or "
-            "move the tensors to the CPU")
-    if implementation is None:
-        return "pallas" if device.type == "cuda" and (direct or pallas_available()) else "xla"
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS} or None, got {implementation!r}")
-    if implementation in COMPILED and device.type != "cuda":
-        raise ValueError(f"implementation={implementation!r} needs CUDA tensors, got tensors on {device}")
-    return implementation
+def _lowering(implementation: str | None, device: torch.device) -> backends.Lowering:
+    return backends.resolve(implementation, target(device))

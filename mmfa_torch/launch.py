@@ -5,7 +5,7 @@ every tensor into JAX, jit dispatch, exporting the results. That is nothing next
 and everything in a decode step. This module launches the very same kernels itself:
 
 1. The first call for a problem (shapes, dtypes, options, GPU) traces the JAX launcher of the
-   kernels (``mmfa_jax.kernels.flash_attention``, behind the JAX face's own argument checks) and
+   kernels (``mmfa_jax.kernels.flash_attention``, behind the one argument layer, ``mmfa_jax._checks``) and
    lowers it for an abstract device of the tensors' compute capability with the Triton route
    (mmfa_jax.triton_route), which compiles every Pallas kernel with the official ``triton`` and
    records its cubin and grid. JAX never touches the GPU; the compiled kernels are cached in memory
@@ -14,8 +14,9 @@ and everything in a decode step. This module launches the very same kernels itse
    current stream through the CUDA driver API (``cuLaunchKernel``, via ctypes). A kernel's
    parameters are the ``pallas_call``'s operands and results, in order.
 
-What the JAX face computes outside the kernels is small and done here in torch: the boolean mask
-as int8 (a view), broadcasting a bias or mask, and the backward's ``delta`` (rowsum(o * do) - dlse).
+What the JAX face computes outside the kernels is small and done here on torch tensors by the very
+same functions (``mmfa_jax._autodiff.backward_delta`` and ``reduce_dbias``), besides the boolean
+mask as int8 (a view) and broadcasting a bias or mask.
 
 Used by mmfa_torch.ops for CUDA tensors when ``available()``; ``MMFA_TORCH_LAUNCH=jax`` forces the
 DLPack route instead.
@@ -27,15 +28,15 @@ import contextlib
 import ctypes
 import dataclasses
 import functools
-import os
 import re
 import threading
 import weakref
 
 import torch
 
-from mmfa_jax import triton_route, tuning
-from mmfa_jax.attention import Options, prepare
+from mmfa_jax import _autodiff, backends, triton_route
+from mmfa_jax._autodiff import prepare
+from mmfa_jax._checks import Options
 from mmfa_jax.kernels import flash_attention as flash
 
 _JAX_DTYPE = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32", torch.int32: "int32",
@@ -65,10 +66,7 @@ def enabled() -> bool:
     is not "jax")."""
     if getattr(_local, "off", False):
         return False
-    value = os.environ.get("MMFA_TORCH_LAUNCH", "direct").strip().lower()
-    if value not in ("", "direct", "jax"):
-        raise ValueError(f"MMFA_TORCH_LAUNCH must be 'direct' or 'jax', got {value!r}")
-    return value != "jax"
+    return backends.settings().torch_launch == "direct"
 
 
 @functools.cache
@@ -191,25 +189,16 @@ def _function(key: str, device_index: int, kernel: triton_route.CompiledKernel) 
         with _functions_lock, torch.cuda.device(device_index):
             fn = _functions.get((key, device_index))
             if fn is None:
-                fn = _driver().load(kernel, _compute_capability(device_index))
+                fn = _driver().load(kernel, compute_capability(device_index))
                 _functions[(key, device_index)] = fn
     return fn
 
 
 @functools.cache
-def _compute_capability(device_index: int) -> int:
+def compute_capability(device_index: int | None) -> int:
+    """The compute capability of a CUDA device as an int (75, 90): the torch face's one probe."""
     major, minor = torch.cuda.get_device_capability(device_index)
     return 10 * major + minor
-
-
-def device_kind(cc: int) -> str:
-    """A device kind jax knows for compute capability ``cc``: what the kernels are lowered for."""
-    if cc in triton_route.DEVICE_KIND_OF_CC:
-        return triton_route.DEVICE_KIND_OF_CC[cc]
-    older = [c for c in triton_route.DEVICE_KIND_OF_CC if c <= cc and c // 10 == cc // 10]
-    if not older:
-        raise LaunchError(f"no known device kind for compute capability {cc}")
-    return triton_route.DEVICE_KIND_OF_CC[max(older)]
 
 
 def _structs(signature):
@@ -229,7 +218,7 @@ def capture(fn, signature, cc: int, buffers: list[int]) -> tuple[_Kernel, ...]:
         it = iter(arrays)
         return fn(*[None if s is None else next(it) for s in structs])
 
-    launches = triton_route.lower_for(lowered, *[s for s in structs if s is not None], device_kind=device_kind(cc))
+    launches = triton_route.lower_for(lowered, *[s for s in structs if s is not None], device_kind=backends.device_kind_of_cc(cc))
     if len(launches) != len(buffers):
         raise LaunchError(f"expected {len(buffers)} kernels, the lowering recorded {len(launches)}")
     kernels = []
@@ -253,14 +242,12 @@ def _signature(*tensors) -> tuple:
 
 
 @functools.lru_cache(maxsize=256)
-def _config(opts: Options, head_dim: int, dtype: torch.dtype, cc: int) -> Options:
-    """The options with the block configuration made explicit for the GPU (the JAX face would read
-    it from JAX's device) and the Triton route forced."""
-    if opts.config is None:
-        hp = max(16, 1 << (head_dim - 1).bit_length())
-        config = tuning.config_for(hp, _JAX_DTYPE[dtype], tuning.family_of(cc))
-        opts = dataclasses.replace(opts, config=config)
-    return dataclasses.replace(opts, implementation="triton")
+def _config(opts: Options, head_dim: int, dtype: torch.dtype) -> Options:
+    """The options with the block configuration made explicit (the capture retries with fewer
+    stages where a kernel does not fit) and the kernels compiled by the official triton, which
+    gives the cubins this module launches."""
+    opts = dataclasses.replace(opts, lowering=opts.lowering.via_triton_route())
+    return dataclasses.replace(opts, config=opts.kernel_config(flash.padded_head_dim(head_dim), _JAX_DTYPE[dtype]))
 
 
 def _fitted(build):
@@ -274,10 +261,9 @@ def _fitted(build):
             try:
                 return build(opts, signature, cc)
             except triton_route.SharedMemoryError:
-                configs = (opts.config.forward, opts.config.backward_dq, opts.config.backward_dkv)
-                if all(c.num_stages <= 1 for c in configs):
+                fewer = opts.config.fewer_stages()
+                if fewer is None:
                     raise
-                fewer = opts.config._map(lambda c: dataclasses.replace(c, num_stages=max(1, c.num_stages - 1)))
                 opts = dataclasses.replace(opts, config=fewer)
 
     return fitted
@@ -341,8 +327,8 @@ def forward(opts: Options, q, k, v, bias, mask, q_seg, kv_seg, q_len, kv_len) ->
     dense_mask = mask
     bias, mask = _pair(bias, B, N, T, S), _pair(mask, B, N, T, S)
     operands = [q, k, v, bias, mask, q_seg, kv_seg, q_len, kv_len]
-    cc = _compute_capability(q.device.index)
-    opts = _config(opts, q.shape[3], q.dtype, cc)
+    cc = compute_capability(q.device.index)
+    opts = _config(opts, q.shape[3], q.dtype)
     *ranges_kernel, kernel = _forward_kernels(opts, _signature(*operands), cc)
     operands[4] = _int8(mask)
     present = [t for t in operands if t is not None]
@@ -386,14 +372,10 @@ def backward(opts: Options, q, k, v, bias, mask, q_seg, kv_seg, q_len, kv_len, o
     B, N, T, S = _dims(opts, q, k)
     bias_in = bias
     bias, mask = _pair(bias, B, N, T, S), _pair(mask, B, N, T, S)
-    # delta = rowsum(o * do) - dlse, (B, N, T) float32: the LSE's own gradient folds into it.
-    delta = (out.float() * d_out.float()).sum(-1)
-    if opts.layout == "BTNH":
-        delta = delta.transpose(1, 2)
-    delta = (delta - d_lse).contiguous()
+    delta = _autodiff.backward_delta(out, d_out, d_lse, opts.layout, f32=torch.Tensor.float).contiguous()
     operands = [q, k, v, bias, mask, q_seg, kv_seg, q_len, kv_len, d_out, lse, delta]
-    cc = _compute_capability(q.device.index)
-    dq_kernel, dkv_kernel = _backward_kernels(_config(opts, q.shape[3], q.dtype, cc), _signature(*operands), cc)
+    cc = compute_capability(q.device.index)
+    dq_kernel, dkv_kernel = _backward_kernels(_config(opts, q.shape[3], q.dtype), _signature(*operands), cc)
     operands[4] = _int8(mask)
     present = [t for t in operands if t is not None]
     dq = torch.empty_like(q)
@@ -404,6 +386,5 @@ def backward(opts: Options, q, k, v, bias, mask, q_seg, kv_seg, q_len, kv_len, o
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     dkv_kernel.run(present + [dk, dv], k.device)
     if dbias is not None:
-        dbias = dbias.sum(dim=[a for a, n in ((0, bias.shape[0]), (1, bias.shape[1])) if n == 1], keepdim=True)
-        dbias = dbias.to(bias_in.dtype)
+        dbias = _autodiff.reduce_dbias(dbias, (bias.shape[0], bias.shape[1])).to(bias_in.dtype)
     return dq, dk, dv, dbias

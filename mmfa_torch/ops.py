@@ -9,39 +9,44 @@ DLPack view. Static arguments travel as plain numbers and strings (an open windo
 so that torch.compile can trace calls to the ops.
 """
 
-import dataclasses
 import functools
 from typing import Optional
 
 import torch
 
-from mmfa_jax.attention import COMPILED, Options
-from mmfa_jax.attention import backward as jax_backward
-from mmfa_jax.attention import forward as jax_forward
+from mmfa_jax import backends
+from mmfa_jax._autodiff import backward as jax_backward
+from mmfa_jax._autodiff import forward as jax_forward
+from mmfa_jax._checks import Options
 from mmfa_torch import launch
 from mmfa_torch.bridge import to_jax, to_torch
 
 Tensor = torch.Tensor
 
+# The op's arguments by name: the tensors, then the static options (plain numbers and strings).
+TENSORS = ("q", "k", "v", "bias", "mask", "q_seg", "kv_seg", "q_lengths", "kv_lengths")
+STATIC = ("scale", "is_causal", "alignment", "window_left", "window_right", "softcap", "layout", "backend", "cc")
+
 
 @functools.lru_cache(maxsize=256)
-def _options(scale: Optional[float], is_causal: bool, window_left: int, window_right: int, softcap: Optional[float],
-             layout: str, implementation: str, direct: bool = False) -> Options:
-    opts = Options.make(
-        scale=scale,
-        is_causal=is_causal,
-        local_window_size=(None if window_left < 0 else window_left, None if window_right < 0 else window_right),
-        logits_soft_cap=softcap,
-        # A direct launch needs no GPU in JAX, so skip the JAX face's check that it has one.
-        implementation="xla" if direct else implementation,
-        layout=layout,
-    )
-    return dataclasses.replace(opts, implementation=implementation) if direct else opts
+def options(scale: Optional[float], is_causal: bool, alignment: str, window_left: int, window_right: int,
+            softcap: Optional[float], layout: str, backend: str, cc: int) -> Options:
+    """The checked options of a call, rebuilt from the op's static arguments (an open window side
+    as -1, no compute capability as -1)."""
+    return Options.make(scale=scale, is_causal=is_causal, causal_alignment=alignment,
+                        local_window_size=(None if window_left < 0 else window_left,
+                                           None if window_right < 0 else window_right),
+                        logits_soft_cap=softcap, implementation=lowering(backend, cc), layout=layout)
 
 
-def direct(implementation: str, t: Tensor) -> bool:
+def lowering(backend: str, cc: int) -> backends.Lowering:
+    """A ``backends.Lowering`` from the plain values a custom op carries (no compute capability: -1)."""
+    return backends.Lowering(backend, None if cc < 0 else cc, "any" if cc < 0 else backends.family_of_cc(cc))
+
+
+def direct(backend: str, t: Tensor) -> bool:
     """Whether this call launches the kernels from torch rather than through JAX."""
-    return implementation in COMPILED and t.is_cuda and launch.enabled() and launch.available()
+    return backends.BACKENDS[backend].compiled and t.is_cuda and launch.enabled() and launch.available()
 
 
 def _segments(q_seg, kv_seg):
@@ -51,13 +56,12 @@ def _segments(q_seg, kv_seg):
 def forward(
     q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], mask: Optional[Tensor], q_seg: Optional[Tensor],
     kv_seg: Optional[Tensor], q_lengths: Optional[Tensor], kv_lengths: Optional[Tensor],
-    scale: Optional[float], is_causal: bool, window_left: int, window_right: int, softcap: Optional[float], layout: str,
-    implementation: str,
+    scale: Optional[float], is_causal: bool, alignment: str, window_left: int, window_right: int,
+    softcap: Optional[float], layout: str, backend: str, cc: int,
 ) -> tuple[Tensor, Tensor]:
-    if direct(implementation, q):
-        opts = _options(scale, is_causal, window_left, window_right, softcap, layout, implementation, True)
+    opts = options(scale, is_causal, alignment, window_left, window_right, softcap, layout, backend, cc)
+    if direct(backend, q):
         return launch.forward(opts, q, k, v, bias, mask, q_seg, kv_seg, q_lengths, kv_lengths)
-    opts = _options(scale, is_causal, window_left, window_right, softcap, layout, implementation)
     out, lse = jax_forward(
         opts, to_jax(q), to_jax(k), to_jax(v), to_jax(bias), to_jax(mask), _segments(q_seg, kv_seg),
         to_jax(q_lengths), to_jax(kv_lengths))
@@ -68,8 +72,8 @@ attention_forward = torch.library.custom_op("mmfa::attention_forward", forward, 
 
 
 @attention_forward.register_fake
-def _(q, k, v, bias, mask, q_seg, kv_seg, q_lengths, kv_lengths, scale, is_causal, window_left, window_right,
-      softcap, layout, implementation):
+def _(q, k, v, bias, mask, q_seg, kv_seg, q_lengths, kv_lengths, scale, is_causal, alignment, window_left,
+      window_right, softcap, layout, backend, cc):
     B, N, T = (q.shape[0], q.shape[1], q.shape[2]) if layout == "BNTH" else (q.shape[0], q.shape[2], q.shape[1])
     return torch.empty_like(q), q.new_empty((B, N, T), dtype=torch.float32)
 
@@ -78,16 +82,15 @@ def backward(
     q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], mask: Optional[Tensor], q_seg: Optional[Tensor],
     kv_seg: Optional[Tensor], q_lengths: Optional[Tensor], kv_lengths: Optional[Tensor], out: Tensor, lse: Tensor,
     d_out: Tensor, d_lse: Tensor,
-    scale: Optional[float], is_causal: bool, window_left: int, window_right: int, softcap: Optional[float], layout: str,
-    implementation: str,
+    scale: Optional[float], is_causal: bool, alignment: str, window_left: int, window_right: int,
+    softcap: Optional[float], layout: str, backend: str, cc: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns (dq, dk, dv, dbias); dbias is empty without a bias, else shaped (Bb, Nb, T, S)."""
-    if direct(implementation, q):
-        opts = _options(scale, is_causal, window_left, window_right, softcap, layout, implementation, True)
+    opts = options(scale, is_causal, alignment, window_left, window_right, softcap, layout, backend, cc)
+    if direct(backend, q):
         dq, dk, dv, dbias = launch.backward(opts, q, k, v, bias, mask, q_seg, kv_seg, q_lengths, kv_lengths, out, lse,
                                             d_out, d_lse)
         return dq, dk, dv, q.new_empty((0,)) if dbias is None else dbias
-    opts = _options(scale, is_causal, window_left, window_right, softcap, layout, implementation)
     dq, dk, dv, dbias = jax_backward(
         opts, to_jax(q), to_jax(k), to_jax(v), to_jax(bias), to_jax(mask), _segments(q_seg, kv_seg),
         to_jax(q_lengths), to_jax(kv_lengths), to_jax(out), to_jax(lse), to_jax(d_out), to_jax(d_lse))
@@ -99,8 +102,8 @@ attention_backward = torch.library.custom_op("mmfa::attention_backward", backwar
 
 
 @attention_backward.register_fake
-def _(q, k, v, bias, mask, q_seg, kv_seg, q_lengths, kv_lengths, out, lse, d_out, d_lse, scale, is_causal,
-      window_left, window_right, softcap, layout, implementation):
+def _(q, k, v, bias, mask, q_seg, kv_seg, q_lengths, kv_lengths, out, lse, d_out, d_lse, scale, is_causal, alignment,
+      window_left, window_right, softcap, layout, backend, cc):
     if bias is None:
         dbias = q.new_empty((0,))
     else:
@@ -109,18 +112,19 @@ def _(q, k, v, bias, mask, q_seg, kv_seg, q_lengths, kv_lengths, out, lse, d_out
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dbias
 
 
-_STATIC = ("scale", "is_causal", "window_left", "window_right", "softcap", "layout", "implementation")
-_INPUTS = ("q", "k", "v", "bias", "mask", "q_seg", "kv_seg", "q_lengths", "kv_lengths")
-
-
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*(t for t in inputs[:9] if t is not None), *output)
-    ctx.present = tuple(t is not None for t in inputs[:9])
-    ctx.static = inputs[9:]
-    ctx.bias_shape = None if inputs[3] is None else inputs[3].shape
+    named = dict(zip(TENSORS + STATIC, inputs))
+    tensors = [named[name] for name in TENSORS]
+    ctx.save_for_backward(*(t for t in tensors if t is not None), *output)
+    ctx.present = tuple(t is not None for t in tensors)
+    ctx.static = tuple(named[name] for name in STATIC)
+    ctx.bias_shape = None if named["bias"] is None else named["bias"].shape
 
 
 def _gradients(ctx, d_out, d_lse, backward_op):
+    if torch.is_grad_enabled() and any(ctx.needs_input_grad):
+        raise RuntimeError("mmfa attention does not support double backward (create_graph=True, or a gradient of a "
+                           "gradient): its backward kernels have no derivative of their own")
     saved = iter(ctx.saved_tensors)
     tensors = [next(saved) if present else None for present in ctx.present]
     out, lse = next(saved), next(saved)
@@ -128,7 +132,7 @@ def _gradients(ctx, d_out, d_lse, backward_op):
     d_lse = torch.zeros_like(lse) if d_lse is None else d_lse.contiguous()
     dq, dk, dv, dbias = backward_op(*tensors, out, lse, d_out, d_lse, *ctx.static)
     dbias = None if ctx.bias_shape is None else dbias.sum_to_size(ctx.bias_shape)
-    return dq, dk, dv, dbias, *(None,) * (len(_INPUTS) - 4 + len(_STATIC))
+    return dq, dk, dv, dbias, *(None,) * (len(TENSORS) - 4 + len(STATIC))
 
 
 attention_forward.register_autograd(lambda ctx, d_out, d_lse: _gradients(ctx, d_out, d_lse, attention_backward),
@@ -158,6 +162,6 @@ def attention(*inputs) -> tuple[Tensor, Tensor]:
     needed) or straight to the forward."""
     if torch.compiler.is_compiling():
         return attention_forward(*inputs)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs[:4]):
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs[:4]):  # q, k, v, bias
         return _EagerAttention.apply(*inputs)
     return forward(*inputs)

@@ -11,21 +11,23 @@ import jax
 import jax.numpy as jnp
 import torch
 
+from mmfa_jax import _checks
 from mmfa_jax.importance import visual_token_importance as _jax_importance
 from mmfa_jax.pruning import select_visual_tokens as _jax_select
-from mmfa_torch.attention import _implementation, _in_layout, _int32, _layout_of
+from mmfa_torch.attention import _in_layout, _int32, _layout_of, _lowering
 from mmfa_torch.bridge import to_jax, to_torch
+from mmfa_torch.ops import lowering
 
 Tensor = torch.Tensor
 
 
 @torch.library.custom_op("mmfa::visual_token_importance", mutates_args=())
-def _importance_op(query: Tensor, key: Tensor, lse: Tensor, visual_mask: Tensor, scorers: Optional[Tensor], rule: str,
+def _importance_op(query: Tensor, key: Tensor, lse: Optional[Tensor], visual_mask: Tensor, scorers: Optional[Tensor],
+                   rule: str,
                    segment_ids: Optional[Tensor], query_seq_lengths: Optional[Tensor],
                    key_value_seq_lengths: Optional[Tensor], per_head: bool, max_scorers: Optional[int],
                    scale: Optional[float], is_causal: bool, window_left: int, window_right: int,
-                   softcap: Optional[float], layout: str,
-                   implementation: str) -> Tensor:
+                   softcap: Optional[float], layout: str, alignment: str, backend: str, cc: int) -> Tensor:
     out = _jax_importance(
         to_jax(query), to_jax(key), to_jax(lse), to_jax(visual_mask), rule if scorers is None else to_jax(scorers),
         per_head=per_head,
@@ -34,52 +36,56 @@ def _importance_op(query: Tensor, key: Tensor, lse: Tensor, visual_mask: Tensor,
                                                 None if window_right < 0 else window_right),
         logits_soft_cap=softcap, segment_ids=to_jax(segment_ids),
         query_seq_lengths=to_jax(query_seq_lengths), key_value_seq_lengths=to_jax(key_value_seq_lengths),
-        implementation=implementation, layout=layout)
+        implementation=lowering(backend, cc), layout=layout, causal_alignment=alignment)
     return to_torch(out)
 
 
 @_importance_op.register_fake
 def _(query, key, lse, visual_mask, scorers, rule, segment_ids, query_seq_lengths, key_value_seq_lengths, per_head,
-      max_scorers, scale, is_causal, window_left, window_right, softcap, layout, implementation):
+      max_scorers, scale, is_causal, window_left, window_right, softcap, layout, alignment, backend, cc):
     B, S = visual_mask.shape
     shape = (B, query.shape[1 if layout == "BNTH" else 2], S) if per_head else (B, S)
     return query.new_empty(shape, dtype=torch.float32)
 
 
-def visual_token_importance(query: Tensor, key: Tensor, lse: Tensor, visual_mask: Tensor, scorers="text", *,
+def visual_token_importance(query: Tensor, key: Tensor, lse: Tensor | None, visual_mask: Tensor, scorers="text", *,
                             per_head: bool = False, max_scorers: int | None = None, scale: float | None = None,
                             is_causal: bool = False, local_window_size=None, logits_soft_cap: float | None = None,
                             segment_ids: Tensor | None = None, query_seq_lengths: Tensor | None = None,
-                            key_value_seq_lengths: Tensor | None = None, implementation: str | None = None) -> Tensor:
+                            key_value_seq_lengths: Tensor | None = None, implementation: str | None = None,
+                            causal_alignment: str = "top_left") -> Tensor:
     """Importance of every key for the scorer rows, (B, S) float32 ((B, Hq, S) with ``per_head``).
 
-    query (B, Hq, L, D), key (B, Hkv, S, D), lse (B, Hq, L); see
-    ``mmfa_jax.importance.visual_token_importance`` for the definition and the options. ``scorers``
-    is "text", "last" or a bool (B, L) tensor. Not differentiable (scores feed a selection).
+    query (B, Hq, L, D), key (B, Hkv, S, D), lse (B, Hq, L) or None (then the scorer rows' LSE is
+    computed, one more pass over the keys); see ``mmfa_jax.importance.visual_token_importance``
+    for the definition and the options. ``scorers`` is "text", "last" or a bool (B, L) tensor. Not
+    differentiable (scores feed a selection).
     """
-    from mmfa_jax.attention import normalise_window
-
     rule, scorers = (scorers, None) if isinstance(scorers, str) else ("mask", scorers.contiguous())
-    left, right = (-1 if w is None else w for w in normalise_window(local_window_size))
+    left, right = (-1 if w is None else w for w in _checks.checked_window(local_window_size))
+    _checks.choice(causal_alignment, "causal_alignment", _checks.ALIGNMENTS)
     layout = _layout_of(query)
-    q, k, lse = (_in_layout(t, layout) for t in (query, key, lse))
-    return _importance_op(q.detach(), k.detach(), lse.detach(), visual_mask.contiguous(), scorers, rule,
+    q, k = (_in_layout(t, layout) for t in (query, key))
+    lse = None if lse is None else _in_layout(lse, layout).detach()
+    chosen = _lowering(implementation, query.device)
+    return _importance_op(q.detach(), k.detach(), lse, visual_mask.contiguous(), scorers, rule,
                           _int32(segment_ids, "segment_ids"), _int32(query_seq_lengths, "query_seq_lengths"),
                           _int32(key_value_seq_lengths, "key_value_seq_lengths"), bool(per_head),
                           None if max_scorers is None else int(max_scorers), _float(scale), bool(is_causal),
-                          int(left), int(right), _float(logits_soft_cap), layout,
-                          _implementation(implementation, query.device))
+                          int(left), int(right), _float(logits_soft_cap), layout, causal_alignment, chosen.backend,
+                          -1 if chosen.cc is None else chosen.cc)
 
 
 def _float(x):
     return None if x is None else float(x)
 
 
-def select_visual_tokens(importance: Tensor, visual_mask: Tensor, keep, *, valid_lengths: Tensor | None = None,
-                         output_length: int | None = None) -> tuple[Tensor, Tensor]:
+def select_visual_tokens(importance: Tensor, visual_mask: Tensor, keep=None, *, keep_count=None,
+                         valid_lengths: Tensor | None = None, output_length: int | None = None) -> tuple[Tensor, Tensor]:
     """(indices (B, L) int32, lengths (B,) int32) of the kept tokens, in order; see
-    ``mmfa_jax.pruning.select_visual_tokens``."""
-    idx, n = _jax_select(to_jax(importance.detach().contiguous()), to_jax(visual_mask.contiguous()), keep,
+    ``mmfa_jax.pruning.select_visual_tokens`` (``keep`` a ratio in (0, 1], or ``keep_count``)."""
+    rule = _checks.checked_keep(keep, keep_count)
+    idx, n = _jax_select(to_jax(importance.detach().contiguous()), to_jax(visual_mask.contiguous()), rule,
                          valid_lengths=None if valid_lengths is None else to_jax(_int32(valid_lengths, "valid_lengths")),
                          output_length=output_length)
     return to_torch(idx), to_torch(n)
@@ -91,7 +97,7 @@ def gather_tokens(x: Tensor, indices: Tensor, dim: int = 1) -> Tensor:
     gradients flow into ``x`` (hidden states during fine-tuning)."""
     dim = dim % x.dim()
     if dim == 0:
-        raise ValueError("dim must not be 0: the dim before it is the batch")
+        raise _checks.ArgumentError("dim must not be 0: the dim before it is the batch")
     shape = [1] * x.dim()
     shape[dim - 1], shape[dim] = indices.shape
     size = list(x.shape)
@@ -102,14 +108,14 @@ def gather_tokens(x: Tensor, indices: Tensor, dim: int = 1) -> Tensor:
 
 
 def _multimodal(query: Tensor, key: Tensor, value: Tensor, visual_mask: Tensor, scorers: Optional[Tensor],
-                   rule: str, query_seq_lengths: Optional[Tensor], keep: float, keep_count: int,
-                   max_scorers: Optional[int], output_length: Optional[int], scale: Optional[float], is_causal: bool,
-                   softcap: Optional[float], implementation: str,
-                   layout: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                rule: str, query_seq_lengths: Optional[Tensor], keep: float, keep_count: int,
+                max_scorers: Optional[int], output_length: Optional[int], scale: Optional[float], is_causal: bool,
+                softcap: Optional[float], backend: str, cc: int,
+                layout: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     from mmfa_jax.importance import scorer_rows
     from mmfa_jax.pruning import kept_lengths
 
-    keep = keep_count if keep_count > 0 else keep
+    keep = _checks.Keep(count=keep_count) if keep_count > 0 else _checks.Keep(ratio=keep)
     visual, lengths = to_jax(visual_mask), to_jax(query_seq_lengths)
     scorers = rule if scorers is None else to_jax(scorers)
     # The static sizes the jitted pipeline needs, from the masks (left to jit, they would be the
@@ -122,7 +128,7 @@ def _multimodal(query: Tensor, key: Tensor, value: Tensor, visual_mask: Tensor, 
     r = _jitted_multimodal(to_jax(query), to_jax(key), to_jax(value), visual, None if isinstance(scorers, str) else
                            scorers, lengths, keep=keep, rule=scorers if isinstance(scorers, str) else "mask",
                            max_scorers=max_scorers, output_length=output_length, scale=scale, is_causal=is_causal,
-                           softcap=softcap, implementation=implementation, layout=layout)
+                           softcap=softcap, implementation=lowering(backend, cc), layout=layout)
     return to_torch(r.out), to_torch(r.indices), to_torch(r.lengths), to_torch(r.importance)
 
 
@@ -146,7 +152,7 @@ _multimodal_op = torch.library.custom_op("mmfa::multimodal_attention", _multimod
 
 @_multimodal_op.register_fake
 def _(query, key, value, visual_mask, scorers, rule, query_seq_lengths, keep, keep_count, max_scorers, output_length,
-      scale, is_causal, softcap, implementation, layout):
+      scale, is_causal, softcap, backend, cc, layout):
     B, T = visual_mask.shape
     N, D = query.shape[2 if layout == "BTNH" else 1], query.shape[3]
     L = output_length if output_length is not None else torch.library.get_ctx().new_dynamic_size()
@@ -155,7 +161,8 @@ def _(query, key, value, visual_mask, scorers, rule, query_seq_lengths, keep, ke
             query.new_empty((B,), dtype=torch.int32), query.new_empty((B, T), dtype=torch.float32))
 
 
-def multimodal_attention(query: Tensor, key: Tensor, value: Tensor, visual_mask: Tensor, keep, *, scorers="text",
+def multimodal_attention(query: Tensor, key: Tensor, value: Tensor, visual_mask: Tensor, keep=None, *,
+                         keep_count: int | None = None, scorers="text",
                          max_scorers: int | None = None, scale: float | None = None, is_causal: bool = False,
                          logits_soft_cap: float | None = None, query_seq_lengths: Tensor | None = None,
                          output_length: int | None = None, implementation: str | None = None):
@@ -163,22 +170,23 @@ def multimodal_attention(query: Tensor, key: Tensor, value: Tensor, visual_mask:
 
     query (B, Hq, T, D), key/value (B, Hkv, T, D) (self-attention over one sequence), visual_mask
     bool (B, T). Returns (out (B, Hq, L, D), indices (B, L) int32, lengths (B,) int32, importance
-    (B, T) float32); see ``mmfa_jax.multimodal.multimodal_attention``. Inference only (no
-    gradients). Under torch.compile L is data-dependent unless ``output_length`` is given.
+    (B, T) float32); see ``mmfa_jax.multimodal.multimodal_attention`` (``keep`` a ratio in (0, 1],
+    or ``keep_count``). Inference only (no gradients). Under torch.compile L is data-dependent
+    unless ``output_length`` is given.
     """
-    if isinstance(keep, bool) or not isinstance(keep, (int, float)):
-        raise TypeError(f"keep must be a ratio in (0, 1] or a positive int count, got {keep!r}")
+    rule_of_keep = _checks.checked_keep(keep, keep_count)
     rule, scorers = (scorers, None) if isinstance(scorers, str) else ("mask", scorers.contiguous())
     # Handed over in the memory order they have (a transposed (B, T, H, D) view stays one): no copy.
     layout = _layout_of(query)
     q, k, v = (_in_layout(t.detach(), layout) for t in (query, key, value))
+    chosen = _lowering(implementation, query.device)
     op = _multimodal_op if torch.compiler.is_compiling() else _multimodal
     out, idx, lengths, importance = op(
         q, k, v, visual_mask.contiguous(), scorers, rule, _int32(query_seq_lengths, "query_seq_lengths"),
-        float(keep) if isinstance(keep, float) else 0.0, keep if isinstance(keep, int) else 0,
+        rule_of_keep.ratio or 0.0, rule_of_keep.count or 0,
         None if max_scorers is None else int(max_scorers),
         None if output_length is None else int(output_length), _float(scale), bool(is_causal),
-        _float(logits_soft_cap), _implementation(implementation, query.device), layout)
+        _float(logits_soft_cap), chosen.backend, -1 if chosen.cc is None else chosen.cc, layout)
     return (out.transpose(1, 2) if layout == "BTNH" else out), idx, lengths, importance
 
 

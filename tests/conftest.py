@@ -167,3 +167,8 @@ def assert_finite(x, what="value"):
 
 def jax_device_is_gpu() -> bool:
     return jax.devices()[0].platform == "gpu"
+
+
+def keep_kwargs(keep) -> dict:
+    """The pruning functions' keyword for the reference's ``keep``: a ratio (float) or a count (int)."""
+    return {"keep_count": keep} if isinstance(keep, (int, np.integer)) else {"keep": keep}

@@ -10,7 +10,7 @@ key/value head n // (N // K). Semantics:
   s = s + bias                          (bias broadcastable to (B, N, T, S))
   key j is visible to query i iff
       j < kv_lengths[b]                                  (if given)
-      with offset = S - T and d = j - (i + offset):
+      with offset = 0 (top-left, the default) or S - T (bottom_right) and d = j - (i + offset):
         d <= 0                                           (if causal)
         -left <= d <= right                              (window; None is unbounded)
       q_segments[b, i] == kv_segments[b, j]              (if given)
@@ -38,12 +38,12 @@ def _window(window):
 
 
 def visibility(B, N, T, S, *, mask=None, is_causal=False, q_lengths=None, kv_lengths=None, window=None,
-               q_segments=None, kv_segments=None):
+               q_segments=None, kv_segments=None, bottom_right=False):
     """Boolean (B, N, T, S): which key each query may see (before the query-length rule)."""
     vis = np.ones((B, N, T, S), dtype=bool)
     i = np.arange(T)[:, None]
     j = np.arange(S)[None, :]
-    d = j - (i + (S - T))
+    d = j - (i + ((S - T) if bottom_right else 0))
     if is_causal:
         vis &= (d <= 0)[None, None]
     left, right = _window(window)
@@ -63,7 +63,8 @@ def visibility(B, N, T, S, *, mask=None, is_causal=False, q_lengths=None, kv_len
 
 
 def _forward_parts(q, k, v, *, bias=None, mask=None, scale=None, is_causal=False, q_lengths=None,
-                   kv_lengths=None, window=None, softcap=None, q_segments=None, kv_segments=None):
+                   kv_lengths=None, window=None, softcap=None, q_segments=None, kv_segments=None,
+                   bottom_right=False):
     q, k, v = _f64(q), _f64(k), _f64(v)
     B, T, N, H = q.shape
     S, K = k.shape[1], k.shape[2]
@@ -83,7 +84,7 @@ def _forward_parts(q, k, v, *, bias=None, mask=None, scale=None, is_causal=False
     if bias is not None:
         s = s + np.broadcast_to(_f64(bias), (B, N, T, S))
     vis = visibility(B, N, T, S, mask=mask, is_causal=is_causal, kv_lengths=kv_lengths, window=window,
-                     q_segments=q_segments, kv_segments=kv_segments)
+                     q_segments=q_segments, kv_segments=kv_segments, bottom_right=bottom_right)
     live = vis.any(axis=-1)  # (B, N, T)
     if q_lengths is not None:
         live &= (np.arange(T)[None, :] < np.asarray(q_lengths)[:, None])[:, None, :]
@@ -100,11 +101,12 @@ def _forward_parts(q, k, v, *, bias=None, mask=None, scale=None, is_causal=False
 
 
 def attention_reference(q, k, v, *, bias=None, mask=None, scale=None, is_causal=False, q_lengths=None,
-                        kv_lengths=None, window=None, softcap=None, q_segments=None, kv_segments=None):
+                        kv_lengths=None, window=None, softcap=None, q_segments=None, kv_segments=None,
+                        bottom_right=False):
     """(out (B, T, N, H), lse (B, T, N)) in float64."""
     r = _forward_parts(q, k, v, bias=bias, mask=mask, scale=scale, is_causal=is_causal, q_lengths=q_lengths,
                        kv_lengths=kv_lengths, window=window, softcap=softcap, q_segments=q_segments,
-                       kv_segments=kv_segments)
+                       kv_segments=kv_segments, bottom_right=bottom_right)
     return r["out"], np.swapaxes(r["lse"], 1, 2)
 
 
@@ -119,7 +121,7 @@ def sum_to_shape(x, shape):
 
 def attention_reference_grads(q, k, v, d_out, d_lse=None, *, bias=None, mask=None, scale=None, is_causal=False,
                               q_lengths=None, kv_lengths=None, window=None, softcap=None, q_segments=None,
-                              kv_segments=None):
+                              kv_segments=None, bottom_right=False):
     """Analytic float64 gradients (dq, dk, dv, dbias) of sum(out * d_out) + sum(lse * d_lse).
 
     d_out is (B, T, N, H), d_lse (B, T, N) (entries where lse is -inf are ignored). dbias has the
@@ -127,7 +129,7 @@ def attention_reference_grads(q, k, v, d_out, d_lse=None, *, bias=None, mask=Non
     """
     r = _forward_parts(q, k, v, bias=bias, mask=mask, scale=scale, is_causal=is_causal, q_lengths=q_lengths,
                        kv_lengths=kv_lengths, window=window, softcap=softcap, q_segments=q_segments,
-                       kv_segments=kv_segments)
+                       kv_segments=kv_segments, bottom_right=bottom_right)
     B, N, T, S, K, G, H = (r[c] for c in "BNTSKGH")
     p, out = r["p"], r["out"]
     do = _f64(d_out)

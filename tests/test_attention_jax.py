@@ -35,6 +35,7 @@ class Case:
     H: int = 32
     dtype: str = "float32"
     causal: bool = False
+    alignment: str = "top_left"  # of the causal diagonal and the window when T != S
     window: object = None
     softcap: float | None = None
     scale: float | None = None
@@ -99,7 +100,7 @@ def _block_mask(rng, shape):
 def reference_kwargs(c: Case, x):
     return dict(bias=x["bias64"], mask=x["mask"], scale=c.scale, is_causal=c.causal, q_lengths=x["ql"],
                 kv_lengths=x["kvl"], window=c.window, softcap=c.softcap, q_segments=x["q_seg"],
-                kv_segments=x["kv_seg"])
+                kv_segments=x["kv_seg"], bottom_right=c.alignment == "bottom_right")
 
 
 def _to_layout(a, c: Case):
@@ -126,7 +127,7 @@ def call(c: Case, impl, x, q, k, v, bias):
         q, k, v, bias, None if x["mask"] is None else jnp.asarray(x["mask"]),
         scale=c.scale, is_causal=c.causal, query_seq_lengths=x["ql"], key_value_seq_lengths=x["kvl"],
         local_window_size=c.window, logits_soft_cap=c.softcap, segment_ids=segments, return_lse=True,
-        implementation=impl, config=c.config, layout=c.layout)
+        implementation=impl, config=c.config, layout=c.layout, causal_alignment=c.alignment)
 
 
 def check_forward(c: Case, impl, rng):
@@ -184,6 +185,11 @@ FORWARD_CASES = {
     "causal_T_lt_S": Case(T=33, S=65, causal=True),
     "causal_T_gt_S": Case(T=65, S=33, causal=True),
     "causal_decode_T1": Case(T=1, S=100, causal=True),
+    "causal_T_lt_S_bottom_right": Case(T=33, S=65, causal=True, alignment="bottom_right"),
+    "causal_T_gt_S_bottom_right": Case(T=65, S=33, causal=True, alignment="bottom_right"),
+    "causal_decode_T1_bottom_right": Case(T=1, S=100, causal=True, alignment="bottom_right"),
+    "window_T_lt_S_bottom_right": Case(T=20, S=65, window=(6, 3), alignment="bottom_right"),
+    "window_T_lt_S": Case(T=20, S=65, window=(6, 3)),
     "window_int": Case(T=65, S=65, window=8),
     "window_tuple": Case(T=33, S=65, window=(3, 5)),
     "window_None_right": Case(T=65, S=33, window=(None, 4)),
@@ -256,7 +262,7 @@ def test_forward(case, impl, rng):
 
 def test_causal_T_gt_S_rows_are_zero_not_nan(impl, rng):
     """T > S, bottom-right causal: the first T - S rows see nothing: zeros and LSE -inf."""
-    c = Case(B=1, T=20, S=5, causal=True)
+    c = Case(B=1, T=20, S=5, causal=True, alignment="bottom_right")
     x, _, ref_lse, dead = check_forward(c, impl, rng)
     assert dead[0, :15].all() and not dead[0, 15:].any()
 
@@ -481,7 +487,9 @@ def test_seed_helper_is_stable():
 def test_mask_ranges_against_numpy(shape, rng):
     """The forward's block ranges of a dense mask: first and last block with a visible logit,
     and the longest run of blocks where every (in-range) logit is visible, per query tile."""
-    from mmfa_jax.attention import Options, prepare
+    from mmfa_jax._autodiff import prepare
+    from mmfa_jax._checks import Options
+    from mmfa_jax.backends import Lowering
     from mmfa_jax.kernels import flash_attention as flash
 
     mask = _block_mask(rng, shape)
@@ -491,7 +499,7 @@ def test_mask_ranges_against_numpy(shape, rng):
     (problem, _, _), args = prepare(Options.make(implementation="interpret"), (q, k, k, None, jnp.asarray(mask), None,
                                                                                None, None))
     bq, bk = 16, 32
-    got = np.asarray(flash.mask_ranges(problem, KernelConfig(bq, bk, 4, 1), args[4], interpret=True))
+    got = np.asarray(flash.mask_ranges(problem, KernelConfig(bq, bk, 4, 1), args[4], lowering=Lowering("interpret")))
     nq, nk = -(-T // bq), -(-S // bk)
     assert got.shape == (B, N, nq, 4)
     for b, n, t in np.ndindex(B, N, nq):

@@ -70,10 +70,16 @@ def test_jax_heads_not_divisible(qkv, rng):
         attn(q, k3, k3)
 
 
-def test_jax_empty_sequence(qkv):
+@pytest.mark.parametrize("impl", ["interpret", "xla"])
+def test_jax_empty_inputs_give_empty_outputs(qkv, impl):
+    """As jax.nn: T=0, batch 0 or no heads give empty outputs; S=0 gives rows that see nothing
+    (zeros, LSE -inf)."""
     q, k, v = qkv
-    with pytest.raises(ValueError, match="sequence lengths and head dim must be positive"):
-        attn(q[:, :0], k, v)
+    for q_, k_, v_ in ((q[:, :0], k, v), (q[:0], k[:0], v[:0]), (q[:, :, :0], k[:, :, :0], v[:, :, :0])):
+        out, lse = attn(q_, k_, v_, return_lse=True, implementation=impl)
+        assert out.shape == q_.shape and lse.shape == q_.shape[:3]
+    out, lse = attn(q, k[:, :0], v[:, :0], return_lse=True, implementation=impl)
+    assert out.shape == q.shape and (np.asarray(out) == 0).all() and np.isneginf(np.asarray(lse)).all()
 
 
 @pytest.mark.parametrize("dtype", [jnp.int32, jnp.int8, jnp.bool_])

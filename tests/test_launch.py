@@ -17,7 +17,7 @@ from reference import attention_reference, attention_reference_grads
 
 from mmfa_jax import triton_route
 from mmfa_torch import launch
-from mmfa_torch.ops import _options
+from mmfa_torch.ops import options
 
 needs_triton = pytest.mark.skipif(not triton_route.available(), reason="needs the official triton package")
 
@@ -32,7 +32,8 @@ def _signature(B, N, K, T, S, D, *, mask=False, bias=False, segments=False, kv_l
 @needs_triton
 @pytest.mark.parametrize("cc", [90, 75])
 def test_capture_records_kernels_grids_and_parameters(cc):
-    opts = launch._config(_options(None, True, -1, -1, None, "BNTH", "pallas", True), 64, torch.bfloat16, cc)
+    opts = launch._config(options(None, True, "top_left", -1, -1, None, "BNTH", "triton-route", cc), 64,
+                          torch.bfloat16)
     B, N, K, T, S, D = 2, 4, 2, 100, 130, 64
     sig = _signature(B, N, K, T, S, D, mask=True, segments=True, kv_lengths=True)
     ranges, fwd = launch._forward_kernels(opts, sig, cc)
@@ -58,19 +59,21 @@ def test_stages_are_reduced_until_the_kernel_fits():
     from mmfa_jax import tuning
 
     big = tuning.KernelConfig(128, 128, 8, 6)
-    opts = dataclasses.replace(_options(None, False, -1, -1, None, "BNTH", "pallas", True),
+    opts = dataclasses.replace(options(None, False, "top_left", -1, -1, None, "BNTH", "triton-route", 90),
                                config=tuning.AttentionConfig(big, big, big))
-    opts = launch._config(opts, 128, torch.bfloat16, 90)
+    opts = launch._config(opts, 128, torch.bfloat16)
     _, fwd = launch._forward_kernels(opts, _signature(1, 2, 2, 256, 256, 128, mask=True), 90)
     assert "num_stages=6" not in fwd.launch.label
     assert fwd.launch.kernel.shared <= triton_route.shared_memory_limit(90)
 
 
 def test_device_kinds_and_parameter_count():
-    assert launch.device_kind(90) == "NVIDIA H100" and launch.device_kind(75) == "Tesla T4"
-    assert launch.device_kind(87) == "NVIDIA A10"  # the nearest older of the same major
-    with pytest.raises(launch.LaunchError, match="compute capability 60"):
-        launch.device_kind(60)
+    from mmfa_jax.backends import device_kind_of_cc
+
+    assert device_kind_of_cc(90) == "NVIDIA H100" and device_kind_of_cc(75) == "Tesla T4"
+    assert device_kind_of_cc(87) == "NVIDIA A10"  # the nearest older of the same major
+    with pytest.raises(ValueError, match="compute capability 60"):
+        device_kind_of_cc(60)
     ptx = ".visible .entry k(\n .param .u64 .ptr a,\n .param .u64 b\n)\n{ .param .b32 c; }"
     assert launch.parameter_count(ptx, "k") == 2
     with pytest.raises(launch.LaunchError, match="no entry"):

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_close, normal
+from conftest import assert_close, keep_kwargs, normal
 from reference import attention_reference, attention_reference_grads, importance_reference, select_reference
 
 import mmfa_jax
@@ -51,7 +51,7 @@ def test_pruned_attention_matches_reference_pipeline(rng, impl, keep, causal):
     v, v64 = normal(rng, (B, T, K, H))
     vis = _visual(rng, B, T)
     lengths = np.array([T, T - 7])
-    r = multimodal_attention(q, k, v, jnp.asarray(vis), keep, is_causal=causal, query_seq_lengths=lengths,
+    r = multimodal_attention(q, k, v, jnp.asarray(vis), **keep_kwargs(keep), is_causal=causal, query_seq_lengths=lengths,
                              implementation=impl)
 
     valid = np.arange(T)[None, :] < lengths[:, None]

@@ -8,9 +8,13 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from conftest import keep_kwargs
 from reference import select_reference
 
+from mmfa_jax.backends import Lowering
 from mmfa_jax.pruning import compact_positions, gather_tokens, keep_counts, select_visual_tokens
+
+ROUTE_H100 = Lowering("triton-route", 90, "sm90")
 
 
 def _check(indices, lengths, want):
@@ -32,7 +36,7 @@ def test_selection_matches_reference(impl, seed, B, S, keep, ties, padded):
     want = select_reference(imp, vis, keep, lengths)
     if max(len(w) for w in want) == 0:
         return
-    idx, n = select_visual_tokens(jnp.asarray(imp), jnp.asarray(vis), keep, valid_lengths=lengths,
+    idx, n = select_visual_tokens(jnp.asarray(imp), jnp.asarray(vis), **keep_kwargs(keep), valid_lengths=lengths,
                                   implementation=impl)
     _check(idx, n, want)
 
@@ -70,13 +74,41 @@ def test_gathers():
             np.testing.assert_array_equal(got[b] if axis == 1 else got[:, b], want)
 
 
-@pytest.mark.parametrize("keep, err, match", [
-    (0.0, ValueError, r"\(0, 1\]"), (1.5, ValueError, r"\(0, 1\]"), (0, ValueError, ">= 1"),
-    (True, TypeError, "keep must be"), ("half", TypeError, "keep must be"), (float("nan"), ValueError, r"\(0, 1\]"),
+@pytest.mark.parametrize("kwargs, err, match", [
+    (dict(keep=0.0), ValueError, r"keep must be a ratio in \(0, 1\], got 0.0"),
+    (dict(keep=1.5), ValueError, r"keep must be a ratio in \(0, 1\], got 1.5"),
+    (dict(keep=-1), ValueError, r"keep must be a ratio in \(0, 1\], got -1"),
+    (dict(keep=64), ValueError, "keep_count=64"),
+    (dict(keep=True), TypeError, "keep must be a ratio"), (dict(keep="half"), TypeError, "keep must be a ratio"),
+    (dict(keep=float("nan")), ValueError, r"\(0, 1\]"),
+    (dict(keep_count=0), ValueError, "keep_count must be >= 1, got 0"),
+    (dict(keep_count=-1), ValueError, "keep_count must be >= 1, got -1"),
+    (dict(keep_count=0.5), TypeError, "keep_count must be a positive integer"),
+    (dict(), ValueError, "exactly one of keep"), (dict(keep=0.5, keep_count=2), ValueError, "exactly one of keep"),
 ])
-def test_bad_keep(keep, err, match):
+def test_bad_keep(kwargs, err, match):
     with pytest.raises(err, match=match):
-        keep_counts(jnp.ones((1, 4), bool), keep)
+        keep_counts(jnp.ones((1, 4), bool), **kwargs)
+
+
+def test_keep_ratio_one_and_count_one_never_share_a_cache_entry():
+    """keep=1.0 (every visual token) and keep_count=1 (one) in one process: each call gets its own
+    table (an lru_cache keyed on 1 == 1.0 once gave the second call the first one's)."""
+    vis = jnp.ones((1, 6), bool)
+    imp = jnp.asarray(np.arange(6, dtype=np.float32))
+    assert int(keep_counts(vis, keep=1.0)[0]) == 6 and int(keep_counts(vis, keep_count=1)[0]) == 1
+    assert int(keep_counts(vis, keep_count=1)[0]) == 1 and int(keep_counts(vis, keep=1.0)[0]) == 6
+    assert select_visual_tokens(imp, vis, keep_count=1)[1].tolist() == [1]
+    assert select_visual_tokens(imp, vis, 1.0)[1].tolist() == [6]
+    assert int(keep_counts(vis, keep=np.float32(0.5))[0]) == 3 and int(keep_counts(vis, keep_count=np.int64(2))[0]) == 2
+
+
+def test_output_length_below_the_kept_count_raises():
+    vis = jnp.ones((2, 8), bool)
+    with pytest.raises(ValueError, match="output_length=3 is shorter than the 4 tokens"):
+        select_visual_tokens(jnp.ones((2, 8)), vis, 0.5, output_length=3)
+    idx, n = select_visual_tokens(jnp.ones((2, 8)), vis, 0.5, output_length=4)
+    assert idx.shape == (2, 4) and n.tolist() == [4, 4]
 
 
 def test_bad_shapes():
@@ -149,7 +181,7 @@ def test_selection_kernel_fits_hopper(S):
 
     args = (jax.ShapeDtypeStruct((1, S), jnp.float32), jax.ShapeDtypeStruct((1, S), jnp.int8),
             jax.ShapeDtypeStruct((S + 1,), jnp.int32))
-    [(kernel, *_)] = triton_route.lower_for(lambda s, k, n: selection.select(s, k, n, S // 4, route="triton"), *args,
+    [(kernel, *_)] = triton_route.lower_for(lambda s, k, n: selection.select(s, k, n, S // 4, lowering=ROUTE_H100), *args,
                                            device_kind="NVIDIA H100")
     assert kernel.shared <= 227 * 1024
 
@@ -176,6 +208,6 @@ def test_compaction_kernel_fits_hopper():
     from mmfa_jax.kernels import selection
 
     S = selection.MAX_TOKENS
-    [(kernel, *_)] = triton_route.lower_for(lambda f: selection.compact(f, 128, route="triton"),
+    [(kernel, *_)] = triton_route.lower_for(lambda f: selection.compact(f, 128, lowering=ROUTE_H100),
                                            jax.ShapeDtypeStruct((1, S), jnp.bool_), device_kind="NVIDIA H100")
     assert kernel.shared <= 227 * 1024

@@ -28,7 +28,7 @@ from conftest import assert_close, normal, tolerance
 from reference import attention_reference, attention_reference_grads
 
 import mmfa_jax
-from mmfa_jax import triton_route, tuning
+from mmfa_jax import backends, triton_route, tuning
 
 try:
     import triton  # noqa: F401
@@ -115,8 +115,8 @@ def test_turing_table_compiles_for_sm80(kernel):
     take sm_80 otherwise). Fast: Ampere has mma, so the code is small."""
     kernels = _kernels()
     for d in TURING_ROWS:
-        config = tuning.TABLE[("sm75", d)].with_route("triton")
-        fn, args = kernels.build(kernel, d, jnp.float16, config)
+        config = tuning.TABLE[("sm75", d)]
+        fn, args = kernels.build(kernel, d, jnp.float16, config, implementation="triton")
         compiled = triton_route.lower_for(fn, *args, device_kind=A100)
         assert [k.cc for k, *_ in compiled] == [80] * len(kernels.KERNELS[kernel][2])
         for k, *_ in compiled:
@@ -127,46 +127,56 @@ def test_turing_table_compiles_for_sm80(kernel):
 # Which route a kernel takes.
 
 
+T4_TARGET, A100_TARGET, H100_TARGET = (backends.Target.cuda(cc) for cc in (75, 80, 90))
+
+
+@needs_triton
 def test_route_choice():
-    assert triton_route.uses_route("auto", 75)
-    assert not triton_route.uses_route("auto", 80) and not triton_route.uses_route("auto", 90)
-    assert triton_route.uses_route("triton", 90)
-    assert not triton_route.uses_route("stock", 75)
-    with pytest.raises(triton_route.RouteError, match="route must be one of"):
-        triton_route.uses_route("fast", 90)
+    """One decision, in mmfa_jax.backends: "pallas" takes XLA's Triton from sm_80 and the Triton
+    route on Turing; "triton" always the route; unknown names are refused, naming the argument."""
+    assert backends.resolve("pallas", T4_TARGET) == backends.Lowering("triton-route", 75, "sm75")
+    assert backends.resolve("pallas", A100_TARGET) == backends.Lowering("xla-triton", 80, "sm80")
+    assert backends.resolve("pallas", H100_TARGET) == backends.Lowering("xla-triton", 90, "sm90")
+    assert backends.resolve("triton", H100_TARGET) == backends.Lowering("triton-route", 90, "sm90")
+    assert backends.resolve(None, H100_TARGET).backend == "xla-triton"
+    assert backends.resolve(None, backends.Target("cpu")).backend == "xla"
+    assert backends.resolve("interpret", H100_TARGET).backend == "interpret"
+    with pytest.raises(ValueError, match="implementation must be one of"):
+        backends.resolve("fast", H100_TARGET)
+    with pytest.raises(ValueError, match="implementation='pallas' needs an NVIDIA GPU"):
+        backends.resolve("pallas", backends.Target("cpu"))
 
 
+@needs_triton
 def test_route_forced_by_environment(monkeypatch):
     monkeypatch.setenv("MMFA_ROUTE", "triton")
-    assert triton_route.uses_route("auto", 90)
-    assert not triton_route.uses_route("stock", 90)
+    assert backends.resolve("pallas", H100_TARGET).backend == "triton-route"
     monkeypatch.setenv("MMFA_ROUTE", "sideways")
-    with pytest.raises(triton_route.RouteError, match="MMFA_ROUTE must be"):
-        triton_route.uses_route("auto", 90)
+    with pytest.raises(backends.SettingError, match="MMFA_ROUTE must be"):
+        backends.resolve("pallas", H100_TARGET)
 
 
+@needs_triton
 def test_arch_override_is_checked(monkeypatch):
     monkeypatch.setenv("MMFA_TRITON_ARCH", "sm_75")
-    assert triton_route.arch_override() == 75
-    assert triton_route.uses_route("auto", 90)
+    assert backends.settings().triton_arch == 75
+    assert backends.resolve("pallas", H100_TARGET) == backends.Lowering("triton-route", 75, "sm75")
     monkeypatch.setenv("MMFA_TRITON_ARCH", "6.1")
-    with pytest.raises(triton_route.RouteError, match="below sm_75"):
-        triton_route.arch_override()
+    with pytest.raises(backends.SettingError, match="below sm_75"):
+        backends.settings()
     monkeypatch.setenv("MMFA_TRITON_ARCH", "turing")
-    with pytest.raises(triton_route.RouteError, match="compute capability such as 75"):
-        triton_route.arch_override()
+    with pytest.raises(backends.SettingError, match="compute capability such as 75"):
+        backends.settings()
 
 
-def _small_forward(route="auto", dtype=jnp.float16, cfg=tuning.KernelConfig(16, 16, 4, 1)):
+def _small_forward(implementation="pallas", dtype=jnp.float16, cfg=tuning.KernelConfig(16, 16, 4, 1)):
     """A small forward kernel: fast to compile even for sm_75."""
-    kernels = _kernels()
-    cfg = tuning.KernelConfig(cfg.block_q, cfg.block_k, cfg.num_warps, cfg.num_stages, route=route)
-    return kernels.forward(16, dtype, cfg)
+    return _kernels().forward(16, dtype, cfg, implementation=implementation)
 
 
 @needs_triton
 def test_ampere_and_hopper_keep_xlas_triton_unless_asked():
-    fn, args = _small_forward("auto")
+    fn, args = _small_forward("pallas")
     assert triton_route.lower_for(fn, *args, device_kind=A100) == []
     fn, args = _small_forward("triton")
     [(kernel, *_)] = triton_route.lower_for(fn, *args, device_kind="NVIDIA H100")
@@ -174,9 +184,25 @@ def test_ampere_and_hopper_keep_xlas_triton_unless_asked():
 
 
 @needs_triton
+def test_public_attention_cross_lowers_for_turing_on_a_cpu_machine():
+    """The backend follows the device being lowered for, not the process's default device: on a
+    CPU-only machine, the public ``attention(..., implementation="pallas")`` lowered for an abstract
+    T4 takes the Triton route (forward and backward kernels compiled for sm_75)."""
+    q = jax.ShapeDtypeStruct((1, 32, 2, 16), jnp.float16)
+
+    def loss(q, k, v):
+        return mmfa_jax.attention(q, k, v, is_causal=True, implementation="pallas").astype(jnp.float32).sum()
+
+    compiled = triton_route.lower_for(jax.grad(loss, argnums=(0, 1, 2)), q, q, q, device_kind=T4)
+    assert [k.name for k, *_ in compiled] == ["mmfa_flash_forward", "mmfa_flash_dq", "mmfa_flash_dkv"]
+    assert all(k.cc == 75 for k, *_ in compiled)
+
+
+@needs_triton
 def test_stock_route_on_turing_is_left_to_xla():
-    """route="stock" emits XLA's Triton call even for sm_75 (which XLA then refuses, as stock jax)."""
-    fn, args = _small_forward("stock")
+    """The backend "xla-triton" emits XLA's Triton call even for sm_75 (which XLA then refuses, as
+    stock jax)."""
+    fn, args = _small_forward(backends.Lowering("xla-triton", 75, "sm75"))
     from jax.sharding import AbstractDevice, AbstractMesh
 
     mesh = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(device_kind=T4, num_cores=None, platform="cuda"))

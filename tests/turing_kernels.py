@@ -1,28 +1,30 @@
 """Every mmfa Pallas kernel as a jit-able function of ShapeDtypeStructs, for cross-compilation.
 
-``KERNELS`` maps a kernel name to a builder ``(head_dim, dtype, KernelConfig) -> (fn, args)``:
-the launcher called directly (no argument checks beyond attention's normalisation), on a
-problem that fills whole tiles of the configuration and takes the causal (masked) path. A new
-kernel joins the cross-compile check by adding a builder here.
+``KERNELS`` maps a kernel name to a builder ``(head_dim, dtype, KernelConfig, implementation)
+-> (fn, args)``: the launcher called directly (no argument checks beyond attention's
+normalisation), on a problem that fills whole tiles of the configuration and takes the causal
+(masked) path. ``implementation`` is resolved when ``fn`` is traced, so for the device being lowered
+for ("pallas": the Triton route on Turing, XLA's Triton from sm_80), or is a ``backends.Lowering``.
+A new kernel joins the cross-compile check by adding a builder here.
 """
 
 from __future__ import annotations
 
-import importlib
-
 import jax
 import jax.numpy as jnp
 
+from mmfa_jax import backends
+from mmfa_jax._autodiff import prepare
+from mmfa_jax._checks import Options
 from mmfa_jax.kernels import flash_attention as flash
-
-attention_module = importlib.import_module("mmfa_jax.attention")
 
 BATCH, HEADS, KV_HEADS = 1, 2, 1  # GQA, so the dK/dV kernel loops over a group
 
 
 def _problem(q, k, v, seq_len):
-    opts = attention_module.Options.make(is_causal=True, implementation="interpret")
-    return attention_module._normalise(opts, q, k, v, None, None, None, None, None)
+    (problem, _, _), args = prepare(Options.make(is_causal=True, implementation="interpret"),
+                                    (q, k, v, None, None, None, None, None))
+    return problem, args
 
 
 def _shapes(head_dim, dtype, seq_len):
@@ -35,17 +37,17 @@ def _seq_len(*cfgs):
     return 2 * max(max(c.block_q, c.block_k) for c in cfgs)  # whole tiles, more than one of each
 
 
-def forward(head_dim, dtype, cfg):
+def forward(head_dim, dtype, cfg, implementation="pallas"):
     q, kv = _shapes(head_dim, dtype, _seq_len(cfg))
 
     def fn(q, k, v):
         p, args = _problem(q, k, v, q.shape[1])
-        return flash.forward(p, cfg, *args)
+        return flash.forward(p, cfg, *args, lowering=backends.resolve(implementation))
 
     return fn, (q, kv, kv)
 
 
-def forward_at_rows(head_dim, dtype, cfg):
+def forward_at_rows(head_dim, dtype, cfg, implementation="pallas"):
     """The forward reading its query, key and value rows in place (the pipeline's kept tokens)."""
     T = _seq_len(cfg)
     q, kv = _shapes(head_dim, dtype, 2 * T)
@@ -54,26 +56,26 @@ def forward_at_rows(head_dim, dtype, cfg):
     def fn(q, rows, k, v):
         kept_q = jax.ShapeDtypeStruct((BATCH, T, HEADS, head_dim), dtype)
         kept_kv = jax.ShapeDtypeStruct((BATCH, T, KV_HEADS, head_dim), dtype)
-        p, _ = attention_module._normalise(attention_module.Options.make(is_causal=True, implementation="interpret"),
-                                           kept_q, kept_kv, kept_kv, None, None, None, None, None)
-        return flash.forward(p, cfg, q, k, v, None, None, None, None, None, None, q_source=rows, kv_source=rows)
+        p, _ = _problem(kept_q, kept_kv, kept_kv, T)
+        return flash.forward(p, cfg, q, k, v, None, None, None, None, None, None, q_source=rows, kv_source=rows,
+                             lowering=backends.resolve(implementation))
 
     return fn, (q, rows, kv, kv)
 
 
-def backward(head_dim, dtype, dq_cfg, dkv_cfg):
+def backward(head_dim, dtype, dq_cfg, dkv_cfg, implementation="pallas"):
     T = _seq_len(dq_cfg, dkv_cfg)
     q, kv = _shapes(head_dim, dtype, T)
     rows = jax.ShapeDtypeStruct((BATCH, HEADS, T), jnp.float32)
 
     def fn(q, k, v, do, lse, delta):
         p, args = _problem(q, k, v, T)
-        return flash.backward(p, dq_cfg, dkv_cfg, *args, do, lse, delta)[:3]
+        return flash.backward(p, dq_cfg, dkv_cfg, *args, do, lse, delta, lowering=backends.resolve(implementation))[:3]
 
     return fn, (q, kv, kv, q, rows, rows)
 
 
-def importance(head_dim, dtype, cfg):
+def importance(head_dim, dtype, cfg, implementation="pallas"):
     """The importance kernel, combining the stats kernel's per-chunk stats into the rows' LSE."""
     T = _seq_len(cfg)
     q, kv = _shapes(head_dim, dtype, T)
@@ -85,12 +87,13 @@ def importance(head_dim, dtype, cfg):
         p, (q, k, *_rest) = _problem(q, k, k, T)
         num_chunks = flash._scorer_chunks(p, cfg)[2]
         stats = [jnp.zeros((BATCH, HEADS, num_chunks, R), jnp.float32)] * 2
-        return flash.importance(p, cfg, q, k, positions, None, None, None, None, counts, stats=stats)
+        return flash.importance(p, cfg, q, k, positions, None, None, None, None, counts, stats=stats,
+                                lowering=backends.resolve(implementation))
 
     return fn, (q, kv, positions, counts)
 
 
-def scorer_stats(head_dim, dtype, cfg):
+def scorer_stats(head_dim, dtype, cfg, implementation="pallas"):
     T = _seq_len(cfg)
     q, kv = _shapes(head_dim, dtype, T)
     R = max(cfg.block_q, 16) * 2
@@ -99,7 +102,8 @@ def scorer_stats(head_dim, dtype, cfg):
 
     def fn(q, k, positions, counts):
         p, (q, k, *_rest) = _problem(q, k, k, T)
-        return flash.scorer_stats(p, cfg, q, k, positions, None, None, None, counts)
+        return flash.scorer_stats(p, cfg, q, k, positions, None, None, None, counts,
+                                  lowering=backends.resolve(implementation))
 
     return fn, (q, kv, positions, counts)
 
@@ -114,7 +118,7 @@ KERNELS = {
 }
 
 
-def build(kernel: str, head_dim: int, dtype, config):
+def build(kernel: str, head_dim: int, dtype, config, implementation="pallas"):
     """(fn, args) for one KERNELS entry with the entries of an AttentionConfig."""
     builder, entries, _ = KERNELS[kernel]
-    return builder(head_dim, dtype, *(getattr(config, e) for e in entries))
+    return builder(head_dim, dtype, *(getattr(config, e) for e in entries), implementation=implementation)

@@ -28,7 +28,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from mmfa_jax import triton_route
+from mmfa_jax.backends import Lowering
 from mmfa_jax.masking import Band, band_visible, combine, kv_block_range, q_block_range
 from mmfa_jax.tuning import KernelConfig
 
@@ -130,12 +130,6 @@ def _common_in_specs(p: Problem, heads_per_block, head_of):
         _optional(p.has_q_lengths, _batch_spec(None)),
         _optional(p.has_kv_lengths, _batch_spec(None)),
     ]
-
-
-def _params(cfg: KernelConfig):
-    # Triton params that also carry the launch route (XLA's Triton, or the official Triton
-    # compiler for GPUs below compute capability 8.0): see mmfa_jax.triton_route.
-    return triton_route.compiler_params(cfg)
 
 
 # --------------------------------------------------------------------------------------------
@@ -353,7 +347,9 @@ def _forward_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, qseg_ref, kvseg_ref
             jnp.zeros((block_q,), jnp.float32))
     acc, m, l = _three_ranges(body, ranges, init, any_full=any_full)
 
-    live = (l > 0) & (q_pos < q_valid)  # rows with something to attend to
+    # Rows with something to attend to. l is exactly 0 where every logit was masked; a NaN in the
+    # inputs makes l NaN, and such a row must give NaN (as jax.nn and torch SDPA do), not zeros.
+    live = (l != 0) & (q_pos < q_valid)
     out = acc / jnp.where(live, l, 1.0)[:, None]
     out = jnp.where(live[:, None], out, 0.0)
     lse = jnp.where(live, (m + jnp.log2(jnp.where(live, l, 1.0))) * LN2, -jnp.inf)
@@ -363,7 +359,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, qseg_ref, kvseg_ref
 
 
 def forward(p: Problem, cfg: KernelConfig, q, k, v, bias, dense_mask, q_seg, kv_seg, q_lengths, kv_lengths,
-            *, q_source=None, kv_source=None, interpret: bool = False):
+            *, q_source=None, kv_source=None, lowering: Lowering):
     """Returns (out (B, T, N, H) or (B, N, T, H), lse (B, N, T) float32 in natural log; -inf for
     rows that see nothing).
 
@@ -381,7 +377,7 @@ def forward(p: Problem, cfg: KernelConfig, q, k, v, bias, dense_mask, q_seg, kv_
     num_tiles = forward_query_tiles(p.q_len, cfg)
     ranges, ranges_spec = None, None
     if dense_mask is not None:
-        ranges = mask_ranges(p, cfg, dense_mask, interpret=interpret)
+        ranges = mask_ranges(p, cfg, dense_mask, lowering=lowering)
         # Masked and unmasked loops over the keys, each pipelined: at most two stages fit in
         # shared memory with the table's largest tiles (three asked for 256 KiB on the H100).
         cfg = dataclasses.replace(cfg, num_stages=min(cfg.num_stages, 2))
@@ -409,7 +405,7 @@ def forward(p: Problem, cfg: KernelConfig, q, k, v, bias, dense_mask, q_seg, kv_
     kernel = functools.partial(_forward_kernel, p=p, block_q=block_q, block_k=block_k, tile_axis=tile_axis)
     return pl.pallas_call(
         kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-        compiler_params=_params(cfg), interpret=interpret, name="mmfa_flash_forward",
+        **lowering.pallas_args(cfg), name="mmfa_flash_forward",
     )(q, k, v, bias, dense_mask, q_seg, kv_seg, q_lengths, kv_lengths, ranges, q_source, kv_source)
 
 
@@ -456,7 +452,7 @@ def _mask_ranges_kernel(mask_ref, out_ref, *, p: Problem, block_q: int, block_k:
     out_ref[...] = jnp.where(slot == 0, lo, jnp.where(slot == 1, best_lo, jnp.where(slot == 2, best_hi, hi)))
 
 
-def mask_ranges(p: Problem, cfg: KernelConfig, dense_mask, *, interpret: bool = False):
+def mask_ranges(p: Problem, cfg: KernelConfig, dense_mask, *, lowering: Lowering):
     """(Bm, Nm, query tiles, 4) int32: per tile of the forward configuration ``cfg`` (first live
     key block, full run start, full run end, last live block + 1) of the int8 dense mask
     (Bm, Nm, T, S); a tile without a live block gets (number of key blocks, 0, 0, 0)."""
@@ -469,7 +465,7 @@ def mask_ranges(p: Problem, cfg: KernelConfig, dense_mask, *, interpret: bool = 
         in_specs=[pl.BlockSpec((None, None, p.q_len, p.kv_len), lambda t, n, b: (b, n, 0, 0))],
         out_specs=pl.BlockSpec((None, None, None, 4), lambda t, n, b: (b, n, t, 0)),
         out_shape=jax.ShapeDtypeStruct((bm, nm, num_tiles, 4), jnp.int32),
-        compiler_params=_params(dataclasses.replace(cfg, num_warps=4, num_stages=1)), interpret=interpret,
+        **lowering.pallas_args(dataclasses.replace(cfg, num_warps=4, num_stages=1)),
         name="mmfa_mask_ranges",
     )(dense_mask)
 
@@ -617,7 +613,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, qseg_ref, kvseg_ref, ql
 
 
 def backward(p: Problem, dq_cfg: KernelConfig, dkv_cfg: KernelConfig, q, k, v, bias, dense_mask, q_seg, kv_seg,
-             q_lengths, kv_lengths, do, lse, delta, *, interpret: bool = False):
+             q_lengths, kv_lengths, do, lse, delta, *, lowering: Lowering):
     """Returns (dq, dk, dv, dbias or None). dbias is (B, N, T, S) float32: the caller sums it
     over the dimensions that the bias broadcast."""
     q_head, kv_head = (lambda n: n), (lambda n: n // p.group)
@@ -642,7 +638,7 @@ def backward(p: Problem, dq_cfg: KernelConfig, dkv_cfg: KernelConfig, q, k, v, b
     dq, *dbias = pl.pallas_call(
         functools.partial(_dq_kernel, p=p, block_q=block_q, block_k=block_k, tile_axis=tile_axis),
         grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-        compiler_params=_params(dq_cfg), interpret=interpret, name="mmfa_flash_dq",
+        **lowering.pallas_args(dq_cfg), name="mmfa_flash_dq",
     )(q, k, v, bias, dense_mask, q_seg, kv_seg, q_lengths, kv_lengths, do, lse, delta)
 
     # dK, dV: one program per key tile of one K/V head, looping over its group of query heads.
@@ -664,7 +660,7 @@ def backward(p: Problem, dq_cfg: KernelConfig, dkv_cfg: KernelConfig, q, k, v, b
         grid=(pl.cdiv(p.kv_len, block_k), p.kv_heads, p.batch),
         in_specs=in_specs, out_specs=[kv_spec, kv_spec],
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-        compiler_params=_params(dkv_cfg), interpret=interpret, name="mmfa_flash_dkv",
+        **lowering.pallas_args(dkv_cfg), name="mmfa_flash_dkv",
     )(q, k, v, bias, dense_mask, q_seg, kv_seg, q_lengths, kv_lengths, do, lse, delta)
     return dq, dk, dv, (dbias[0] if dbias else None)
 
@@ -851,7 +847,7 @@ def _scorer_chunks(p: Problem, cfg: KernelConfig) -> tuple[int, int, int]:
 
 
 def _scorer_call(kernel, p: Problem, cfg: KernelConfig, q, k, row_stats, positions, q_seg_rows, kv_seg, kv_lengths,
-                 q_lengths, counts, out_specs, out_shape, interpret: bool, name: str, **static):
+                 q_lengths, counts, out_specs, out_shape, lowering: Lowering, name: str, **static):
     """One scorer kernel over the grid (chunks, heads, batch). ``row_stats``: the per-row inputs
     (LSE, or per-chunk stats) as (array, BlockSpec) pairs; ``q_lengths`` None for the stats kernel."""
     R = positions.shape[1]
@@ -874,12 +870,12 @@ def _scorer_call(kernel, p: Problem, cfg: KernelConfig, q, k, row_stats, positio
                                blocks_per_chunk=per_chunk, **static)
     return pl.pallas_call(
         kernel, grid=(num_chunks, p.q_heads, p.batch), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-        compiler_params=_params(cfg), interpret=interpret, name=name,
+        **lowering.pallas_args(cfg), name=name,
     )(*args)
 
 
 def scorer_stats(p: Problem, cfg: KernelConfig, q, k, positions, q_seg_rows, kv_seg, kv_lengths, counts, *,
-                 interpret: bool = False):
+                 lowering: Lowering):
     """Per key chunk, each scorer row's max logit and sum of exp (base 2): two (B, N, chunks, R)
     float32 arrays, which ``importance`` combines into the rows' LSE. Arguments as for
     ``importance``; rows past ``counts`` are left unwritten (``importance`` never reads them)."""
@@ -888,11 +884,11 @@ def scorer_stats(p: Problem, cfg: KernelConfig, q, k, positions, q_seg_rows, kv_
     spec = pl.BlockSpec((None, None, None, R), lambda t, n, b: (b, n, t, 0))
     shape = jax.ShapeDtypeStruct((p.batch, p.q_heads, num_chunks, R), jnp.float32)
     return _scorer_call(_scorer_stats_kernel, p, cfg, q, k, [], positions, q_seg_rows, kv_seg, kv_lengths, None,
-                        counts, [spec, spec], [shape, shape], interpret, "mmfa_scorer_stats")
+                        counts, [spec, spec], [shape, shape], lowering, "mmfa_scorer_stats")
 
 
 def importance(p: Problem, cfg: KernelConfig, q, k, positions, q_seg_rows, kv_seg, kv_lengths, q_lengths, counts, *,
-               lse_rows=None, stats=None, interpret: bool = False):
+               lse_rows=None, stats=None, lowering: Lowering):
     """Summed attention probabilities per key and query head, (B, N, S) float32.
 
     q, k: the query and key of the original (T-row) attention, in its layout (``p``); positions:
@@ -913,4 +909,4 @@ def importance(p: Problem, cfg: KernelConfig, q, k, positions, q_seg_rows, kv_se
         num_chunks = None
         row_stats = [(lse_rows, pl.BlockSpec((None, None, R), lambda t, n, b: (b, n, 0)))]
     return _scorer_call(_importance_kernel, p, cfg, q, k, row_stats, positions, q_seg_rows, kv_seg, kv_lengths,
-                        q_lengths, counts, out_spec, shape, interpret, "mmfa_importance", num_chunks=num_chunks)
+                        q_lengths, counts, out_spec, shape, lowering, "mmfa_importance", num_chunks=num_chunks)

@@ -32,7 +32,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from mmfa_jax import triton_route
+from mmfa_jax.backends import Lowering
 from mmfa_jax.tuning import KernelConfig
 
 DROPPED, TEXT, CANDIDATE = 0, 1, 2
@@ -167,13 +167,13 @@ def _compact_kernel(flags_ref, positions_ref, count_ref, *, seq_len: int, out_le
     count_ref[...] = jnp.minimum(packer.finish(), out_len)
 
 
-def _config(seq_len: int, route: str) -> KernelConfig:
+def _config(seq_len: int) -> KernelConfig:
     """Warps by sequence length: short sequences finish sooner on fewer (less to synchronise)."""
     warps = next((w for most, w in _WARPS if seq_len <= most), _WARPS[-1][1])  # (longer: the interpreter only)
-    return KernelConfig(block_q=16, block_k=16, num_warps=warps, num_stages=1, route=route)
+    return KernelConfig(block_q=16, block_k=16, num_warps=warps, num_stages=1)
 
 
-def compact(flags, out_len: int, *, interpret: bool = False, route: str = "auto"):
+def compact(flags, out_len: int, *, lowering: Lowering):
     """(positions (B, out_len) int32, counts (B,) int32): per example the positions where the
     boolean flags (B, S) are True, increasing, packed to the front (the tail repeats the last, 0
     for none; those past out_len are dropped), and how many of them the row holds (at most
@@ -185,11 +185,11 @@ def compact(flags, out_len: int, *, interpret: bool = False, route: str = "auto"
         in_specs=[pl.BlockSpec((None, S), lambda b: (b, 0))],
         out_specs=[pl.BlockSpec((None, out_len), lambda b: (b, 0)), pl.BlockSpec((None,), lambda b: (b,))],
         out_shape=[jax.ShapeDtypeStruct((B, out_len), jnp.int32), jax.ShapeDtypeStruct((B,), jnp.int32)],
-        compiler_params=triton_route.compiler_params(_config(S, route)), interpret=interpret, name="mmfa_compact",
+        **lowering.pallas_args(_config(S)), name="mmfa_compact",
     )(flags)
 
 
-def select(score, kind, keep_table, out_len: int, *, interpret: bool = False, route: str = "auto"):
+def select(score, kind, keep_table, out_len: int, *, lowering: Lowering):
     """(indices (B, out_len) int32, lengths (B,) int32); see the module docstring.
 
     score: (B, S) float32; kind: (B, S) int8; keep_table: (S + 1,) int32 (entry n at most n);
@@ -203,5 +203,5 @@ def select(score, kind, keep_table, out_len: int, *, interpret: bool = False, ro
         in_specs=[row, row, pl.BlockSpec((S + 1,), lambda b: (0,))],
         out_specs=[pl.BlockSpec((None, out_len), lambda b: (b, 0)), one],
         out_shape=[jax.ShapeDtypeStruct((B, out_len), jnp.int32), jax.ShapeDtypeStruct((B,), jnp.int32)],
-        compiler_params=triton_route.compiler_params(_config(S, route)), interpret=interpret, name="mmfa_select",
+        **lowering.pallas_args(_config(S)), name="mmfa_select",
     )(score, kind, jnp.asarray(keep_table, jnp.int32))
