@@ -119,7 +119,19 @@ def test_attention_kv_heads_divide_heads(capsys, no_work):
 
 
 def test_attention_head_dim_within_the_kernels_limit(capsys, no_work):
-    usage_error(capsys, no_work, ["attention", "--head-dim", "4096"], "--head-dim", "4096")
+    limit = cli._max_head_dim()
+    assert limit is not None, "the CLI no longer finds the kernels' head-dim limit"
+    usage_error(capsys, no_work, ["attention", "--head-dim", str(limit + 1)], "--head-dim", str(limit + 1))
+    assert cli.main(["attention", "--head-dim", str(limit)]) == 0
+
+
+def test_defaults_of_a_gpu(capsys, no_work, monkeypatch):
+    """On a GPU the defaults differ (heavy configuration 336 px, 16 heads): checked against those."""
+    monkeypatch.setattr(cli, "_gpu", lambda: True)
+    usage_error(capsys, no_work, ["demo", "--patch", "32"], "--patch", "32", "336", "heavy")
+    usage_error(capsys, no_work, ["attention", "--kv-heads", "3"], "--kv-heads", "3", "16")
+    assert cli.main(["demo", "--patch", "16"]) == 0  # 224 and 336 are multiples of 16
+    assert [size for _, (_, _, size, _, _) in cli.demo_configs(no_work.pop())] == [224, 336]
 
 
 def test_demo_image_or_video(capsys, no_work, image):
