@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import statistics
+import string
 import time
 
 import jax
@@ -46,6 +47,14 @@ def load_frames(paths, size: int) -> np.ndarray:
     return np.stack(frames)
 
 
+def prompt_colour(prompt: str) -> str:
+    """The first colour the prompt names (a word of COLOURS, punctuation around it ignored)."""
+    for word in prompt.lower().split():
+        if word.strip(string.punctuation) in COLOURS:
+            return word.strip(string.punctuation)
+    raise ValueError(f"the prompt must name a colour, one of {', '.join(COLOURS)}; got {prompt!r}")
+
+
 def patch_colours(frames: np.ndarray, patch: int) -> np.ndarray:
     """(F * P, 3) mean colour of every patch, frame by frame, row-major."""
     F, H, W, _ = frames.shape
@@ -70,10 +79,7 @@ def build_tokens(frames: np.ndarray, patch: int, prompt: str, heads: int, head_d
     Every head gives the colour match a weight of ``gain`` over 3 channels; the other channels
     are random with unit variance, as an untrained layer's would be."""
     words = prompt.lower().split()
-    colour_words = [w for w in words if w in COLOURS]
-    if not colour_words:
-        raise ValueError(f"the prompt must name a colour, one of {sorted(COLOURS)}; got {prompt!r}")
-    target = np.asarray(COLOURS[colour_words[0]], np.float32)
+    target = np.asarray(COLOURS[prompt_colour(prompt)], np.float32)
     colours = patch_colours(frames, patch)
     V, n_text = len(colours), 2 + len(words)
     T = V + n_text
