@@ -296,14 +296,14 @@ def _reference_model(family, seed, layer, keep, rule):
     AttentionInterface.register(REF, ref)
     AttentionMaskInterface.register(REF, eager_mask)
     model = models.build(family, attn_implementation=REF, seed=seed)
-    _, _, layers = hf._parts(model)
+    _, _, layers = hf.pruning._parts(model)
     for i, decoder_layer in enumerate(layers):
         decoder_layer.self_attn._ref_text_layer = i
     return model, ref
 
 
 def _visual(model, inputs):
-    return torch.isin(inputs["input_ids"], torch.tensor(hf._token_ids(model.config)))
+    return torch.isin(inputs["input_ids"], torch.tensor(hf.pruning._token_ids(model.config)))
 
 
 @pytest.mark.parametrize("family,rule,keep", [
