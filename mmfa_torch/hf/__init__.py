@@ -7,6 +7,8 @@
   important visual tokens of a VLM after decoder layer K on prefill (``PruningHandle``).
 - ``windows``: the per-window attention calls of vision towers (Qwen2-VL, Qwen2.5-VL) answered by one
   batched kernel call.
+
+The random VLMs for tests and benchmarks are in ``mmfa_torch.testing.vlms``.
 """
 
 from __future__ import annotations
