@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from mmfa_torch import hf  # noqa: E402
-from mmfa_torch.hf import models  # noqa: E402
+from mmfa_torch.testing import vlms  # noqa: E402
 
 IMPLS = ("sdpa", "eager", "mmfa", "mmfa+prune")
 PRESETS = {
@@ -55,8 +55,8 @@ def layout(model, family: str, target: int) -> tuple[int, int | None, int]:
         v = model.config.vision_config
         unit = v.patch_size * v.spatial_merge_size
         side = max(1, round(math.sqrt(target)))
-        return 1, side * unit, models.image_tokens(model, family, side * unit)
-    per = models.image_tokens(model, family)
+        return 1, side * unit, vlms.image_tokens(model, family, side * unit)
+    per = vlms.image_tokens(model, family)
     n = max(1, round(target / per))
     return n, None, n * per
 
@@ -81,7 +81,7 @@ def run_once(model, inputs, new_tokens: int, device: str):
 
     cache = DynamicCache(config=model.config.get_text_config())
     inputs = dict(inputs)
-    pos = models.generation_position_ids(model, inputs)
+    pos = vlms.generation_position_ids(model, inputs)
     inputs["position_ids"] = pos
     mask = inputs["attention_mask"]
     with torch.inference_mode():
@@ -107,7 +107,7 @@ def run_once(model, inputs, new_tokens: int, device: str):
 def bench_row(model, family, impl, keep, layer, target, cfg, handle_box):
     device = cfg["device"]
     dtype = getattr(torch, cfg["dtype"])
-    row = dict(family=family, model=models.FULL.get(family, family) if cfg["size"] == "full" else f"tiny-{family}",
+    row = dict(family=family, model=vlms.FULL.get(family, family) if cfg["size"] == "full" else f"tiny-{family}",
                impl=impl, keep=keep if impl == "mmfa+prune" else "", layer=layer if impl == "mmfa+prune" else "",
                batch=cfg["batch"], new_tokens=cfg["new_tokens"])
     try:
@@ -123,8 +123,8 @@ def bench_row(model, family, impl, keep, layer, target, cfg, handle_box):
         if impl == "mmfa+prune":
             handle_box[0] = hf.prune_visual_tokens(model, keep=keep, layer=layer)
         per_example = [images] * cfg["batch"]
-        inputs = models.make_inputs(model, family, images_per_example=per_example, image_px=px,
-                                    text_lengths=[cfg["text"]] * cfg["batch"], device=device, dtype=dtype)
+        inputs = vlms.make_inputs(model, family, images_per_example=per_example, image_px=px,
+                                  text_lengths=[cfg["text"]] * cfg["batch"], device=device, dtype=dtype)
         row["prompt_tokens"] = inputs["input_ids"].shape[1]
         run_once(model, inputs, cfg["new_tokens"], device)  # compile every shape, warm the allocators
         best = None
@@ -213,7 +213,7 @@ def plot(rows, path: Path):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", choices=sorted(PRESETS), default="smoke")
-    p.add_argument("--families", nargs="+", choices=models.FAMILIES)
+    p.add_argument("--families", nargs="+", choices=vlms.FAMILIES)
     p.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
     p.add_argument("--visual", nargs="+", type=int, help="visual token counts (targets)")
     p.add_argument("--keeps", nargs="+", type=float)
@@ -248,8 +248,8 @@ def main(argv=None):
         for family in cfg["families"]:
             t0 = time.perf_counter()
             try:
-                model = models.build(family, size=cfg["size"], attn_implementation="mmfa",
-                                     dtype=getattr(torch, cfg["dtype"]), device=cfg["device"])
+                model = vlms.build(family, size=cfg["size"], attn_implementation="mmfa",
+                                   dtype=getattr(torch, cfg["dtype"]), device=cfg["device"])
             except Exception as e:  # noqa: BLE001
                 row = dict(family=family, error=f"build: {type(e).__name__}: {e}"[:300])
                 writer.writerow(row)

@@ -19,9 +19,9 @@ from transformers import AttentionInterface, DynamicCache  # noqa: E402
 from transformers.masking_utils import AttentionMaskInterface, eager_mask  # noqa: E402
 
 from mmfa_torch import hf  # noqa: E402
-from mmfa_torch.hf import models  # noqa: E402
+from mmfa_torch.testing import vlms  # noqa: E402
 
-FAMILIES = models.FAMILIES
+FAMILIES = vlms.FAMILIES
 TOL = dict(atol=2e-4, rtol=2e-4)
 REF = "mmfa_test_reference"
 
@@ -47,7 +47,7 @@ def trace(model, inputs, steps, tokens=None, positions=True):
     inputs = dict(inputs)
     pos = None
     if positions:
-        pos = models.generation_position_ids(model, inputs)
+        pos = vlms.generation_position_ids(model, inputs)
         inputs["position_ids"] = pos
     with torch.no_grad():
         out = model(**inputs, past_key_values=cache, use_cache=True)
@@ -67,7 +67,7 @@ def trace(model, inputs, steps, tokens=None, positions=True):
 
 
 def _inputs(model, family, seed):
-    return models.make_inputs(model, family, images_per_example=(2, 2), text_lengths=[3, 6], seed=seed)
+    return vlms.make_inputs(model, family, images_per_example=(2, 2), text_lengths=[3, 6], seed=seed)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -79,8 +79,8 @@ def test_mmfa_matches_eager_prefill_and_decode(family, seed):
     """Pallas kernels (interpreter) in text decoder and vision tower: same logits as eager attention
     on a left-padded batch with two images per prompt, for prefill and two greedy steps."""
     hf.register(implementation="interpret")
-    eager = models.build(family, attn_implementation="eager", seed=seed)
-    mmfa = models.build(family, attn_implementation="mmfa", seed=seed)
+    eager = vlms.build(family, attn_implementation="eager", seed=seed)
+    mmfa = vlms.build(family, attn_implementation="mmfa", seed=seed)
     inputs = _inputs(eager, family, seed)
     valid = inputs["attention_mask"].bool()
     p_ref, s_ref, tokens = trace(eager, inputs, 2)
@@ -92,8 +92,8 @@ def test_mmfa_matches_eager_prefill_and_decode(family, seed):
 @pytest.mark.parametrize("family", ["llava", "gemma3"])
 def test_mmfa_matches_sdpa_generate(family, seed):
     """model.generate end to end: scores of every step agree with sdpa's."""
-    sdpa = models.build(family, attn_implementation="sdpa", seed=seed)
-    mmfa = models.build(family, attn_implementation="mmfa", seed=seed)
+    sdpa = vlms.build(family, attn_implementation="sdpa", seed=seed)
+    mmfa = vlms.build(family, attn_implementation="mmfa", seed=seed)
     inputs = _inputs(sdpa, family, seed)
     kw = dict(max_new_tokens=4, do_sample=False, output_scores=True, return_dict_in_generate=True)
     with torch.no_grad():
@@ -111,7 +111,7 @@ def test_mmfa_matches_sdpa_generate(family, seed):
 
 def test_config_and_set_attn_implementation_per_submodel(seed):
     """Config(attn_implementation="mmfa") and set_attn_implementation per sub-model reach both towers."""
-    cfg = models.config("llava")
+    cfg = vlms.config("llava")
     cfg._attn_implementation = "mmfa"
     model = transformers.LlavaForConditionalGeneration(cfg)
     assert model.config.get_text_config()._attn_implementation == "mmfa"
@@ -133,10 +133,10 @@ def test_vision_windows_answered_by_one_call(family, image_px, seed, monkeypatch
     batched = []
     plain = windows.scaled_dot_product_attention
     monkeypatch.setattr(windows, "scaled_dot_product_attention", lambda *a, **k: batched.append(1) or plain(*a, **k))
-    eager = models.build(family, attn_implementation="eager", seed=seed)
-    mmfa = models.build(family, attn_implementation="mmfa", seed=seed)
-    inputs = models.make_inputs(eager, family, images_per_example=(2, 1), text_lengths=[3, 6], image_px=image_px,
-                                seed=seed)
+    eager = vlms.build(family, attn_implementation="eager", seed=seed)
+    mmfa = vlms.build(family, attn_implementation="mmfa", seed=seed)
+    inputs = vlms.make_inputs(eager, family, images_per_example=(2, 1), text_lengths=[3, 6], image_px=image_px,
+                              seed=seed)
     valid = inputs["attention_mask"].bool()
     with torch.no_grad():
         ref = eager(**inputs).logits[valid]
@@ -174,7 +174,7 @@ def test_vision_windows_only_for_the_packed_tensors():
 
 
 def _gemma_text(attn, seed, **overrides):
-    cfg = transformers.Gemma3TextConfig(**dict(models._TINY_TEXT, sliding_window=5, query_pre_attn_scalar=8,
+    cfg = transformers.Gemma3TextConfig(**dict(vlms._TINY_TEXT, sliding_window=5, query_pre_attn_scalar=8,
                                                layer_types=["sliding_attention", "full_attention",
                                                             "sliding_attention"], **overrides))
     torch.manual_seed(seed)
@@ -295,15 +295,15 @@ def _reference_model(family, seed, layer, keep, rule):
     ref = MaskedPruning(layer, keep, rule)
     AttentionInterface.register(REF, ref)
     AttentionMaskInterface.register(REF, eager_mask)
-    model = models.build(family, attn_implementation=REF, seed=seed)
-    _, _, layers = hf._parts(model)
+    model = vlms.build(family, attn_implementation=REF, seed=seed)
+    _, _, layers = hf.pruning._parts(model)
     for i, decoder_layer in enumerate(layers):
         decoder_layer.self_attn._ref_text_layer = i
     return model, ref
 
 
 def _visual(model, inputs):
-    return torch.isin(inputs["input_ids"], torch.tensor(hf._token_ids(model.config)))
+    return torch.isin(inputs["input_ids"], torch.tensor(hf.pruning._token_ids(model.config)))
 
 
 @pytest.mark.parametrize("family,rule,keep", [
@@ -314,7 +314,7 @@ def test_pruning_matches_masked_reference(family, rule, keep, seed):
     equal the plain-torch pruning-as-masking reference, and generate runs to the end."""
     layer = 1
     ref_model, ref = _reference_model(family, seed, layer, keep, rule)
-    model = models.build(family, attn_implementation="mmfa", seed=seed)
+    model = vlms.build(family, attn_implementation="mmfa", seed=seed)
     inputs = _inputs(model, family, seed)
     ref.start(_visual(model, inputs), inputs["attention_mask"].bool())
     p_ref, s_ref, tokens = trace(ref_model, inputs, 4)
@@ -337,7 +337,7 @@ def test_pruning_matches_masked_reference(family, rule, keep, seed):
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl", "gemma3", "smolvlm"])
 def test_keep_all_changes_nothing(family, seed):
     """keep = 1.0: the hooks run (scores, selection, cache re-slicing) and nothing changes."""
-    model = models.build(family, attn_implementation="mmfa", seed=seed)
+    model = vlms.build(family, attn_implementation="mmfa", seed=seed)
     inputs = _inputs(model, family, seed)
     # Qwen needs generate's M-RoPE ids on decode (transformers' own fallback does not slice the mask);
     # the others run on the model's default ids, which the hook must continue after pruning
@@ -355,7 +355,7 @@ def test_keep_all_changes_nothing(family, seed):
 
 def test_pruning_interpret_kernels(seed):
     """The pruned path on the Pallas kernels (interpreter) equals the xla path."""
-    model = models.build("qwen2_5_vl", attn_implementation="mmfa", seed=seed)
+    model = vlms.build("qwen2_5_vl", attn_implementation="mmfa", seed=seed)
     inputs = _inputs(model, "qwen2_5_vl", seed)
     hf.prune_visual_tokens(model, keep=0.5, layer=1)
     p_x, s_x, tokens = trace(model, inputs, 2)
@@ -368,7 +368,7 @@ def test_pruning_interpret_kernels(seed):
 
 
 def test_prompt_without_images_is_untouched(seed):
-    model = models.build("llava", attn_implementation="mmfa", seed=seed)
+    model = vlms.build("llava", attn_implementation="mmfa", seed=seed)
     g = torch.Generator().manual_seed(seed)
     inputs = {"input_ids": torch.randint(3, 100, (2, 9), generator=g),
               "attention_mask": torch.ones(2, 9, dtype=torch.long)}
@@ -380,7 +380,7 @@ def test_prompt_without_images_is_untouched(seed):
 
 
 def test_bad_use_errors():
-    model = models.build("llava", attn_implementation="mmfa")
+    model = vlms.build("llava", attn_implementation="mmfa")
     for keep in (0.0, 1.5, -0.1, float("nan")):
         with pytest.raises(ValueError, match="keep as a ratio"):
             hf.prune_visual_tokens(model, keep=keep)
@@ -392,20 +392,20 @@ def test_bad_use_errors():
         hf.prune_visual_tokens(model, keep=0.5, layer=3)
     with pytest.raises(ValueError, match="rule must be"):
         hf.prune_visual_tokens(model, keep=0.5, rule="first")
-    no_images = models.build("llava", attn_implementation="mmfa")
+    no_images = vlms.build("llava", attn_implementation="mmfa")
     no_images.config.image_token_id = None
     with pytest.raises(ValueError, match="no image_token_id"):
         hf.prune_visual_tokens(no_images, keep=0.5)
-    text_only = transformers.LlamaForCausalLM(transformers.LlamaConfig(**models._TINY_TEXT))
+    text_only = transformers.LlamaForCausalLM(transformers.LlamaConfig(**vlms._TINY_TEXT))
     with pytest.raises(ValueError, match="supports the model types"):
         hf.prune_visual_tokens(text_only, keep=0.5)
-    eager = models.build("llava", attn_implementation="eager")
+    eager = vlms.build("llava", attn_implementation="eager")
     with pytest.raises(ValueError, match="attn_implementation='mmfa'"):
         hf.prune_visual_tokens(eager, keep=0.5)
     with pytest.raises(ValueError, match="implementation must be"):
         hf.register(implementation="cuda")
     hf.prune_visual_tokens(model, keep=0.5, layer=1)
-    inputs = models.make_inputs(model, "llava")
+    inputs = vlms.make_inputs(model, "llava")
     with pytest.raises(ValueError, match="labels"):
         model(**inputs, labels=inputs["input_ids"])
     embeds = model.get_input_embeddings()(inputs["input_ids"])
@@ -417,11 +417,11 @@ def test_pruning_with_sliding_window_cache_shorter_than_prompt(seed):
     """Gemma 3 with a 6-token window over a 25-token prompt, pruned after layer 1: the sliding layers
     at or before K keep the last W - 1 kept tokens' keys (they record the prompt until the re-slice),
     every layer counts L tokens, and generation runs."""
-    cfg = models.config("gemma3")
+    cfg = vlms.config("gemma3")
     cfg.text_config.sliding_window = 6
     torch.manual_seed(seed)
     model = transformers.Gemma3ForConditionalGeneration._from_config(cfg, attn_implementation="mmfa").eval()
-    inputs = models.make_inputs(model, "gemma3", images_per_example=(3, 2), text_lengths=[4, 9], seed=seed)
+    inputs = vlms.make_inputs(model, "gemma3", images_per_example=(3, 2), text_lengths=[4, 9], seed=seed)
     full = DynamicCache(config=model.config.get_text_config())
     if not hasattr(full.layers[0], "activate_past_recording"):  # transformers 4.57: such layers forget; say so
         hf.prune_visual_tokens(model, keep=0.5, layer=1)

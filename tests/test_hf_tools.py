@@ -60,16 +60,16 @@ def _tiny_llava_dir(tmp: Path, seed: int) -> Path:
     from tokenizers import models as tok_models
     from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
 
-    from mmfa_torch.hf import models
+    from mmfa_torch.testing import vlms
 
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "[UNK]": 3}
     words = ["what", "color", "is", "the", "how", "many", "USER:", "ASSISTANT:", "Answer", "question", "using", "a",
              "single", "word", "or", "phrase.", "?", "red", "blue", "two", "dog", "cat", "yes", "no"]
     for w in words:
         vocab[w] = len(vocab)
-    while len(vocab) < models.IMAGE_ID:
+    while len(vocab) < vlms.IMAGE_ID:
         vocab[f"w{len(vocab)}"] = len(vocab)
-    vocab["<image>"] = models.IMAGE_ID
+    vocab["<image>"] = vlms.IMAGE_ID
     tok = Tokenizer(tok_models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
@@ -78,7 +78,7 @@ def _tiny_llava_dir(tmp: Path, seed: int) -> Path:
     image_processor = CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
     processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=4,
                                vision_feature_select_strategy="default", num_additional_image_tokens=1)
-    model = models.build("llava", attn_implementation="eager", seed=seed)
+    model = vlms.build("llava", attn_implementation="eager", seed=seed)
     path = tmp / "tiny-llava"
     model.save_pretrained(path)
     processor.save_pretrained(path)

@@ -133,7 +133,7 @@ def build(family: str, size: str = "tiny", attn_implementation: str = "mmfa", dt
     import transformers as tf
 
     if attn_implementation == "mmfa":
-        from mmfa_torch.hf import register
+        from mmfa_torch.hf.backend import register
         register()
     cfg = config(family, size)
     cls = {"llava": tf.LlavaForConditionalGeneration, "llava_next": tf.LlavaNextForConditionalGeneration,

@@ -1,0 +1,301 @@
+"""The "mmfa" attention backend for Hugging Face transformers.
+
+``register()`` adds "mmfa" to transformers' ``AttentionInterface`` (the attention function) and
+``AttentionMaskInterface`` (the mask function that builds what the attention function receives).
+After it, ``from_pretrained(..., attn_implementation="mmfa")``, ``Config(attn_implementation="mmfa")``
+and ``model.set_attn_implementation("mmfa")`` (also per sub-model, e.g. ``{"text_config": "mmfa",
+"vision_config": "sdpa"}``) run the model's attention on mmfa's kernels.
+
+The mask function keeps masks compact whenever the kernel can express them: for a plain causal
+(or sliding-window causal) or plain bidirectional mask it returns only the 2-D padding mask
+(B, S) of the keys, or None without padding, and the attention function maps it to kernel
+arguments (``is_causal`` from the module, ``sliding_window`` as a local window, padding as
+segment ids, which cover left and right padding alike). Any other pattern (Gemma 3's bidirectional
+image blocks, packed sequences, chunked attention, a user's 4-D mask) arrives as a 4-D boolean
+(or additive float) mask and goes to the kernel as ``attn_mask``.
+
+Scorers
+-------
+Another layer may ask one attention module for more than its output: ``attach_scorer(module, scorer)``
+hands a ``Scorer`` the log-sum-exp of the calls it wants (visual-token pruning,
+``mmfa_torch.hf.pruning``, scores the tokens at layer K during prefill this way). The backend knows
+nothing of what the scorer does with it; the scorer reads the backend's kernel choice through
+``implementation()``.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from mmfa_torch.attention import scaled_dot_product_attention
+from mmfa_torch.hf import windows
+
+Tensor = torch.Tensor
+NAME = "mmfa"
+
+_settings = {"implementation": None, "decode": "mmfa"}
+
+
+# --------------------------------------------------------------------------------------------------
+# Registration
+# --------------------------------------------------------------------------------------------------
+
+def register(name: str = NAME, *, implementation: str | None = None, decode: str = "mmfa") -> str:
+    """Register mmfa in transformers under ``name`` (default "mmfa"); returns the name.
+
+    ``implementation`` picks the kernels for every call ("pallas", "interpret", "xla"; default:
+    mmfa_torch's choice per device). ``decode="sdpa"`` hands calls with a single query row (decode
+    steps) to torch's SDPA instead (for comparison; soft-capped layers stay on mmfa). Calling it
+    again updates both choices. Safe to call many times.
+    """
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    if implementation is not None and implementation not in ("pallas", "interpret", "xla"):
+        raise ValueError(f"implementation must be 'pallas', 'interpret', 'xla' or None, got {implementation!r}")
+    if decode not in ("mmfa", "sdpa"):
+        raise ValueError(f"decode must be 'mmfa' or 'sdpa', got {decode!r}")
+    _settings["implementation"] = implementation
+    _settings["decode"] = decode
+    AttentionInterface.register(name, attention_forward)
+    AttentionMaskInterface.register(name, mask_function)
+    return name
+
+
+def set_implementation(implementation: str | None):
+    """Choose the kernels ("pallas", "interpret", "xla" or None for the default) for later calls."""
+    register(implementation=implementation)
+
+
+# --------------------------------------------------------------------------------------------------
+# Mask function
+# --------------------------------------------------------------------------------------------------
+
+def mask_function(*args, **kwargs):
+    """transformers mask interface for "mmfa".
+
+    Returns None (no padding), a bool (B, S) padding mask of the keys (plain causal, sliding-window
+    causal or bidirectional masks: the attention function adds causality and the window itself),
+    or the 4-D bool mask (B, 1, T, S) that ``sdpa_mask`` would build, for every other pattern.
+    Takes the arguments of ``transformers.masking_utils.sdpa_mask`` (4.57 and 5.x spellings).
+    """
+    from transformers.masking_utils import sdpa_mask
+
+    if args:  # the interface is called with keywords; be tolerant of a positional batch_size
+        kwargs = dict(zip(("batch_size",), args)) | kwargs
+    causal_plain = kwargs.get("allow_is_causal_skip", True)
+    bidirectional_plain = kwargs.get("allow_is_bidirectional_skip", False) and kwargs.get("local_size") is None
+    config = kwargs.get("config")
+    chunked = getattr(config, "attention_chunk_size", None) is not None
+    if (causal_plain or bidirectional_plain) and not chunked:
+        padding = kwargs.get("attention_mask")
+        if padding is None:
+            return None
+        kv_length, kv_offset = int(kwargs["kv_length"]), int(kwargs.get("kv_offset", 0) or 0)
+        padding = padding.to(torch.bool)
+        missing = kv_offset + kv_length - padding.shape[-1]
+        if missing > 0:  # as transformers' prepare_padding_mask: keys past the mask are padding
+            padding = torch.nn.functional.pad(padding, (0, missing))
+        padding = padding[:, kv_offset:kv_offset + kv_length]
+        return None if bool(padding.all()) else padding
+    kwargs["allow_is_causal_skip"] = False
+    kwargs["allow_is_bidirectional_skip"] = False
+    kwargs.pop("dtype", None)
+    return sdpa_mask(**kwargs)
+
+
+# --------------------------------------------------------------------------------------------------
+# Attention function
+# --------------------------------------------------------------------------------------------------
+
+def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
+                      attention_mask: Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                      sliding_window: int | None = None, softcap: float | None = None, is_causal: bool | None = None,
+                      **kwargs) -> tuple[Tensor, None]:
+    """transformers attention interface for "mmfa".
+
+    Args:
+      module: the attention module (its ``is_causal`` is the default for ``is_causal``).
+      query: (B, Hq, T, D); key, value: (B, Hkv, S, D), Hkv dividing Hq (GQA heads not repeated).
+        With a KV cache the T query rows are the last T of the S keys (decode: T = 1).
+      attention_mask: None, bool (B, S) key padding (from ``mask_function``), or a 4-D bool or
+        additive float mask broadcastable to (B, Hq, T, S), which then holds the whole pattern.
+      dropout: dropout on the weights; mmfa has none, so training with dropout > 0 falls back to
+        transformers' sdpa.
+      scaling: softmax scale (default 1/sqrt(D)); sliding_window: keys within ``sliding_window``
+        positions back, the current one included (transformers' convention); softcap: logit soft cap.
+
+    Returns:
+      ((B, T, Hq, D), None): mmfa does not form the attention weights.
+    """
+    causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
+    if dropout and module.training:
+        return _sdpa_fallback(module, query, key, value, attention_mask, dropout, scaling, sliding_window, softcap,
+                              causal, **kwargs)
+    T, S = query.shape[2], key.shape[2]
+    if T == 1 and _settings["decode"] == "sdpa" and softcap is None:
+        return _torch_decode(query, key, value, attention_mask, scaling, sliding_window), None
+    scorer = getattr(module, _SCORER, None)
+    if (T == 1 and (attention_mask is None or attention_mask.dim() == 2)
+            and not (scorer is not None and scorer.wants_scores(T, S))):
+        return _decode(query, key, value, attention_mask, scaling, sliding_window, softcap), None
+
+    def kernel_args():
+        return dict(scale=scaling, enable_gqa=query.shape[1] != key.shape[1], logits_soft_cap=softcap,
+                    implementation=_settings["implementation"])
+
+    if not causal and attention_mask is None and not sliding_window and T == S:  # maybe one window of many
+        windows.watch(module)
+        batch = module.__dict__.get("_mmfa_windows")
+        out = None if batch is None else batch.answer(query, key, value, kernel_args)
+        if out is not None:
+            return out, None
+    call = kernel_args()
+    segments = None
+    if attention_mask is not None and attention_mask.dim() == 4:  # the whole pattern: no causal flag or window
+        call["attn_mask"] = attention_mask
+        causal, window = False, None
+    else:
+        if attention_mask is not None:
+            if attention_mask.dim() != 2 or attention_mask.shape[-1] != S:
+                raise ValueError(f"attention_mask must be None, a (B, S={S}) padding mask or a 4-D mask, got shape "
+                                 f"{tuple(attention_mask.shape)}")
+            valid = attention_mask.to(torch.bool)
+            segments = (valid[:, S - T:].to(torch.int32), valid.to(torch.int32))  # queries are the last T keys
+            call["segment_ids"] = segments
+        window = None
+        if sliding_window is not None and sliding_window > 0:
+            window = (int(sliding_window) - 1, 0 if causal else int(sliding_window) - 1)
+        call["local_window_size"] = window
+        call["is_causal"] = causal
+    # The kernels take the memory order of the query; a KV cache is (B, Hkv, S, D)-contiguous, so hand
+    # them a contiguous query too rather than have K and V copied into the query's order.
+    if key.is_contiguous() and value.is_contiguous() and not query.is_contiguous():
+        query = query.contiguous()
+    if scorer is not None and scorer.wants_scores(T, S):
+        out, lse = scaled_dot_product_attention(query, key, value, return_lse=True, **call)
+        dense = attention_mask is not None and attention_mask.dim() == 4
+        scorer.score(query, key, lse, scale=scaling, is_causal=causal, window=window, softcap=softcap,
+                     dense_mask=dense, module_causal=bool(getattr(module, "is_causal", True)),
+                     sliding_window=sliding_window)
+    else:
+        out = scaled_dot_product_attention(query, key, value, **call)
+    return out.transpose(1, 2), None
+
+
+DECODE_BUCKET = 256  # decode calls see the cache padded to a multiple of this many keys
+
+
+def _decode(query, key, value, attention_mask, scaling, sliding_window, softcap):
+    """One query row (the last position) over a KV cache on the GPU: (B, 1, Hq, D).
+
+    The cache grows by one key per step, and a kernel is compiled per shape; so the keys are padded
+    to a multiple of ``DECODE_BUCKET`` and the padding is masked (by length, or with the padding mask
+    as segment ids). One compile serves 256 steps. A sliding window keeps only its last keys first;
+    after that the row sees every key, so no causal flag or window is needed."""
+    B, S = key.shape[0], key.shape[2]
+    valid = None if attention_mask is None else attention_mask.to(torch.bool)
+    if sliding_window and S > sliding_window:
+        key, value = key[:, :, S - sliding_window:], value[:, :, S - sliding_window:]
+        valid = None if valid is None else valid[:, S - sliding_window:]
+        S = sliding_window
+    padded = -(-S // DECODE_BUCKET) * DECODE_BUCKET
+    pad = (0, 0, 0, padded - S)
+    key, value = torch.nn.functional.pad(key, pad), torch.nn.functional.pad(value, pad)
+    call = dict(scale=scaling, enable_gqa=query.shape[1] != key.shape[1], logits_soft_cap=softcap,
+                implementation=_settings["implementation"])
+    if valid is None:
+        call["key_value_seq_lengths"] = torch.full((B,), S, dtype=torch.int32, device=query.device)
+    else:
+        kv_seg = torch.nn.functional.pad(valid.to(torch.int32), (0, padded - S))  # 1: a real key, 0: not
+        call["segment_ids"] = (torch.ones(B, 1, dtype=torch.int32, device=query.device), kv_seg)
+    return scaled_dot_product_attention(query.contiguous(), key, value, **call).transpose(1, 2)
+
+
+def _torch_decode(query, key, value, attention_mask, scaling, sliding_window):
+    """One query row (the last position) over S keys with torch's SDPA: (B, 1, Hq, D)."""
+    S = key.shape[2]
+    mask = None
+    if attention_mask is not None:
+        mask = attention_mask.to(torch.bool)[:, None, None, :] if attention_mask.dim() == 2 else attention_mask
+    if sliding_window and S > sliding_window - 1 and (attention_mask is None or attention_mask.dim() == 2):
+        band = torch.arange(S, device=key.device) > S - 1 - sliding_window
+        mask = band[None, None, None, :] if mask is None else mask & band
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
+    return out.transpose(1, 2)
+
+
+def _sdpa_fallback(module, query, key, value, attention_mask, dropout, scaling, sliding_window, softcap, causal,
+                   **kwargs):
+    """Training with attention dropout: transformers' sdpa with a dense mask built from ours."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if softcap is not None:
+        raise ValueError("mmfa attention: dropout > 0 with a logit soft cap has no fallback; set the attention "
+                         "dropout to 0 or use attn_implementation='eager'")
+    T, S = query.shape[2], key.shape[2]
+    if attention_mask is None or attention_mask.dim() == 2:
+        dense = torch.ones(T, S, dtype=torch.bool, device=query.device)
+        q_pos = torch.arange(T, device=query.device)[:, None] + (S - T)
+        k_pos = torch.arange(S, device=query.device)[None, :]
+        if causal:
+            dense &= k_pos <= q_pos
+        if sliding_window:
+            dense &= k_pos > q_pos - sliding_window
+        dense = dense[None, None]
+        if attention_mask is not None:
+            dense = dense & attention_mask.to(torch.bool)[:, None, None, :]
+        attention_mask = dense
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                  is_causal=False, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------------
+# Scorers: what another layer (visual-token pruning) may ask of one attention module
+# --------------------------------------------------------------------------------------------------
+
+class Scorer(Protocol):
+    """What ``attach_scorer`` takes: an object that wants the log-sum-exp of some calls of one module.
+
+    ``wants_scores(T, S)`` is asked on the module's calls (T query rows, S keys) that reach mmfa's own
+    path (not training with dropout, decode steps handed to torch's SDPA by ``register(decode="sdpa")``,
+    or vision-window calls answered by one batched call); a wanted call never takes the decode path.
+    The call computes the LSE with its output and hands it to ``score``, with how it ran: ``scale``
+    (None: 1/sqrt(D)), ``is_causal`` and ``window`` (the kernel's ``local_window_size``), ``softcap``;
+    ``dense_mask`` (True: a 4-D mask held the whole pattern, so ``is_causal`` is False and ``window``
+    None), ``module_causal`` (the module's own ``is_causal``) and ``sliding_window`` (transformers'
+    argument), from which a scorer can rebuild the band a dense mask stood for. ``score`` returns
+    nothing; the call's output is unchanged.
+    """
+
+    def wants_scores(self, T: int, S: int) -> bool: ...
+
+    def score(self, query: Tensor, key: Tensor, lse: Tensor, *, scale: float | None, is_causal: bool,
+              window: tuple[int, int] | None, softcap: float | None, dense_mask: bool, module_causal: bool,
+              sliding_window: int | None) -> None: ...
+
+
+_SCORER = "_mmfa_scorer"  # the attribute of the attention module that holds its scorer
+
+
+def attach_scorer(module: torch.nn.Module, scorer: Scorer):
+    """Give ``module``'s attention calls to ``scorer`` (replacing any scorer it had)."""
+    setattr(module, _SCORER, scorer)
+
+
+def detach_scorer(module: torch.nn.Module, scorer: Scorer):
+    """Take ``scorer`` off ``module`` (nothing happens when the module holds another one, or none)."""
+    if getattr(module, _SCORER, None) is scorer:
+        delattr(module, _SCORER)
+
+
+def implementation() -> str | None:
+    """The kernels chosen by ``register`` / ``set_implementation`` (None: mmfa_torch's choice per device)."""
+    return _settings["implementation"]
+
+
+__all__ = ["DECODE_BUCKET", "NAME", "Scorer", "attach_scorer", "attention_forward", "detach_scorer", "implementation",
+           "mask_function", "register", "set_implementation"]
