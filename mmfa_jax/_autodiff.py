@@ -14,9 +14,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from mmfa_jax import _checks
+from mmfa_jax import _checks, kernels
 from mmfa_jax._checks import Options
-from mmfa_jax.kernels import flash_attention as flash
 from mmfa_jax.xla_attention import xla_attention
 
 
@@ -27,7 +26,7 @@ def prepare(opts: Options, arrays, *, kv_rows: bool = False):
     q, k, v, bias, mask, segment_ids, q_lengths, kv_lengths = arrays
     d, bias_shape, mask_shape = _checks.check_attention(opts, *arrays)
     q_seg, kv_seg = _checks.segment_pair(segment_ids, d)
-    problem = flash.Problem(
+    problem = kernels.Problem(
         batch=d.batch, q_heads=d.q_heads, kv_heads=d.kv_heads, q_len=d.q_len, kv_len=d.kv_len, head_dim=d.head_dim,
         scale=opts.scale if opts.scale is not None else d.head_dim ** -0.5, softcap=opts.softcap,
         band=opts.band(d.q_len, d.kv_len), layout=opts.layout, bias_shape=bias_shape, mask_shape=mask_shape,
@@ -164,14 +163,14 @@ def _first_order_only(kernels):
 @_first_order_only
 def _forward_kernels(static, q, k, v, bias, mask, q_seg, kv_seg, q_len, kv_len, q_source, kv_source):
     problem, config, lowering = static
-    return flash.forward(problem, config.forward, q, k, v, bias, mask, q_seg, kv_seg, q_len, kv_len,
+    return kernels.forward(problem, config.forward, q, k, v, bias, mask, q_seg, kv_seg, q_len, kv_len,
                          q_source=q_source, kv_source=kv_source, lowering=lowering)
 
 
 @_first_order_only
 def _backward_kernels(static, q, k, v, bias, mask, q_seg, kv_seg, q_len, kv_len, d_out, lse, delta):
     problem, config, lowering = static
-    return flash.backward(problem, config.backward_dq, config.backward_dkv, q, k, v, bias, mask, q_seg, kv_seg,
+    return kernels.backward(problem, config.backward_dq, config.backward_dkv, q, k, v, bias, mask, q_seg, kv_seg,
                           q_len, kv_len, d_out, lse, delta, lowering=lowering)
 
 

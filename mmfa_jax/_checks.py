@@ -247,11 +247,13 @@ def segment_pair(segment_ids, d: Dims):
 
 
 def check_attention(opts: Options, q, k, v, bias=None, mask=None, segment_ids=None, q_lengths=None,
-                    kv_lengths=None) -> tuple[Dims, tuple[int, int] | None, tuple[int, int] | None]:
-    """Every check of an attention call: (dims, (Bb, Nb) of the bias, (Bm, Nm) of the mask)."""
+                    kv_lengths=None, *, bias_name: str = "bias",
+                    mask_name: str = "mask") -> tuple[Dims, tuple[int, int] | None, tuple[int, int] | None]:
+    """Every check of an attention call: (dims, (Bb, Nb) of the bias, (Bm, Nm) of the mask).
+    ``bias_name`` / ``mask_name``: what the caller's user calls them (torch: both ``attn_mask``)."""
     d = attention_dims(q, k, v, opts.layout, xla=not opts.lowering.kernels)
-    bias_shape = broadcast_pair(bias, "bias", d, boolean=False)
-    mask_shape = broadcast_pair(mask, "mask", d, boolean=True)
+    bias_shape = broadcast_pair(bias, bias_name, d, boolean=False)
+    mask_shape = broadcast_pair(mask, mask_name, d, boolean=True)
     segment_pair(segment_ids, d)
     per_example(q_lengths, "query_seq_lengths", (d.batch,))
     per_example(kv_lengths, "key_value_seq_lengths", (d.batch,))

@@ -37,7 +37,7 @@ def make_attention_fn(*, implementation=None, is_causal: bool = False, local_win
     def attention_fn(query, key, value, bias=None, mask=None, broadcast_dropout=True, dropout_rng=None,
                      dropout_rate=0.0, deterministic=True, dtype=None, precision=None, module=None, **kwargs):
         del broadcast_dropout, dropout_rng, precision
-        causal = bool(is_causal or kwargs.pop("is_causal", False))
+        causal = bool(kwargs.pop("is_causal", False)) or is_causal
         if kwargs:
             raise TypeError(f"mmfa attention_fn got unexpected arguments {sorted(kwargs)}")
         if dropout_rate > 0.0 and not deterministic:

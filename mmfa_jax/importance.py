@@ -15,10 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmfa_jax import _autodiff
+from mmfa_jax import _autodiff, kernels
 from mmfa_jax._checks import ArgumentError, Options
 from mmfa_jax.attention import attention
-from mmfa_jax.kernels import flash_attention as flash
 from mmfa_jax.masking import band_visible, combine
 from mmfa_jax.pruning import compact, gather_tokens
 
@@ -157,9 +156,9 @@ def _importance(opts: Options, R: int, query, key, lse, scorers, segment_ids, q_
                                kv_lengths), counts
     cfg = config.scoring
     if lse is None:  # the scorer rows' LSE over all keys: one more pass, combined inside the importance kernel
-        stats = flash.scorer_stats(problem, cfg, q, k, order, q_seg_rows, kv_seg, kv_lengths, counts,
+        stats = kernels.scorer_stats(problem, cfg, q, k, order, q_seg_rows, kv_seg, kv_lengths, counts,
                                    lowering=lowering)
-    return flash.importance(problem, cfg, q, k, order, q_seg_rows, kv_seg, kv_lengths, q_lengths, counts,
+    return kernels.importance(problem, cfg, q, k, order, q_seg_rows, kv_seg, kv_lengths, q_lengths, counts,
                             lse_rows=lse_rows, stats=stats, lowering=lowering), counts
 
 

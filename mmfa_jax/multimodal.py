@@ -18,11 +18,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmfa_jax import _checks, backends, pruning, tuning
+from mmfa_jax import _checks, backends, kernels, pruning, tuning
 from mmfa_jax._autodiff import take_rows
 from mmfa_jax._checks import ArgumentError
 from mmfa_jax.attention import attention_at_rows
-from mmfa_jax.kernels import flash_attention as flash
 from mmfa_jax.importance import scorer_rows, visual_token_importance
 
 
@@ -101,7 +100,7 @@ def multimodal_attention(query, key, value, visual_mask, keep=None, *, keep_coun
     # table says that beats gathered copies (``AttentionConfig.reads_rows_in_place``).
     kv_rows = None
     if lowering.kernels:
-        config = tuning.config_for(flash.padded_head_dim(query.shape[3]), query.dtype, lowering.family)
+        config = tuning.config_for(kernels.padded_head_dim(query.shape[3]), query.dtype, lowering.family)
         kv_rows = indices if config.reads_rows_in_place(indices.shape[1]) else None
     if kv_rows is None:
         key, value = (take_rows(x, indices, layout) for x in (key, value))

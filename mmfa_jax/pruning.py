@@ -96,16 +96,7 @@ def select(importance, visual_mask, rule: Keep, valid_lengths, output_length, lo
         jnp.arange(S)[None, :] < jnp.asarray(valid_lengths)[:, None])
     visual = visual_mask & valid
     table = keep_table(S, rule)
-    lengths = kept_lengths(visual_mask, rule, valid_lengths)
-    longest = _concrete_max(lengths)
-    if output_length is None:
-        output_length = S if longest is None else max(1, longest)
-    output_length = _checks.integer(output_length, "output_length")
-    if not 1 <= output_length <= S:
-        raise ArgumentError(f"output_length must be in [1, S={S}], got {output_length}")
-    if longest is not None and longest > output_length:
-        raise ArgumentError(f"output_length={output_length} is shorter than the {longest} tokens an example keeps "
-                            f"({rule}); pass output_length >= {longest}, or None")
+    output_length = checked_output_length(output_length, kept_lengths(visual_mask, rule, valid_lengths), S, rule)
     lowering = _selection_lowering(lowering, S)
     if lowering.kernels:
         kind = jnp.where(valid, jnp.where(visual_mask, selection.CANDIDATE, selection.TEXT), selection.DROPPED)
@@ -114,6 +105,22 @@ def select(importance, visual_mask, rule: Keep, valid_lengths, output_length, lo
     chosen = _top_visual(importance.astype(jnp.float32), visual, keep_counts(visual, rule))
     kept = (valid & ~visual_mask) | chosen
     return packed_positions(kept, output_length), jnp.sum(kept, axis=1).astype(jnp.int32)
+
+
+def checked_output_length(output_length, lengths, S: int, rule: Keep) -> int:
+    """The static length of the kept sequence: ``output_length``, checked against the kept
+    ``lengths`` when they are concrete (shorter would drop kept tokens), or by default the longest
+    of them (S under jit)."""
+    longest = _concrete_max(lengths)
+    if output_length is None:
+        return S if longest is None else max(1, longest)
+    output_length = _checks.integer(output_length, "output_length")
+    if not 1 <= output_length <= S:
+        raise ArgumentError(f"output_length must be in [1, S={S}], got {output_length}")
+    if longest is not None and longest > output_length:
+        raise ArgumentError(f"output_length={output_length} is shorter than the {longest} tokens an example keeps "
+                            f"({rule}); pass output_length >= {longest}, or None")
+    return output_length
 
 
 def _concrete_max(x) -> int | None:

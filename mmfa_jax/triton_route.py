@@ -338,12 +338,15 @@ _collecting = threading.local()
 
 class Launch(typing.NamedTuple):
     """One kernel as the route compiled it for a lowered pallas_call: the kernel, the label of its
-    block configuration, and its grid (x, y, z). Its parameters are the call's operands, then its
-    results, in order (then whatever scratch pointers the Triton version adds)."""
+    block configuration, its grid (x, y, z), how many operands it takes and its results' (shape,
+    dtype name). Its parameters are the call's operands, then its results, in order (then whatever
+    scratch pointers the Triton version adds); ``mmfa_jax.plans`` names them."""
 
     kernel: CompiledKernel
     label: str
     grid: tuple[int, int, int]
+    operands: int
+    results: tuple[tuple[tuple[int, ...], str], ...]
 
 
 @contextlib.contextmanager
@@ -380,12 +383,14 @@ def lower_for(fn, *args, device_kind: str = "Tesla T4"):
 
 
 def _device_cc() -> int:
-    from jax._src.pallas.triton import gpu_info
-
+    """The compute capability of the GPU being lowered for (``backends.current_target``: the one probe)."""
     try:
-        return int(gpu_info.get_gpu_info().compute_capability)
+        cc = backends.current_target().cc
     except ValueError as e:
         raise RouteError(f"cannot tell the compute capability of the GPU being lowered for ({e})") from e
+    if cc is None:
+        raise RouteError("the Triton route lowers for an NVIDIA GPU, but the device being lowered for is not one")
+    return cc
 
 
 def _lower(ctx, *in_nodes, jaxpr, grid_mapping, compiler_params, input_output_aliases, **params):
@@ -419,7 +424,8 @@ def _lower(ctx, *in_nodes, jaxpr, grid_mapping, compiler_params, input_output_al
     grid = stock.normalize_grid(result.grid)
     collected = getattr(_collecting, "kernels", None)
     if collected is not None:
-        collected.append(Launch(kernel, label, tuple(int(g) for g in grid)))
+        collected.append(Launch(kernel, label, tuple(int(g) for g in grid), len(ctx.avals_in),
+                                tuple((tuple(a.shape), str(a.dtype)) for a in ctx.avals_out)))
     return _emit(ctx, in_nodes, kernel, ttir, grid, device_cc, input_output_aliases, placeholder=collected is not None)
 
 

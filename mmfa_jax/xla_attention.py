@@ -52,6 +52,8 @@ def xla_attention(p, q, k, v, bias, mask, q_seg, kv_seg, q_lengths, kv_lengths):
     lse = jnp.where(live, m + jnp.log(jnp.where(live, l, 1.0)), -jnp.inf)[..., 0]
 
     probs = probs.reshape(B, K, G, T, S).astype(out_dtype).astype(v.dtype)
+    # Value rows past the key length as 0 (as the kernels read them): 0 * NaN would reach every row.
+    v = jnp.where((k_pos[None, :] < kv_valid[:, None])[:, :, None, None], v, 0)
     out = jnp.einsum("bkgts,bskh->btkgh", probs, v, preferred_element_type=jnp.float32, precision=precision)
     out = out.reshape(B, T, N, H).astype(out_dtype)
     if p.layout == "BNTH":

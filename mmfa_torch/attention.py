@@ -99,10 +99,10 @@ def scaled_dot_product_attention(
     # The one argument layer, on the logical (B, H, L, D) shapes.
     d = _checks.check_attention(opts, query, key, value, _as_mask_shape(bias, "attn_mask"),
                                 _as_mask_shape(mask, "attn_mask"),
-                                None if q_seg is None else (q_seg, kv_seg), query_seq_lengths, key_value_seq_lengths)[0]
+                                None if q_seg is None else (q_seg, kv_seg), query_seq_lengths, key_value_seq_lengths,
+                                bias_name="attn_mask", mask_name="attn_mask")[0]
     if d.empty:  # nothing to compute; rows that see no key give zeros
-        out = query.new_zeros(query.shape)
-        lse = torch.full((d.batch, d.q_heads, d.q_len), float("-inf"), device=query.device)
+        out, lse = _Empty.apply(query, key, value)
         return _result(out, lse, unbatched, return_lse)
     bias, mask = (None if t is None else t.contiguous() for t in (bias, mask))
     q_seg, kv_seg = _int32(q_seg, "segment_ids"), _int32(kv_seg, "segment_ids")
@@ -119,6 +119,21 @@ def scaled_dot_product_attention(
     if layout == "BTNH":
         out = out.transpose(1, 2)
     return _result(out, lse, unbatched, return_lse)
+
+
+class _Empty(torch.autograd.Function):
+    """The result of a call with a size 0 (no key, or nothing to compute): zeros and LSE -inf,
+    with zero gradients, as SDPA gives (a plain zeros tensor would have no grad_fn)."""
+
+    @staticmethod
+    def forward(ctx, query, key, value):
+        ctx.shapes = [(t.shape, t.dtype, t.device) for t in (query, key, value)]
+        B, N, T = query.shape[:3]
+        return query.new_zeros(query.shape), torch.full((B, N, T), float("-inf"), device=query.device)
+
+    @staticmethod
+    def backward(ctx, d_out, d_lse):
+        return tuple(torch.zeros(shape, dtype=dtype, device=device) for shape, dtype, device in ctx.shapes)
 
 
 def _result(out, lse, unbatched: bool, return_lse: bool):
@@ -147,7 +162,10 @@ def _broadcast_batch(query: Tensor, key: Tensor, value: Tensor, enable_gqa: bool
     """Rank-4 tensors whose batch axes broadcast as SDPA's do (leading axes right-aligned, size 1
     against any size); the heads axis broadcasts too, except between GQA groups."""
     ts = [t if t.dim() == 4 else t[None] for t in (query, key, value)]
-    batch = torch.broadcast_shapes(*(t.shape[:1] for t in ts)) if len({t.shape[0] for t in ts}) > 1 else None
+    sizes = {t.shape[0] for t in ts}
+    if len(sizes - {1}) > 1:
+        raise ArgumentError(f"query, key and value batch sizes {[t.shape[0] for t in ts]} do not broadcast")
+    batch = (max(sizes),) if len(sizes) > 1 else None
     heads = {t.shape[1] for t in ts}
     if query.shape[-3] != key.shape[-3] and not enable_gqa and 1 not in heads:
         raise ArgumentError(

@@ -34,10 +34,9 @@ import weakref
 
 import torch
 
-from mmfa_jax import _autodiff, backends, triton_route
+from mmfa_jax import _autodiff, backends, kernels, plans, triton_route
 from mmfa_jax._autodiff import prepare
 from mmfa_jax._checks import Options
-from mmfa_jax.kernels import flash_attention as flash
 
 _JAX_DTYPE = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32", torch.int32: "int32",
               torch.bool: "bool", torch.int8: "int8"}
@@ -153,22 +152,38 @@ def parameter_count(ptx: str, name: str) -> int:
 # Kernels as recorded, loaded per device.
 
 
+_TORCH_DTYPE = {name: dtype for dtype, name in _JAX_DTYPE.items()}
+
+
 @dataclasses.dataclass(frozen=True)
 class _Kernel:
-    """One compiled kernel, ready to launch with ``buffers`` (operands then results) pointers."""
+    """One compiled kernel and its plan (``mmfa_jax.plans``): launched with its present operands,
+    then its results, which it allocates as the lowering recorded them."""
 
     launch: triton_route.Launch
-    buffers: int
+    plan: plans.KernelPlan
     extra: int  # trailing parameters Triton adds (scratch pointers), passed as null
 
-    def run(self, tensors: list[torch.Tensor], device: torch.device):
-        assert len(tensors) == self.buffers, (self.launch.kernel.name, len(tensors), self.buffers)
+    @property
+    def buffers(self) -> int:
+        """Its operands and results: the pointers it takes before Triton's own."""
+        return self.launch.operands + len(self.launch.results)
+
+    def run(self, named: dict, device: torch.device) -> dict:
+        """Launch on ``named`` tensors (the plan's operand names; None or missing: absent); returns
+        the results by the plan's names."""
+        operands = self.plan.arguments(named)
+        if len(operands) != self.launch.operands:
+            raise LaunchError(f"{self.plan.name} was captured with {self.launch.operands} operands, called with "
+                              f"{len(operands)}")
+        results = [torch.empty(shape, dtype=_TORCH_DTYPE[dtype], device=device) for shape, dtype in self.launch.results]
         kernel = self.launch.kernel
         function = _function(kernel.key, device.index, kernel)
         stream = _current_stream(device.index)
-        pointers = [t.data_ptr() for t in tensors] + [0] * self.extra
+        pointers = [t.data_ptr() for t in operands + results] + [0] * self.extra
         _driver().launch(function, self.launch.grid, 32 * kernel.num_warps, kernel.shared, stream, pointers,
                          kernel.name)
+        return dict(zip(self.plan.results, results))
 
 
 def _current_stream(device_index: int) -> int:
@@ -208,28 +223,31 @@ def _structs(signature):
     return [None if s is None else jax.ShapeDtypeStruct(s[0], jnp.dtype(s[1])) for s in signature]
 
 
-def capture(fn, signature, cc: int, buffers: list[int]) -> tuple[_Kernel, ...]:
+def capture(fn, signature, cc: int, kernel_plans: tuple[plans.KernelPlan, ...]) -> tuple[_Kernel, ...]:
     """Lower ``fn`` (its arrays described by ``signature``: (shape, dtype name), or None for an
-    absent one) for compute capability ``cc`` and return its kernels, kernel i taking
-    ``buffers[i]`` operands and results."""
+    absent one) for compute capability ``cc`` and return its kernels, which must be those of
+    ``kernel_plans``, in order."""
     structs = _structs(signature)
 
     def lowered(*arrays):  # a new function object each time: jax caches lowerings per function
         it = iter(arrays)
         return fn(*[None if s is None else next(it) for s in structs])
 
-    launches = triton_route.lower_for(lowered, *[s for s in structs if s is not None], device_kind=backends.device_kind_of_cc(cc))
-    if len(launches) != len(buffers):
-        raise LaunchError(f"expected {len(buffers)} kernels, the lowering recorded {len(launches)}")
+    launches = triton_route.lower_for(lowered, *[s for s in structs if s is not None],
+                                      device_kind=backends.device_kind_of_cc(cc))
+    names = [launch.kernel.name for launch in launches]
+    if names != [p.name for p in kernel_plans]:
+        raise LaunchError(f"expected the kernels {[p.name for p in kernel_plans]}, the lowering recorded {names}")
     kernels = []
-    for launch, n in zip(launches, buffers):
+    for launch, plan in zip(launches, kernel_plans):
         k = launch.kernel
         if k.global_scratch_size:
             raise LaunchError(f"kernel {k.name} needs global scratch memory, which this launcher does not provide")
+        n = launch.operands + len(launch.results)
         extra = parameter_count(k.ptx, k.name) - n
         if extra < 0:
             raise LaunchError(f"kernel {k.name} takes {n + extra} parameters, fewer than its {n} buffers")
-        kernels.append(_Kernel(launch, buffers=n, extra=extra))
+        kernels.append(_Kernel(launch, plan, extra))
     return tuple(kernels)
 
 
@@ -247,7 +265,7 @@ def _config(opts: Options, head_dim: int, dtype: torch.dtype) -> Options:
     stages where a kernel does not fit) and the kernels compiled by the official triton, which
     gives the cubins this module launches."""
     opts = dataclasses.replace(opts, lowering=opts.lowering.via_triton_route())
-    return dataclasses.replace(opts, config=opts.kernel_config(flash.padded_head_dim(head_dim), _JAX_DTYPE[dtype]))
+    return dataclasses.replace(opts, config=opts.kernel_config(kernels.padded_head_dim(head_dim), _JAX_DTYPE[dtype]))
 
 
 def _fitted(build):
@@ -274,13 +292,10 @@ def _forward_kernels(opts: Options, signature: tuple, cc: int) -> tuple[_Kernel,
     def fn(q, k, v, bias, mask, q_seg, kv_seg, q_len, kv_len):
         segments = None if q_seg is None else (q_seg, kv_seg)
         static, args = prepare(opts, (q, k, v, bias, mask, segments, q_len, kv_len))
-        problem, config, _ = static
-        return flash.forward(problem, config.forward, *args)
+        problem, config, lowering = static
+        return kernels.forward(problem, config.forward, *args, lowering=lowering)
 
-    if signature[4] is None:
-        return capture(fn, signature, cc, [_count(signature) + 2])
-    # A dense mask: first its block ranges (mask in, ranges out), then the forward, which reads them.
-    return capture(fn, signature, cc, [2, _count(signature) + 3])
+    return capture(fn, signature, cc, plans.forward(has_mask=signature[4] is not None))
 
 
 @_fitted
@@ -288,15 +303,11 @@ def _backward_kernels(opts: Options, signature: tuple, cc: int) -> tuple[_Kernel
     def fn(q, k, v, bias, mask, q_seg, kv_seg, q_len, kv_len, do, lse, delta):
         segments = None if q_seg is None else (q_seg, kv_seg)
         static, args = prepare(opts, (q, k, v, bias, mask, segments, q_len, kv_len))
-        problem, config, _ = static
-        return flash.backward(problem, config.backward_dq, config.backward_dkv, *args, do, lse, delta)
+        problem, config, lowering = static
+        return kernels.backward(problem, config.backward_dq, config.backward_dkv, *args, do, lse, delta,
+                              lowering=lowering)
 
-    with_dbias = signature[3] is not None
-    return capture(fn, signature, cc, [_count(signature) + 1 + with_dbias, _count(signature) + 2])
-
-
-def _count(signature) -> int:
-    return sum(s is not None for s in signature)
+    return capture(fn, signature, cc, plans.backward())
 
 
 def _pair(t: torch.Tensor | None, B: int, N: int, T: int, S: int) -> torch.Tensor | None:
@@ -320,25 +331,26 @@ def _dims(opts: Options, q: torch.Tensor, k: torch.Tensor):
     return q.shape[0], q.shape[2], q.shape[1], k.shape[1]
 
 
+def _operands(opts: Options, q, k, v, bias, mask, q_seg, kv_seg, q_len, kv_len) -> dict:
+    """The kernels' operands by their plan names: a bias or mask as (Bb, Nb, T, S), the mask as
+    int8 (the same bytes)."""
+    B, N, T, S = _dims(opts, q, k)
+    return dict(q=q, k=k, v=v, bias=_pair(bias, B, N, T, S), mask=_int8(_pair(mask, B, N, T, S)), q_seg=q_seg,
+                kv_seg=kv_seg, q_lengths=q_len, kv_lengths=kv_len)
+
+
 def forward(opts: Options, q, k, v, bias, mask, q_seg, kv_seg, q_len, kv_len) -> tuple[torch.Tensor, torch.Tensor]:
     """(out like q, lse (B, N, T) float32) for contiguous CUDA tensors in ``opts.layout``; the
-    arguments as ``mmfa_jax.attention.forward`` takes them (mask boolean, ids and lengths int32)."""
-    B, N, T, S = _dims(opts, q, k)
-    dense_mask = mask
-    bias, mask = _pair(bias, B, N, T, S), _pair(mask, B, N, T, S)
-    operands = [q, k, v, bias, mask, q_seg, kv_seg, q_len, kv_len]
+    arguments as ``mmfa_jax._autodiff.forward`` takes them (mask boolean, ids and lengths int32)."""
+    named = _operands(opts, q, k, v, bias, mask, q_seg, kv_seg, q_len, kv_len)
     cc = compute_capability(q.device.index)
     opts = _config(opts, q.shape[3], q.dtype)
-    *ranges_kernel, kernel = _forward_kernels(opts, _signature(*operands), cc)
-    operands[4] = _int8(mask)
-    present = [t for t in operands if t is not None]
+    structs = dict(named, mask=None if mask is None else named["mask"].view(torch.bool))
+    *ranges_kernel, kernel = _forward_kernels(opts, _signature(*structs.values()), cc)
     if ranges_kernel:
-        present.append(_mask_ranges(dense_mask, operands[4], ranges_kernel[0],
-                                    opts.config.for_problem(B, N, T).forward))
-    out = torch.empty_like(q)
-    lse = torch.empty((B, N, T), dtype=torch.float32, device=q.device)
-    kernel.run(present + [out, lse], q.device)
-    return out, lse
+        named["mask_ranges"] = _mask_ranges(mask, named["mask"], ranges_kernel[0])
+    results = kernel.run(named, q.device)
+    return results["out"], results["lse"]
 
 
 # A model hands one mask tensor to many layers (Gemma 3: one per layer type): its block ranges are
@@ -347,7 +359,7 @@ def forward(opts: Options, q, k, v, bias, mask, q_seg, kv_seg, q_len, kv_len) ->
 _ranges_of_mask: dict[int, tuple] = {}
 
 
-def _mask_ranges(mask: torch.Tensor, mask_int8: torch.Tensor, kernel: _Kernel, cfg) -> torch.Tensor:
+def _mask_ranges(mask: torch.Tensor, mask_int8: torch.Tensor, kernel: _Kernel) -> torch.Tensor:
     """(Bm, Nm, query tiles, 4) int32 block ranges of ``mask`` (as the caller passed it; the kernel
     reads ``mask_int8``, its (Bm, Nm, T, S) int8 form)."""
     key = (kernel.launch.kernel.key, tuple(mask_int8.shape))
@@ -355,9 +367,7 @@ def _mask_ranges(mask: torch.Tensor, mask_int8: torch.Tensor, kernel: _Kernel, c
     entry = _ranges_of_mask.get(id(mask)) if tracked else None
     if entry is not None and entry[0]() is mask and entry[1:3] == (mask._version, key):
         return entry[3]
-    tiles = flash.forward_query_tiles(mask_int8.shape[2], cfg)
-    ranges = torch.empty((*mask_int8.shape[:2], tiles, 4), dtype=torch.int32, device=mask.device)
-    kernel.run([mask_int8, ranges], mask.device)
+    ranges = kernel.run(dict(mask=mask_int8), mask.device)["mask_ranges"]
     if not tracked:
         return ranges
     ident = id(mask)
@@ -368,23 +378,16 @@ def _mask_ranges(mask: torch.Tensor, mask_int8: torch.Tensor, kernel: _Kernel, c
 
 def backward(opts: Options, q, k, v, bias, mask, q_seg, kv_seg, q_len, kv_len, out, lse, d_out, d_lse):
     """(dq, dk, dv, dbias (Bb, Nb, T, S) in the bias's dtype, or None), as
-    ``mmfa_jax.attention.backward``."""
-    B, N, T, S = _dims(opts, q, k)
-    bias_in = bias
-    bias, mask = _pair(bias, B, N, T, S), _pair(mask, B, N, T, S)
-    delta = _autodiff.backward_delta(out, d_out, d_lse, opts.layout, f32=torch.Tensor.float).contiguous()
-    operands = [q, k, v, bias, mask, q_seg, kv_seg, q_len, kv_len, d_out, lse, delta]
+    ``mmfa_jax._autodiff.backward``."""
+    named = _operands(opts, q, k, v, bias, mask, q_seg, kv_seg, q_len, kv_len)
+    named.update(d_out=d_out, lse=lse, delta=_autodiff.backward_delta(out, d_out, d_lse, opts.layout,
+                                                                      f32=torch.Tensor.float).contiguous())
     cc = compute_capability(q.device.index)
-    dq_kernel, dkv_kernel = _backward_kernels(_config(opts, q.shape[3], q.dtype), _signature(*operands), cc)
-    operands[4] = _int8(mask)
-    present = [t for t in operands if t is not None]
-    dq = torch.empty_like(q)
-    dbias = None
-    if bias is not None:
-        dbias = torch.empty((B, N, T, S), dtype=torch.float32, device=q.device)
-    dq_kernel.run(present + [dq] + ([] if dbias is None else [dbias]), q.device)
-    dk, dv = torch.empty_like(k), torch.empty_like(v)
-    dkv_kernel.run(present + [dk, dv], k.device)
+    structs = dict(named, mask=None if mask is None else named["mask"].view(torch.bool))
+    dq_kernel, dkv_kernel = _backward_kernels(_config(opts, q.shape[3], q.dtype), _signature(*structs.values()), cc)
+    grads = dq_kernel.run(named, q.device)
+    grads.update(dkv_kernel.run(named, k.device))
+    dbias = grads.get("dbias")
     if dbias is not None:
-        dbias = _autodiff.reduce_dbias(dbias, (bias.shape[0], bias.shape[1])).to(bias_in.dtype)
-    return dq, dk, dv, dbias
+        dbias = _autodiff.reduce_dbias(dbias, tuple(named["bias"].shape[:2])).to(bias.dtype)
+    return grads["dq"], grads["dk"], grads["dv"], dbias

@@ -113,7 +113,7 @@ def _multimodal(query: Tensor, key: Tensor, value: Tensor, visual_mask: Tensor, 
                 softcap: Optional[float], backend: str, cc: int,
                 layout: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     from mmfa_jax.importance import scorer_rows
-    from mmfa_jax.pruning import kept_lengths
+    from mmfa_jax.pruning import checked_output_length, kept_lengths
 
     keep = _checks.Keep(count=keep_count) if keep_count > 0 else _checks.Keep(ratio=keep)
     visual, lengths = to_jax(visual_mask), to_jax(query_seq_lengths)
@@ -123,8 +123,7 @@ def _multimodal(query: Tensor, key: Tensor, value: Tensor, visual_mask: Tensor, 
     if max_scorers is None:
         rows = scorer_rows(scorers, visual, lengths) if isinstance(scorers, str) else scorers
         max_scorers = max(1, int(jnp.max(jnp.sum(rows, axis=1))))
-    if output_length is None:
-        output_length = max(1, int(jnp.max(kept_lengths(visual, keep, lengths))))
+    output_length = checked_output_length(output_length, kept_lengths(visual, keep, lengths), visual.shape[1], keep)
     r = _jitted_multimodal(to_jax(query), to_jax(key), to_jax(value), visual, None if isinstance(scorers, str) else
                            scorers, lengths, keep=keep, rule=scorers if isinstance(scorers, str) else "mask",
                            max_scorers=max_scorers, output_length=output_length, scale=scale, is_causal=is_causal,

@@ -487,10 +487,10 @@ def test_seed_helper_is_stable():
 def test_mask_ranges_against_numpy(shape, rng):
     """The forward's block ranges of a dense mask: first and last block with a visible logit,
     and the longest run of blocks where every (in-range) logit is visible, per query tile."""
+    from mmfa_jax import kernels
     from mmfa_jax._autodiff import prepare
     from mmfa_jax._checks import Options
     from mmfa_jax.backends import Lowering
-    from mmfa_jax.kernels import flash_attention as flash
 
     mask = _block_mask(rng, shape)
     B, N, T, S = shape
@@ -499,7 +499,7 @@ def test_mask_ranges_against_numpy(shape, rng):
     (problem, _, _), args = prepare(Options.make(implementation="interpret"), (q, k, k, None, jnp.asarray(mask), None,
                                                                                None, None))
     bq, bk = 16, 32
-    got = np.asarray(flash.mask_ranges(problem, KernelConfig(bq, bk, 4, 1), args[4], lowering=Lowering("interpret")))
+    got = np.asarray(kernels.mask_ranges(problem, KernelConfig(bq, bk, 4, 1), args[4], lowering=Lowering("interpret")))
     nq, nk = -(-T // bq), -(-S // bk)
     assert got.shape == (B, N, nq, 4)
     for b, n, t in np.ndindex(B, N, nq):

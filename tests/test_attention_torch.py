@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close, tolerance, to_numpy
+from conftest import assert_close, to_numpy, tolerance
 from reference import attention_reference, attention_reference_grads
 
 import mmfa_torch

@@ -70,7 +70,6 @@ def test_jax_heads_not_divisible(qkv, rng):
         attn(q, k3, k3)
 
 
-@pytest.mark.parametrize("impl", ["interpret", "xla"])
 def test_jax_empty_inputs_give_empty_outputs(qkv, impl):
     """As jax.nn: T=0, batch 0 or no heads give empty outputs; S=0 gives rows that see nothing
     (zeros, LSE -inf)."""
@@ -154,7 +153,7 @@ def test_jax_bad_config(qkv):
     assert attn(*qkv, config=cfg).shape == qkv[0].shape
 
 
-@pytest.mark.parametrize("shape", [(2, 4, 8, 7), (3, 4, 8, 8), (2, 3, 8, 8), (8,), (1, 2, 2, 4, 8, 8), (9, 8)])
+@pytest.mark.parametrize("shape", [(2, 4, 8, 7), (3, 4, 8, 8), (2, 3, 8, 8), (7,), (1, 2, 2, 4, 8, 8), (9, 8)])
 def test_jax_mask_wrong_shape(qkv, shape):
     with pytest.raises(ValueError, match="mask must be broadcastable"):
         attn(*qkv, mask=jnp.ones(shape, bool))
@@ -166,7 +165,7 @@ def test_jax_mask_not_bool(qkv, dtype):
         attn(*qkv, mask=jnp.ones((8, 8), dtype))
 
 
-@pytest.mark.parametrize("shape", [(2, 4, 8, 7), (2, 2, 8, 8), (4, 2, 4, 8, 8), (8,), (7, 8)])
+@pytest.mark.parametrize("shape", [(2, 4, 8, 7), (2, 2, 8, 8), (4, 2, 4, 8, 8), (7,), (7, 8)])
 def test_jax_bias_wrong_shape(qkv, shape):
     with pytest.raises(ValueError, match="bias must be broadcastable"):
         attn(*qkv, bias=jnp.zeros(shape, jnp.float32))
@@ -257,8 +256,7 @@ def test_torch_wrong_rank(tqkv):
         tattn(q[0, 0], k, v)
     with pytest.raises(ValueError, match="value must have rank"):
         tattn(q, k, v[None])
-    with pytest.raises(ValueError, match="same rank"):
-        tattn(q, k[0], v[0])
+    assert tattn(q, k[0], v[0]).shape == q.shape  # key/value (H, S, D) broadcast over the batch, as in SDPA
 
 
 def test_torch_not_a_tensor(tqkv):
@@ -270,7 +268,7 @@ def test_torch_not_a_tensor(tqkv):
 def test_torch_mismatched_shapes(tqkv):
     q, k, v = tqkv
     with pytest.raises(ValueError, match="batch"):
-        tattn(q, k[:1], v[:1])
+        tattn(q, torch.cat([k, k[:1]]), torch.cat([v, v[:1]]))  # batch 2 against 3: no broadcast
     with pytest.raises(ValueError, match="head dim"):
         tattn(q, k[..., :8].contiguous(), v[..., :8].contiguous())
     with pytest.raises(ValueError, match="key and value"):
@@ -370,7 +368,7 @@ def test_torch_unknown_implementation(tqkv):
 
 
 def test_torch_pallas_on_cpu_tensors(tqkv):
-    with pytest.raises(ValueError, match="implementation='pallas' needs CUDA"):
+    with pytest.raises(ValueError, match="implementation='pallas' needs an NVIDIA GPU"):
         tattn(*tqkv, implementation="pallas")
 
 

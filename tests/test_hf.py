@@ -15,6 +15,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from conftest import keep_kwargs  # noqa: E402
 from transformers import AttentionInterface, DynamicCache  # noqa: E402
 from transformers.masking_utils import AttentionMaskInterface, eager_mask  # noqa: E402
 
@@ -318,7 +319,7 @@ def test_pruning_matches_masked_reference(family, rule, keep, seed):
     inputs = _inputs(model, family, seed)
     ref.start(_visual(model, inputs), inputs["attention_mask"].bool())
     p_ref, s_ref, tokens = trace(ref_model, inputs, 4)
-    handle = hf.prune_visual_tokens(model, keep=keep, layer=layer, rule=rule)
+    handle = hf.prune_visual_tokens(model, **keep_kwargs(keep), layer=layer, rule=rule)
     p, s, _ = trace(model, inputs, 4, tokens)
     kept = handle.kept_positions
     slots = kept >= 0
@@ -381,11 +382,11 @@ def test_prompt_without_images_is_untouched(seed):
 
 def test_bad_use_errors():
     model = vlms.build("llava", attn_implementation="mmfa")
-    for keep in (0.0, 1.5, -0.1, float("nan")):
-        with pytest.raises(ValueError, match="keep as a ratio"):
+    for keep in (0.0, 1.5, -0.1, float("nan"), 0, 64):
+        with pytest.raises(ValueError, match=r"keep must be a ratio in \(0, 1\]"):
             hf.prune_visual_tokens(model, keep=keep)
-    with pytest.raises(ValueError, match="keep as a count"):
-        hf.prune_visual_tokens(model, keep=0)
+    with pytest.raises(ValueError, match="keep_count must be >= 1"):
+        hf.prune_visual_tokens(model, keep_count=0)
     with pytest.raises(TypeError, match="keep"):
         hf.prune_visual_tokens(model, keep=True)
     with pytest.raises(ValueError, match="layer must be"):

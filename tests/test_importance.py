@@ -11,7 +11,7 @@ from reference import importance_reference
 
 import mmfa_jax
 from mmfa_jax.importance import scorer_rows, visual_token_importance
-from mmfa_jax.kernels import flash_attention as flash
+from mmfa_jax.kernels import scorer
 
 TOL = 1e-5  # float32 data: probabilities are computed in float32 from an LSE accurate to ~1e-7
 
@@ -79,7 +79,7 @@ def test_importance_computes_the_scorer_lse_itself(rng, impl, kind, heads, progr
     and the importance still equals the full attention's softmax. Key counts not a multiple of
     the key block and more scorer rows than one row tile exercise the kernels' edges; aiming at
     a single program puts every key block of a head into one chunk (the in-program key loop)."""
-    monkeypatch.setattr(flash, "_SCORER_PROGRAMS", programs)
+    monkeypatch.setattr(scorer, "_SCORER_PROGRAMS", programs)
     jax.clear_caches()
     B, T, (N, K), H = 2, 150, heads, 40
     q, q64 = normal(rng, (B, T, N, H))

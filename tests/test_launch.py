@@ -12,7 +12,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from conftest import assert_close, tolerance, to_numpy
+from conftest import assert_close, to_numpy, tolerance
 from reference import attention_reference, attention_reference_grads
 
 from mmfa_jax import triton_route

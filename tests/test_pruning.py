@@ -6,9 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import keep_kwargs
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from conftest import keep_kwargs
 from reference import select_reference
 
 from mmfa_jax.backends import Lowering

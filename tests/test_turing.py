@@ -102,7 +102,7 @@ def test_turing_table_compiles_for_sm75_within_64kib(kernel, head_dim, dtype):
     compiled = triton_route.lower_for(fn, *args, device_kind=T4)  # auto route: sm_75 takes it
     names = [k.name for k, *_ in compiled]
     assert names == list(kernels.KERNELS[kernel][2]), names
-    for k, label, _ in compiled:
+    for k, label, *_ in compiled:
         assert k.cc == 75
         assert len(k.cubin) > 0 and ".target sm_75" in k.ptx, f"{k.name}: no sm_75 cubin"
         assert 0 < k.shared <= 64 * 1024, f"{k.name} ({label}) needs {k.shared} bytes of shared memory"

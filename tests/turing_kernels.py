@@ -13,10 +13,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from mmfa_jax import backends
+from mmfa_jax import backends, kernels
 from mmfa_jax._autodiff import prepare
 from mmfa_jax._checks import Options
-from mmfa_jax.kernels import flash_attention as flash
+from mmfa_jax.kernels import scorer
 
 BATCH, HEADS, KV_HEADS = 1, 2, 1  # GQA, so the dK/dV kernel loops over a group
 
@@ -42,7 +42,7 @@ def forward(head_dim, dtype, cfg, implementation="pallas"):
 
     def fn(q, k, v):
         p, args = _problem(q, k, v, q.shape[1])
-        return flash.forward(p, cfg, *args, lowering=backends.resolve(implementation))
+        return kernels.forward(p, cfg, *args, lowering=backends.resolve(implementation))
 
     return fn, (q, kv, kv)
 
@@ -57,7 +57,7 @@ def forward_at_rows(head_dim, dtype, cfg, implementation="pallas"):
         kept_q = jax.ShapeDtypeStruct((BATCH, T, HEADS, head_dim), dtype)
         kept_kv = jax.ShapeDtypeStruct((BATCH, T, KV_HEADS, head_dim), dtype)
         p, _ = _problem(kept_q, kept_kv, kept_kv, T)
-        return flash.forward(p, cfg, q, k, v, None, None, None, None, None, None, q_source=rows, kv_source=rows,
+        return kernels.forward(p, cfg, q, k, v, None, None, None, None, None, None, q_source=rows, kv_source=rows,
                              lowering=backends.resolve(implementation))
 
     return fn, (q, rows, kv, kv)
@@ -70,7 +70,7 @@ def backward(head_dim, dtype, dq_cfg, dkv_cfg, implementation="pallas"):
 
     def fn(q, k, v, do, lse, delta):
         p, args = _problem(q, k, v, T)
-        return flash.backward(p, dq_cfg, dkv_cfg, *args, do, lse, delta, lowering=backends.resolve(implementation))[:3]
+        return kernels.backward(p, dq_cfg, dkv_cfg, *args, do, lse, delta, lowering=backends.resolve(implementation))[:3]
 
     return fn, (q, kv, kv, q, rows, rows)
 
@@ -85,9 +85,9 @@ def importance(head_dim, dtype, cfg, implementation="pallas"):
 
     def fn(q, k, positions, counts):
         p, (q, k, *_rest) = _problem(q, k, k, T)
-        num_chunks = flash._scorer_chunks(p, cfg)[2]
+        num_chunks = scorer._scorer_chunks(p, cfg)[2]
         stats = [jnp.zeros((BATCH, HEADS, num_chunks, R), jnp.float32)] * 2
-        return flash.importance(p, cfg, q, k, positions, None, None, None, None, counts, stats=stats,
+        return kernels.importance(p, cfg, q, k, positions, None, None, None, None, counts, stats=stats,
                                 lowering=backends.resolve(implementation))
 
     return fn, (q, kv, positions, counts)
@@ -102,7 +102,7 @@ def scorer_stats(head_dim, dtype, cfg, implementation="pallas"):
 
     def fn(q, k, positions, counts):
         p, (q, k, *_rest) = _problem(q, k, k, T)
-        return flash.scorer_stats(p, cfg, q, k, positions, None, None, None, counts,
+        return kernels.scorer_stats(p, cfg, q, k, positions, None, None, None, counts,
                                   lowering=backends.resolve(implementation))
 
     return fn, (q, kv, positions, counts)

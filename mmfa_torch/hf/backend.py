@@ -29,6 +29,7 @@ from typing import Protocol
 
 import torch
 
+from mmfa_jax import _checks, backends
 from mmfa_torch.attention import scaled_dot_product_attention
 from mmfa_torch.hf import windows
 
@@ -42,23 +43,27 @@ _settings = {"implementation": None, "decode": "mmfa"}
 # Registration
 # --------------------------------------------------------------------------------------------------
 
-def register(name: str = NAME, *, implementation: str | None = None, decode: str = "mmfa") -> str:
+_KEEP = object()  # register's default: leave the current choice as it is
+
+
+def register(name: str = NAME, *, implementation=_KEEP, decode=_KEEP) -> str:
     """Register mmfa in transformers under ``name`` (default "mmfa"); returns the name.
 
-    ``implementation`` picks the kernels for every call ("pallas", "interpret", "xla"; default:
-    mmfa_torch's choice per device). ``decode="sdpa"`` hands calls with a single query row (decode
-    steps) to torch's SDPA instead (for comparison; soft-capped layers stay on mmfa). Calling it
-    again updates both choices. Safe to call many times.
+    ``implementation`` picks the kernels for every call ("pallas", "triton", "interpret", "xla", or
+    None: mmfa_torch's choice per device, the initial setting). ``decode="sdpa"`` hands calls with a
+    single query row (decode steps) to torch's SDPA instead (for comparison; soft-capped layers stay
+    on mmfa; initially "mmfa"). A choice not given is left as it is, so calling it again (as model
+    builders and ``prune_visual_tokens`` do) never undoes one. Safe to call many times.
     """
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
-    if implementation is not None and implementation not in ("pallas", "interpret", "xla"):
-        raise ValueError(f"implementation must be 'pallas', 'interpret', 'xla' or None, got {implementation!r}")
-    if decode not in ("mmfa", "sdpa"):
-        raise ValueError(f"decode must be 'mmfa' or 'sdpa', got {decode!r}")
-    _settings["implementation"] = implementation
-    _settings["decode"] = decode
+    if implementation is not _KEEP:
+        if implementation is not None:
+            _checks.choice(implementation, "implementation", backends.IMPLEMENTATIONS)
+        _settings["implementation"] = implementation
+    if decode is not _KEEP:
+        _settings["decode"] = _checks.choice(decode, "decode", ("mmfa", "sdpa"))
     AttentionInterface.register(name, attention_forward)
     AttentionMaskInterface.register(name, mask_function)
     return name
@@ -170,6 +175,9 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
             window = (int(sliding_window) - 1, 0 if causal else int(sliding_window) - 1)
         call["local_window_size"] = window
         call["is_causal"] = causal
+        # The queries are the last T keys (a prefill chunk or a step over a KV cache): the causal
+        # diagonal and the window sit bottom-right, asked for by name (is_causal alone is top-left).
+        call["causal_alignment"] = "bottom_right"
     # The kernels take the memory order of the query; a KV cache is (B, Hkv, S, D)-contiguous, so hand
     # them a contiguous query too rather than have K and V copied into the query's order.
     if key.is_contiguous() and value.is_contiguous() and not query.is_contiguous():

@@ -31,6 +31,7 @@ import weakref
 import torch
 
 import mmfa_torch
+from mmfa_jax import _checks
 from mmfa_torch.hf import backend
 from mmfa_torch.hf.backend import NAME
 
@@ -45,7 +46,7 @@ SUPPORTED_FAMILIES = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwe
 class _PruneState:
     """What the hooks share, and the scorer (``backend.Scorer``) of layer K's attention. One prefill at a
     time per model."""
-    keep: float | int
+    keep: _checks.Keep
     layer: int
     rule: str
     token_ids: tuple[int, ...]
@@ -110,7 +111,8 @@ class PruningHandle:
         self._model, self._state, self._hooks, self._attn = weakref.ref(model), state, hooks, attn_module
 
     @property
-    def keep(self):
+    def keep(self) -> _checks.Keep:
+        """The keep rule: ``.ratio`` or ``.count``."""
         return self._state.keep
 
     @property
@@ -163,15 +165,17 @@ def _token_ids(config) -> tuple[int, ...]:
     return tuple(ids)
 
 
-def prune_visual_tokens(model: torch.nn.Module, keep: float | int, layer: int = 2, rule: str = "text") -> PruningHandle:
+def prune_visual_tokens(model: torch.nn.Module, keep: float | None = None, layer: int = 2, rule: str = "text", *,
+                        keep_count: int | None = None) -> PruningHandle:
     """Make a loaded VLM drop its least important visual tokens after decoder layer ``layer`` on prefill.
 
     Args:
       model: a transformers VLM of a supported family (LLaVA, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL,
         Qwen2.5-VL, Gemma 3, Idefics3, SmolVLM): the ``...ForConditionalGeneration`` or its ``.model``.
         Its text decoder must use ``attn_implementation="mmfa"`` (layer ``layer``'s attention scores).
-      keep: visual tokens kept per example: a ratio in (0, 1] (ceil(keep * n_visual)) or an int count.
-        Text tokens always stay. Several images in one prompt compete for the same budget.
+      keep: the ratio in (0, 1] of each example's visual tokens kept (ceil(keep * n_visual)); or
+      keep_count: how many are kept (at most all). Exactly one of the two. Text tokens always stay.
+        Several images in one prompt compete for the same budget.
       layer: K: layers 0..K see every token; layer K's attention scores them; layers K+1.. and every
         decode step see the kept ones only.
       rule: "text" (importance averaged over the text rows and heads) or "last" (the last row, FastV).
@@ -188,12 +192,7 @@ def prune_visual_tokens(model: torch.nn.Module, keep: float | int, layer: int = 
     if not token_ids:
         raise ValueError(f"{type(model).__name__}'s config has no image_token_id (or video_token_id): "
                          "prune_visual_tokens finds the visual tokens through it")
-    if isinstance(keep, bool) or not isinstance(keep, (int, float)):
-        raise TypeError(f"keep must be a ratio in (0, 1] or a positive int count, got {keep!r}")
-    if isinstance(keep, int) and keep < 1:
-        raise ValueError(f"keep as a count must be >= 1, got {keep}")
-    if isinstance(keep, float) and not (0.0 < keep <= 1.0):
-        raise ValueError(f"keep as a ratio must be in (0, 1], got {keep}")
+    keep = _checks.checked_keep(keep, keep_count)
     if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < len(layers):
         raise ValueError(f"layer must be an int in [0, {len(layers)}) (the text decoder has {len(layers)} layers), "
                          f"got {layer!r}")
@@ -389,7 +388,7 @@ def _layer_k_hook(state: _PruneState):
             raise RuntimeError(f"prune_visual_tokens: decoder layer {state.layer}'s attention did not run through "
                                "mmfa, so there are no importance scores")
         visual = state.visual & state.valid
-        idx, lengths = mmfa_torch.select_visual_tokens(state.importance, visual, state.keep)
+        idx, lengths = mmfa_torch.select_visual_tokens(state.importance, visual, state.keep)  # a checked Keep
         B, T = visual.shape
         live = torch.arange(idx.shape[1], device=idx.device)[None, :] < lengths[:, None]
         kept = torch.zeros(B, T, dtype=torch.bool, device=visual.device)

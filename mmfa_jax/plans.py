@@ -1,0 +1,59 @@
+"""Launch plans: what a launcher needs to know about each attention kernel, as data.
+
+A kernel's parameters are its ``pallas_call``'s operands, then its results. Here each kernel's
+operands and results are named, in order; an operand that a call does not have (no bias, no
+lengths) is simply absent from the parameter list. The JAX launchers
+(``mmfa_jax.kernels``) order their operands by these plans, and mmfa_torch's
+own launch (``mmfa_torch.launch``) reads the same plans to hand torch tensors to the compiled
+kernels, so neither counts operands by hand. Result shapes and dtypes come from the lowering
+itself (``mmfa_jax.triton_route.Launch.results``); the work done around the kernels (the
+backward's ``delta`` before, the bias gradient's reduction after) lives once, in
+``mmfa_jax._autodiff`` (``backward_delta``, ``reduce_dbias``), and both faces call it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+# The operands every attention kernel may take, in order (after its own leading ones).
+_SIDE = ("bias", "mask", "q_seg", "kv_seg", "q_lengths", "kv_lengths")
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelPlan:
+    """One kernel: its name (the ``pallas_call``'s), its operands' and its results' names, in order."""
+
+    name: str
+    operands: tuple[str, ...]
+    results: tuple[str, ...]
+
+    def ordered(self, **named) -> tuple:
+        """The operands in this kernel's order, None where absent (what a ``pallas_call`` takes: a
+        None operand is an empty pytree, and the kernel body gets None for its ref)."""
+        unknown = set(named) - set(self.operands)
+        if unknown:
+            raise KeyError(f"{self.name} takes no operand {sorted(unknown)}")
+        return tuple(named.get(n) for n in self.operands)
+
+    def arguments(self, named: dict) -> list:
+        """The operands present in ``named`` (name -> array or tensor; None or missing: absent), in
+        this kernel's order: its parameters before the results."""
+        return [t for t in self.ordered(**{n: t for n, t in named.items() if n in self.operands}) if t is not None]
+
+
+MASK_RANGES = KernelPlan("mmfa_mask_ranges", ("mask",), ("mask_ranges",))
+FORWARD = KernelPlan("mmfa_flash_forward", ("q", "k", "v", *_SIDE, "mask_ranges", "q_source", "kv_source"),
+                     ("out", "lse"))
+BACKWARD_DQ = KernelPlan("mmfa_flash_dq", ("q", "k", "v", *_SIDE, "d_out", "lse", "delta"), ("dq", "dbias"))
+BACKWARD_DKV = KernelPlan("mmfa_flash_dkv", ("q", "k", "v", *_SIDE, "d_out", "lse", "delta"), ("dk", "dv"))
+
+
+def forward(has_mask: bool) -> tuple[KernelPlan, ...]:
+    """The forward's kernels in launch order: with a dense mask, its block ranges first."""
+    return (MASK_RANGES, FORWARD) if has_mask else (FORWARD,)
+
+
+def backward() -> tuple[KernelPlan, ...]:
+    """The backward's kernels in launch order (``delta`` is computed before them, the bias
+    gradient reduced after: ``mmfa_jax._autodiff``)."""
+    return (BACKWARD_DQ, BACKWARD_DKV)
