@@ -24,10 +24,24 @@ from mmfa_jax._checks import ArgumentError
 
 TOL = tolerance("float32")
 
+# Torch tensors live where the implementation runs: CUDA for the compiled kernels ("pallas", with
+# --gpu: mmfa_torch's own launch), the CPU otherwise (they cross to jax).
+DEVICE = ["cpu"]
+
+
+@pytest.fixture(autouse=True)
+def _torch_device(request):
+    impl = request.getfixturevalue("impl") if "impl" in request.fixturenames else "xla"
+    DEVICE[0] = "cuda" if impl in ("pallas", "triton") else "cpu"
+    yield
+    DEVICE[0] = "cpu"
+
+
+
 
 def t(x):
-    """A torch CPU tensor of a NumPy / jax array (copied)."""
-    return torch.from_numpy(np.array(x))
+    """A torch tensor of a NumPy / jax array (copied), on the implementation's device."""
+    return torch.from_numpy(np.array(x)).to(DEVICE[0])
 
 
 def bnth(a):
@@ -117,7 +131,7 @@ def test_keep_ratio_one_and_keep_count_one_never_collide(rng, impl, order):
             else:
                 o, idx, n, imp = mmfa_torch.multimodal_attention(t(bnth(q)), t(bnth(k)), t(bnth(v)), t(vis), **rule,
                                                                  implementation=impl)
-                out, imp = bnth(to_numpy(o)), imp.numpy()
+                out, imp = bnth(to_numpy(o)), to_numpy(imp)
             kept = kept_of(idx, n)
             what = f"mmfa_{face}.multimodal_attention({rule})"
             assert_same_kept(kept, select_reference(imp, vis, value), what)
@@ -440,9 +454,9 @@ def test_torch_double_backward_raises(rng, impl):
     mmfa_torch.scaled_dot_product_attention (CPU tensors) raises a RuntimeError that names double
     backward (the face has no derivative of its backward on any implementation), at the latest at
     the second grad."""
-    q = torch.from_numpy(rng.standard_normal((1, 2, 5, 16)).astype(np.float32)).requires_grad_(True)
-    k = torch.from_numpy(rng.standard_normal((1, 2, 6, 16)).astype(np.float32)).requires_grad_(True)
-    v = torch.from_numpy(rng.standard_normal((1, 2, 6, 16)).astype(np.float32)).requires_grad_(True)
+    q = torch.from_numpy(rng.standard_normal((1, 2, 5, 16)).astype(np.float32)).to(DEVICE[0]).requires_grad_(True)
+    k = torch.from_numpy(rng.standard_normal((1, 2, 6, 16)).astype(np.float32)).to(DEVICE[0]).requires_grad_(True)
+    v = torch.from_numpy(rng.standard_normal((1, 2, 6, 16)).astype(np.float32)).to(DEVICE[0]).requires_grad_(True)
     with pytest.raises(RuntimeError, match="double backward"):
         out = mmfa_torch.scaled_dot_product_attention(q, k, v, is_causal=True, implementation=impl)
         (g,) = torch.autograd.grad(out.sin().sum(), q, create_graph=True)

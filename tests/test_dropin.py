@@ -34,6 +34,20 @@ from mmfa_jax._checks import ArgumentError, ArgumentTypeError
 from mmfa_jax.flax import make_attention_fn
 
 TOL = tolerance("float32")
+
+# Torch tensors live where the implementation runs: CUDA for the compiled kernels ("pallas", with
+# --gpu: mmfa_torch's own launch), the CPU otherwise (they cross to jax).
+DEVICE = ["cpu"]
+
+
+@pytest.fixture(autouse=True)
+def _torch_device(request):
+    impl = request.getfixturevalue("impl") if "impl" in request.fixturenames else "xla"
+    DEVICE[0] = "cuda" if impl in ("pallas", "triton") else "cpu"
+    yield
+    DEVICE[0] = "cpu"
+
+
 GRAD_TOL = tolerance("float32", grad=True)
 CROSS = pytest.mark.parametrize("T,S", [(5, 11), (11, 5)], ids=["T<S", "T>S"])
 
@@ -45,7 +59,7 @@ def jnn(q, k, v, **kw):
 
 def tensor(rng, shape, requires_grad=False):
     """A float32 CPU tensor of unit normal data (fresh from ``rng``)."""
-    return torch.from_numpy(rng.standard_normal(shape).astype(np.float32)).requires_grad_(requires_grad)
+    return torch.from_numpy(rng.standard_normal(shape).astype(np.float32)).to(DEVICE[0]).requires_grad_(requires_grad)
 
 
 def torch_grads(fn, tensors, weight):
@@ -131,7 +145,7 @@ bias may give NaN there, so SDPA is compared where it is defined and mmfa must g
     assert_close(out, ref_out, TOL, "jax out vs reference")
     assert_close(lse, ref_lse, TOL, "jax lse vs reference")
 
-    tq, tk, tv = (torch.from_numpy(btnh(x).astype(np.float32)) for x in (q, k, v))
+    tq, tk, tv = (torch.from_numpy(btnh(x).astype(np.float32)).to(DEVICE[0]) for x in (q, k, v))
     got = mmfa_torch.scaled_dot_product_attention(tq, tk, tv, is_causal=True, causal_alignment="bottom_right",
                                                   implementation=impl)
     want = F.scaled_dot_product_attention(tq, tk, tv, attn_mask=causal_lower_right(T, S))
@@ -355,7 +369,7 @@ def test_torch_attn_mask_broadcast_shapes_equal_sdpa(rng, impl, kind, shape):
     if kind == "bool":
         m = rng.random(mshape) > 0.4
         m[..., int(rng.integers(S))] = True
-        mask = torch.from_numpy(m)
+        mask = torch.from_numpy(m).to(DEVICE[0])
     else:
         mask = tensor(rng, mshape)
     q, k, v = tensor(rng, (2, 2, L, 16)), tensor(rng, (2, 2, S, 16)), tensor(rng, (2, 2, S, 16))
@@ -383,7 +397,7 @@ def test_torch_attn_mask_wrong_shape_names_attn_mask(rng, impl, kind):
     raises an error whose message names attn_mask, the argument as the torch user spells it."""
     L, S = 6, 9
     q, k, v = tensor(rng, (2, 2, L, 16)), tensor(rng, (2, 2, S, 16)), tensor(rng, (2, 2, S, 16))
-    mask = torch.from_numpy(rng.random((L + 1, S)) > 0.4) if kind == "bool" else tensor(rng, (L + 1, S))
+    mask = torch.from_numpy(rng.random((L + 1, S)) > 0.4).to(DEVICE[0]) if kind == "bool" else tensor(rng, (L + 1, S))
     with pytest.raises(RuntimeError):
         F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     with pytest.raises(RuntimeError, match="attn_mask"):

@@ -125,10 +125,10 @@ def test_infinite_and_nan_scores_still_keep_the_count(impl):
     vis = jnp.asarray([[False, True, True, True, False, True]])
     for scores in ([0, -np.inf, -np.inf, 1, 0, -np.inf], [0, np.nan, np.nan, np.nan, 0, np.nan],
                    [0, np.nan, 2.0, np.nan, 0, 1.0]):
-        idx, n = select_visual_tokens(jnp.asarray([scores], jnp.float32), vis, 3, implementation=impl)
+        idx, n = select_visual_tokens(jnp.asarray([scores], jnp.float32), vis, keep_count=3, implementation=impl)
         kept = np.asarray(idx[0, :int(n[0])])
         assert len(kept) == 5 and {0, 4} <= set(kept.tolist()), (scores, kept)
-    idx, n = select_visual_tokens(jnp.asarray([[0, np.nan, 2.0, np.nan, 0, 1.0]], jnp.float32), vis, 2,
+    idx, n = select_visual_tokens(jnp.asarray([[0, np.nan, 2.0, np.nan, 0, 1.0]], jnp.float32), vis, keep_count=2,
                                   implementation=impl)
     np.testing.assert_array_equal(np.asarray(idx[0, :int(n[0])]), [0, 2, 4, 5])  # NaN ranks last
 
@@ -155,19 +155,29 @@ def test_selection_exact_on_awkward_scores(impl, seed, S, keep):
 @pytest.mark.parametrize("S, output_length", [(16448, 4160), (30000, 9000), (70000, 1000)])
 def test_selection_at_length(impl, S, output_length):
     """Sequences of real length (the selection kernel holds one in registers; past MAX_TOKENS the
-    XLA select takes over), with many ties and padding; an output shorter than the kept count
-    holds its first positions."""
+    XLA select takes over), with many ties and padding. An output shorter than the kept count is
+    refused (it would drop kept tokens while the lengths count them); a longer one repeats the
+    last kept position."""
     rng = np.random.default_rng(S)
     B = 2
     imp = np.round(rng.random((B, S)) * 2000).astype(np.float32)
     vis = rng.random((B, S)) < 0.98
     lengths = np.asarray([S, S - 1234])
-    idx, n = select_visual_tokens(jnp.asarray(imp), jnp.asarray(vis), 0.25, valid_lengths=jnp.asarray(lengths),
-                                  output_length=output_length, implementation=impl)
-    for b, want in enumerate(select_reference(imp, vis, 0.25, lengths)):
+    wants = select_reference(imp, vis, 0.25, lengths)
+    longest = max(len(w) for w in wants)
+    args = (jnp.asarray(imp), jnp.asarray(vis), 0.25)
+    if output_length < longest:
+        with pytest.raises(ValueError, match=f"output_length={output_length} is shorter than the {longest} tokens"):
+            select_visual_tokens(*args, valid_lengths=jnp.asarray(lengths), output_length=output_length,
+                                 implementation=impl)
+        output_length = longest + 7
+    idx, n = select_visual_tokens(*args, valid_lengths=jnp.asarray(lengths), output_length=output_length,
+                                  implementation=impl)
+    assert idx.shape == (B, output_length)
+    for b, want in enumerate(wants):
         assert int(n[b]) == len(want)
         got = np.asarray(idx[b])
-        np.testing.assert_array_equal(got[:len(want)], want[:output_length])
+        np.testing.assert_array_equal(got[:len(want)], want)
         assert (got[len(want):] == want[-1]).all()
 
 
