@@ -80,8 +80,7 @@ def scaled_dot_product_attention(
     query, key, value = _broadcast_batch(query, key, value, enable_gqa)
     attn_mask, is_causal, causal_alignment = _causal_bias(attn_mask, is_causal, causal_alignment, query, key)
     lowering = _lowering(implementation, query.device)
-    opts = _checks.Options.make(scale, is_causal, local_window_size, logits_soft_cap, lowering, "BNTH",
-                                causal_alignment=causal_alignment)
+    opts = _options(scale, bool(is_causal), _hashable(local_window_size), logits_soft_cap, lowering, causal_alignment)
 
     bias = mask = None
     if attn_mask is not None:
@@ -134,6 +133,16 @@ class _Empty(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_out, d_lse):
         return tuple(torch.zeros(shape, dtype=dtype, device=device) for shape, dtype, device in ctx.shapes)
+
+
+@functools.lru_cache(maxsize=256)
+def _options(scale, is_causal, window, softcap, lowering, alignment) -> _checks.Options:
+    """``Options.make`` for the torch face, cached: the checks run once per distinct call."""
+    return _checks.Options.make(scale, is_causal, window, softcap, lowering, "BNTH", causal_alignment=alignment)
+
+
+def _hashable(window):
+    return tuple(window) if isinstance(window, list) else window
 
 
 def _result(out, lse, unbatched: bool, return_lse: bool):
@@ -229,7 +238,7 @@ def target(device: torch.device) -> backends.Target:
     """The device a torch call runs on, as the backend registry reads it: the tensors' own GPU when
     mmfa_torch launches the kernels itself, else JAX's device (the tensors cross through DLPack)."""
     if device.type == "cuda" and launch.enabled() and launch.available():
-        return backends.Target.cuda(launch.compute_capability(device.index), torch.cuda.get_device_name(device))
+        return _cuda_target(device.index if device.index is not None else torch.cuda.current_device())
     if device.type == "cuda":
         if not _jax_has_gpu():
             raise RuntimeError(
@@ -239,6 +248,12 @@ def target(device: torch.device) -> backends.Target:
                 "(pip install 'jax[cuda13]'), or move the tensors to the CPU")
         return backends.current_target()
     return backends.Target(device.type)
+
+
+@functools.cache
+def _cuda_target(index: int) -> backends.Target:
+    # Cached: asking CUDA for a device's name and properties costs host time on every call.
+    return backends.Target.cuda(launch.compute_capability(index), torch.cuda.get_device_name(index))
 
 
 def _lowering(implementation: str | None, device: torch.device) -> backends.Lowering:

@@ -113,9 +113,13 @@ def _multimodal(query: Tensor, key: Tensor, value: Tensor, visual_mask: Tensor, 
                 softcap: Optional[float], backend: str, cc: int,
                 layout: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     from mmfa_jax.importance import scorer_rows
-    from mmfa_jax.pruning import checked_output_length, kept_lengths
+    from mmfa_jax.pruning import checked_output_length
 
     keep = _checks.Keep(count=keep_count) if keep_count > 0 else _checks.Keep(ratio=keep)
+    # The kept lengths are concrete here: an output_length that would drop kept tokens is refused
+    # (torch ops on the mask, one small sync; JAX's eager ops cost milliseconds of host time).
+    output_length = checked_output_length(output_length, _kept_lengths(visual_mask, query_seq_lengths, keep),
+                                          visual_mask.shape[1], keep)
     visual, lengths = to_jax(visual_mask), to_jax(query_seq_lengths)
     scorers = rule if scorers is None else to_jax(scorers)
     # The static sizes the jitted pipeline needs, from the masks (left to jit, they would be the
@@ -123,12 +127,29 @@ def _multimodal(query: Tensor, key: Tensor, value: Tensor, visual_mask: Tensor, 
     if max_scorers is None:
         rows = scorer_rows(scorers, visual, lengths) if isinstance(scorers, str) else scorers
         max_scorers = max(1, int(jnp.max(jnp.sum(rows, axis=1))))
-    output_length = checked_output_length(output_length, kept_lengths(visual, keep, lengths), visual.shape[1], keep)
     r = _jitted_multimodal(to_jax(query), to_jax(key), to_jax(value), visual, None if isinstance(scorers, str) else
                            scorers, lengths, keep=keep, rule=scorers if isinstance(scorers, str) else "mask",
                            max_scorers=max_scorers, output_length=output_length, scale=scale, is_causal=is_causal,
                            softcap=softcap, implementation=lowering(backend, cc), layout=layout)
     return to_torch(r.out), to_torch(r.indices), to_torch(r.lengths), to_torch(r.importance)
+
+
+def _kept_lengths(visual_mask: Tensor, valid_lengths: Optional[Tensor], keep: _checks.Keep):
+    """(B,) int: how many tokens each example keeps (``mmfa_jax.pruning.kept_lengths`` on torch tensors,
+    with the same keep table), as NumPy."""
+    T = visual_mask.shape[1]
+    valid = torch.ones_like(visual_mask) if valid_lengths is None else (
+        torch.arange(T, device=visual_mask.device)[None, :] < valid_lengths[:, None])
+    table = _keep_table(T, keep, visual_mask.device)
+    kept = (valid & ~visual_mask).sum(1) + table[(valid & visual_mask).sum(1)]
+    return kept.cpu().numpy()
+
+
+@functools.lru_cache(maxsize=64)
+def _keep_table(T: int, keep: _checks.Keep, device: torch.device) -> Tensor:
+    from mmfa_jax.pruning import keep_table
+
+    return torch.as_tensor(keep_table(T, keep), device=device)
 
 
 @functools.partial(jax.jit, static_argnames=("keep", "rule", "max_scorers", "output_length", "scale", "is_causal",
