@@ -4,6 +4,7 @@
 backed by Pallas kernels (Triton lowering) for forward and backward.
 """
 
+from mmfa_jax._checks import ArgumentError, ArgumentTypeError
 from mmfa_jax.attention import (
     IMPLEMENTATIONS,
     attention,
@@ -19,6 +20,8 @@ from mmfa_jax.tuning import AttentionConfig, KernelConfig
 
 __all__ = [
     "IMPLEMENTATIONS",
+    "ArgumentError",
+    "ArgumentTypeError",
     "AttentionConfig",
     "KernelConfig",
     "MultimodalResult",

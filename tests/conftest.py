@@ -172,3 +172,17 @@ def jax_device_is_gpu() -> bool:
 def keep_kwargs(keep) -> dict:
     """The pruning functions' keyword for the reference's ``keep``: a ratio (float) or a count (int)."""
     return {"keep_count": keep} if isinstance(keep, (int, np.integer)) else {"keep": keep}
+
+
+# Torch tensors of the tests live where the implementation runs: CUDA for the compiled kernels
+# ("pallas", with --gpu: mmfa_torch's own launch), the CPU otherwise (they cross to jax). Tests read
+# DEVICE[0] when they make tensors.
+DEVICE = ["cpu"]
+
+
+@pytest.fixture(autouse=True)
+def _torch_device(request):
+    impl = request.getfixturevalue("impl") if "impl" in request.fixturenames else "xla"
+    DEVICE[0] = "cuda" if impl in ("pallas", "triton") else "cpu"
+    yield
+    DEVICE[0] = "cpu"

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import assert_close, normal, to_numpy, tolerance
+from conftest import DEVICE, assert_close, normal, to_numpy, tolerance
 from reference import attention_reference, importance_reference, select_reference
 
 import mmfa_jax
@@ -23,18 +23,6 @@ import mmfa_torch
 from mmfa_jax._checks import ArgumentError
 
 TOL = tolerance("float32")
-
-# Torch tensors live where the implementation runs: CUDA for the compiled kernels ("pallas", with
-# --gpu: mmfa_torch's own launch), the CPU otherwise (they cross to jax).
-DEVICE = ["cpu"]
-
-
-@pytest.fixture(autouse=True)
-def _torch_device(request):
-    impl = request.getfixturevalue("impl") if "impl" in request.fixturenames else "xla"
-    DEVICE[0] = "cuda" if impl in ("pallas", "triton") else "cpu"
-    yield
-    DEVICE[0] = "cpu"
 
 
 

@@ -95,7 +95,7 @@ def test_keep_ratio_one_and_count_one_never_share_a_cache_entry():
     """keep=1.0 (every visual token) and keep_count=1 (one) in one process: each call gets its own
     table (an lru_cache keyed on 1 == 1.0 once gave the second call the first one's)."""
     vis = jnp.ones((1, 6), bool)
-    imp = jnp.asarray(np.arange(6, dtype=np.float32))
+    imp = jnp.asarray(np.arange(6, dtype=np.float32))[None]
     assert int(keep_counts(vis, keep=1.0)[0]) == 6 and int(keep_counts(vis, keep_count=1)[0]) == 1
     assert int(keep_counts(vis, keep_count=1)[0]) == 1 and int(keep_counts(vis, keep=1.0)[0]) == 6
     assert select_visual_tokens(imp, vis, keep_count=1)[1].tolist() == [1]

@@ -31,7 +31,7 @@ def test_reference_matches_jax_nn_plain_causal_bias_gqa(rng):
 def test_reference_lse_and_dead_rows(rng):
     B, T, S, N, H = 1, 6, 4, 2, 3
     q, k, v = rng.standard_normal((B, T, N, H)), rng.standard_normal((B, S, N, H)), rng.standard_normal((B, S, N, H))
-    out, lse = attention_reference(q, k, v, is_causal=True, q_lengths=np.array([5]))
+    out, lse = attention_reference(q, k, v, is_causal=True, q_lengths=np.array([5]), bottom_right=True)
     # Bottom-right causal with T > S: rows 0, 1 see nothing; row 5 is past the query length.
     for i in (0, 1, 5):
         assert (out[0, i] == 0).all() and (lse[0, i] == -np.inf).all()
@@ -39,6 +39,10 @@ def test_reference_lse_and_dead_rows(rng):
     assert np.allclose(lse[0, 2], np.log(np.exp(s[:, 2, :1]).sum(-1)))  # row 2 sees key 0 only
     assert np.allclose(lse[0, 4], np.log(np.exp(s[:, 4, :3]).sum(-1)))
     assert np.allclose(out[0, 2], v[0, 0])
+    # Top-left (the default, as jax.nn): row i sees keys j <= i, so every row sees key 0.
+    out, lse = attention_reference(q, k, v, is_causal=True)
+    assert np.isfinite(lse).all() and np.allclose(out[0, 0], v[0, 0])
+    assert np.allclose(lse[0, 1], np.log(np.exp(s[:, 1, :2]).sum(-1)))
 
 
 @pytest.mark.parametrize("softcap", [None, 1.5])

@@ -333,7 +333,7 @@ def test_torch_triton_implementation_needs_cuda_tensors():
     import mmfa_torch
 
     q = torch.ones(1, 2, 16, 16)
-    with pytest.raises(ValueError, match="implementation='triton' needs CUDA tensors"):
+    with pytest.raises(ValueError, match="implementation='triton' needs an NVIDIA GPU"):
         mmfa_torch.scaled_dot_product_attention(q, q, q, implementation="triton")
 
 
