@@ -475,6 +475,14 @@ def _bind(module, args, kwargs):
     return out
 
 
+def _cache_of(kwargs):
+    """The KV cache a forward call was given: ``cache=`` (the name in recent transformers, 5.24 for
+    one, which hands it down to the decoder and its layers by that name) or ``past_key_values=``
+    (5.17 and earlier, and callers still using the deprecated name)."""
+    cache = kwargs.get("cache")
+    return kwargs.get("past_key_values") if cache is None else cache
+
+
 def _cache_length(cache) -> int:
     if cache is None:
         return 0
@@ -497,7 +505,7 @@ def _labels_hook(state: _PruneState):
 def _outer_pre_hook(state: _PruneState, mm):
     def hook(module, args, kwargs):
         kwargs = _bind(module, args, kwargs)
-        cache = kwargs.get("past_key_values")
+        cache = _cache_of(kwargs)
         past = _cache_length(cache)
         input_ids = kwargs.get("input_ids")
         embeds = kwargs.get("inputs_embeds")
@@ -577,7 +585,7 @@ def _lm_pre_hook(state: _PruneState):
                 state.next_position = pos.amax(dim=-1).long().expand(B) + 1
         # Sliding-window cache layers would forget the tokens past the window before layer K re-slices
         # them: have them record everything until then.
-        cache = kwargs.get("past_key_values")
+        cache = _cache_of(kwargs)
         state.recording = []
         for i, layer in enumerate(getattr(cache, "layers", []) or []):
             recordable = hasattr(layer, "activate_past_recording") and not getattr(layer, "record_past", True)
@@ -637,7 +645,7 @@ def _layer_k_hook(state: _PruneState):
         index, slot_valid = _right_aligned(kept)
         hidden = output[0] if isinstance(output, tuple) else output
         hidden = _gather_seq(hidden, index, axis=1)
-        cache = kwargs.get("past_key_values")
+        cache = _cache_of(kwargs)
         if cache is not None:
             _reslice_cache(cache, state, index)
         state.index, state.kept_valid = index, slot_valid
