@@ -2,9 +2,16 @@
 
 ``attention`` (alias ``dot_product_attention``) is a drop-in for ``jax.nn.dot_product_attention``
 backed by Pallas kernels (Triton lowering) for forward and backward.
+
+Importing it ignores jax's Pallas Triton deprecation warning where mmfa's kernels cause it (set
+``MMFA_SHOW_TRITON_DEPRECATION=1`` to see it): see ``mmfa_jax._compat``.
 """
 
-from mmfa_jax._checks import ArgumentError, ArgumentTypeError
+from mmfa_jax import _compat
+
+_compat.quiet_triton_deprecation()
+
+from mmfa_jax._checks import ArgumentError, ArgumentTypeError  # noqa: E402
 from mmfa_jax.attention import (
     IMPLEMENTATIONS,
     attention,

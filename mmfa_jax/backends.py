@@ -104,7 +104,8 @@ def settings() -> Settings:
         triton_arch=_arch(env.get("MMFA_TRITON_ARCH", "")),
         torch_launch=launch,
         cache_dir=env.get("MMFA_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "mmfa"),
-        show_deprecation=env.get("MMFA_SHOW_TRITON_DEPRECATION", "").strip().lower() in ("1", "true", "yes"),
+        show_deprecation=env.get("MMFA_SHOW_TRITON_DEPRECATION", "").strip().lower() not in ("", "0", "false", "no",
+                                                                                             "off"),
     )
 
 

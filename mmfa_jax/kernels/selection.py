@@ -77,10 +77,11 @@ class _Piece:
     def __init__(self, score_ref, kind_ref, start: int, size: int, seq_len: int):
         self.pos = start + jnp.arange(size, dtype=jnp.int32)
         inside = self.pos < seq_len
-        rows = pl.ds(jnp.int32(start), size)  # a traced start: the last piece may run past the end (masked)
-        kind = plgpu.load(kind_ref.at[rows], mask=inside, other=DROPPED).astype(jnp.int32)
+        # The last piece may run past the end (masked): named by its positions, not a slice (see
+        # ``_Packer.finish``).
+        kind = plgpu.load(kind_ref.at[self.pos], mask=inside, other=DROPPED).astype(jnp.int32)
         self.candidate, self.text = kind == CANDIDATE, kind == TEXT
-        key = _ordered_keys(plgpu.load(score_ref.at[rows], mask=inside, other=0.0))
+        key = _ordered_keys(plgpu.load(score_ref.at[self.pos], mask=inside, other=0.0))
         self.key = jnp.where(self.candidate, key, _SIGN)
 
 
@@ -152,8 +153,12 @@ class _Packer:
 
     def finish(self):
         """Fills the tail; returns how many positions were kept (stored or not)."""
+        # Triton's arrays have power-of-two sizes, so the row is written as a masked vector of
+        # next_power_of_2(out_len) slots. They are named by an index vector, not a slice: a slice
+        # past the row's end is refused at trace time (jax 0.12), the masked store of the same
+        # offsets is not, and lowers to the same contiguous store.
         tail = jnp.arange(pl.next_power_of_2(self.out_len), dtype=jnp.int32)
-        plgpu.store(self.ref.at[pl.ds(0, tail.shape[0])], jnp.full(tail.shape, self.last, jnp.int32),
+        plgpu.store(self.ref.at[tail], jnp.full(tail.shape, self.last, jnp.int32),
                     mask=(tail >= self.kept) & (tail < self.out_len))
         return self.kept
 
@@ -163,7 +168,7 @@ def _compact_kernel(flags_ref, positions_ref, count_ref, *, seq_len: int, out_le
     for start, size in _pieces(seq_len):
         pos = start + jnp.arange(size, dtype=jnp.int32)
         inside = pos < seq_len
-        packer.add(pos, plgpu.load(flags_ref.at[pl.ds(jnp.int32(start), size)], mask=inside, other=False) & inside)
+        packer.add(pos, plgpu.load(flags_ref.at[pos], mask=inside, other=False) & inside)
     count_ref[...] = jnp.minimum(packer.finish(), out_len)
 
 
