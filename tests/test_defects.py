@@ -48,7 +48,7 @@ def visual_layout(rng, B, S, n_text=4):
 
 def kept_of(indices, lengths):
     """The kept positions per example, as a list of int arrays."""
-    indices, lengths = np.asarray(indices), np.asarray(lengths)
+    indices, lengths = (np.asarray(x.cpu() if isinstance(x, torch.Tensor) else x) for x in (indices, lengths))
     return [indices[b, :lengths[b]].astype(np.int64) for b in range(len(lengths))]
 
 
