@@ -18,10 +18,11 @@ MESSAGE = "The Pallas Triton backend is deprecated"
 LOWER_MMFA = """
 import jax, jax.numpy as jnp
 import mmfa_jax
-from mmfa_jax import triton_route
+from mmfa_jax import backends, triton_route
 from mmfa_jax.kernels import selection
-triton_route.lower_for(lambda f: selection.compact(f, 5), jax.ShapeDtypeStruct((2, 45), jnp.bool_),
-                       device_kind="NVIDIA H100")
+# Resolved while tracing, for the abstract H100 being lowered for: XLA's Triton, jax's own lowering.
+triton_route.lower_for(lambda f: selection.compact(f, 5, lowering=backends.resolve("pallas")),
+                       jax.ShapeDtypeStruct((2, 45), jnp.bool_), device_kind="NVIDIA H100")
 print("lowered")
 """
 
