@@ -10,6 +10,7 @@ Importing it ignores jax's Pallas Triton deprecation warning where mmfa's kernel
 from mmfa_jax import _compat
 
 _compat.quiet_triton_deprecation()
+_compat.settle_trace_context()
 
 from mmfa_jax._checks import ArgumentError, ArgumentTypeError  # noqa: E402
 from mmfa_jax.attention import (
@@ -20,6 +21,7 @@ from mmfa_jax.attention import (
     dot_product_attention,
     pallas_available,
 )
+from mmfa_jax.decode import decode_attention
 from mmfa_jax.importance import scorer_rows, sparsevlm_raters, visual_token_importance
 from mmfa_jax.multimodal import MultimodalResult, multimodal_attention
 from mmfa_jax.pruning import gather_tokens, select_visual_tokens
@@ -34,6 +36,7 @@ __all__ = [
     "MultimodalResult",
     "attention",
     "attention_at_rows",
+    "decode_attention",
     "default_implementation",
     "dot_product_attention",
     "gather_tokens",

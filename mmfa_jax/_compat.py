@@ -52,3 +52,12 @@ def quiet_triton_deprecation() -> bool:
                             module=TRITON_DEPRECATION_MODULE)
     _installed = True
     return True
+
+
+def settle_trace_context():
+    """Import, up front, the jax modules that a first Pallas call imports lazily and that define a
+    configuration option belonging to jax's tracing context (jax 0.11.2 and 0.12:
+    ``jax._src.pallas.fuser.jaxpr_fusion``, reached through the Pallas interpreter). Defined after a
+    first call, such an option changes the context, so every function jitted before it would trace
+    and compile once more on its second call."""
+    import jax.experimental.pallas.fuser  # noqa: F401

@@ -46,6 +46,12 @@ FORWARD = KernelPlan("mmfa_flash_forward", ("q", "k", "v", *_SIDE, "mask_ranges"
                      ("out", "lse"))
 BACKWARD_DQ = KernelPlan("mmfa_flash_dq", ("q", "k", "v", *_SIDE, "d_out", "lse", "delta"), ("dq", "dbias"))
 BACKWARD_DKV = KernelPlan("mmfa_flash_dkv", ("q", "k", "v", *_SIDE, "d_out", "lse", "delta"), ("dk", "dv"))
+# Split-KV decode (``mmfa_jax.kernels.decode``): q, k, v flattened to 2-D (rows, D); ``seq_len`` (1,)
+# int32 is the cache length the K/V rows really hold (the kernel may be compiled for more);
+# ``kv_lengths`` (B,) int32 is optional. The merge's results are the flattened output and LSE.
+DECODE_PARTIAL = KernelPlan("mmfa_decode_partial", ("q", "k", "v", "seq_len", "kv_lengths"),
+                            ("partial_out", "partial_lse"))
+DECODE_MERGE = KernelPlan("mmfa_decode_merge", ("partial_out", "partial_lse"), ("out", "lse"))
 
 
 def forward(has_mask: bool) -> tuple[KernelPlan, ...]:
@@ -57,3 +63,8 @@ def backward() -> tuple[KernelPlan, ...]:
     """The backward's kernels in launch order (``delta`` is computed before them, the bias
     gradient reduced after: ``mmfa_jax._autodiff``)."""
     return (BACKWARD_DQ, BACKWARD_DKV)
+
+
+def decode() -> tuple[KernelPlan, ...]:
+    """The decode kernels in launch order: the partial kernel's results are the merge's operands."""
+    return (DECODE_PARTIAL, DECODE_MERGE)

@@ -91,17 +91,32 @@ def select(importance, visual_mask, rule: Keep, valid_lengths, output_length, lo
     if importance.shape != visual_mask.shape:
         raise ArgumentError(f"importance must have the shape of visual_mask {visual_mask.shape}, got "
                             f"{importance.shape}")
-    B, S = visual_mask.shape
-    valid = jnp.ones((B, S), bool) if valid_lengths is None else (
-        jnp.arange(S)[None, :] < jnp.asarray(valid_lengths)[:, None])
-    visual = visual_mask & valid
-    table = keep_table(S, rule)
+    S = visual_mask.shape[1]
+    valid_lengths = None if valid_lengths is None else jnp.asarray(valid_lengths)
     output_length = checked_output_length(output_length, kept_lengths(visual_mask, rule, valid_lengths), S, rule)
-    lowering = _selection_lowering(lowering, S)
+    return select_checked(importance, visual_mask, valid_lengths, rule=rule, output_length=output_length,
+                          lowering=lowering)
+
+
+def select_checked(importance, visual_mask, valid_lengths, *, rule: Keep, output_length: int,
+                   lowering: backends.Lowering):
+    """``select`` of checked arguments (output_length static and checked; mmfa_torch checks with
+    torch ops): one jitted call."""
+    return _select(importance, visual_mask, valid_lengths, rule=rule, output_length=output_length,
+                   lowering=_selection_lowering(lowering, visual_mask.shape[1]))
+
+
+# Under one jit with the static choices, so that a warm call compiles nothing (an eager
+# pallas_call is traced and compiled anew on every call).
+@functools.partial(jax.jit, static_argnames=("rule", "output_length", "lowering"))
+def _select(importance, visual_mask, valid_lengths, *, rule: Keep, output_length: int, lowering: backends.Lowering):
+    B, S = visual_mask.shape
+    valid = jnp.ones((B, S), bool) if valid_lengths is None else (jnp.arange(S)[None, :] < valid_lengths[:, None])
+    visual = visual_mask & valid
     if lowering.kernels:
         kind = jnp.where(valid, jnp.where(visual_mask, selection.CANDIDATE, selection.TEXT), selection.DROPPED)
-        return selection.select(importance.astype(jnp.float32), kind.astype(jnp.int8), table, output_length,
-                                lowering=lowering)
+        return selection.select(importance.astype(jnp.float32), kind.astype(jnp.int8), keep_table(S, rule),
+                                output_length, lowering=lowering)
     chosen = _top_visual(importance.astype(jnp.float32), visual, keep_counts(visual, rule))
     kept = (valid & ~visual_mask) | chosen
     return packed_positions(kept, output_length), jnp.sum(kept, axis=1).astype(jnp.int32)
@@ -181,7 +196,12 @@ def compact_positions(mask, length: int, implementation: str | None = None):
 def compact(mask, length: int, lowering: backends.Lowering):
     """``compact_positions`` with the backend resolved."""
     mask = jnp.asarray(mask)
-    lowering = _selection_lowering(lowering, mask.shape[1])
+    return _compact(mask, length=_checks.integer(length, "length", minimum=1),
+                    lowering=_selection_lowering(lowering, mask.shape[1]))
+
+
+@functools.partial(jax.jit, static_argnames=("length", "lowering"))
+def _compact(mask, *, length: int, lowering: backends.Lowering):
     if not lowering.kernels:
         return packed_positions(mask, length), jnp.minimum(jnp.sum(mask, axis=1), length).astype(jnp.int32)
     return selection.compact(mask, length, lowering=lowering)

@@ -8,12 +8,11 @@ import functools
 from typing import Optional
 
 import jax
-import jax.numpy as jnp
 import torch
 
 from mmfa_jax import _checks
 from mmfa_jax.importance import visual_token_importance as _jax_importance
-from mmfa_jax.pruning import select_visual_tokens as _jax_select
+from mmfa_jax import pruning as _jax_pruning
 from mmfa_torch.attention import _in_layout, _int32, _layout_of, _lowering
 from mmfa_torch.bridge import to_jax, to_torch
 from mmfa_torch.ops import lowering
@@ -85,9 +84,19 @@ def select_visual_tokens(importance: Tensor, visual_mask: Tensor, keep=None, *, 
     """(indices (B, L) int32, lengths (B,) int32) of the kept tokens, in order; see
     ``mmfa_jax.pruning.select_visual_tokens`` (``keep`` a ratio in (0, 1], or ``keep_count``)."""
     rule = _checks.checked_keep(keep, keep_count)
-    idx, n = _jax_select(to_jax(importance.detach().contiguous()), to_jax(visual_mask.contiguous()), rule,
-                         valid_lengths=None if valid_lengths is None else to_jax(_int32(valid_lengths, "valid_lengths")),
-                         output_length=output_length)
+    if visual_mask.dim() != 2 or visual_mask.dtype != torch.bool:
+        raise _checks.ArgumentError(f"visual_mask must be a boolean (B, S) tensor, got {visual_mask.dtype} "
+                                    f"{tuple(visual_mask.shape)}")
+    if importance.shape != visual_mask.shape:
+        raise _checks.ArgumentError(f"importance must have the shape of visual_mask {tuple(visual_mask.shape)}, "
+                                    f"got {tuple(importance.shape)}")
+    valid_lengths = None if valid_lengths is None else _int32(valid_lengths, "valid_lengths")
+    S = visual_mask.shape[1]
+    kept, _ = _static_sizes(visual_mask, valid_lengths, rule, "text", None)
+    output_length = _jax_pruning.checked_output_length(output_length, kept, S, rule)
+    idx, n = _jax_pruning.select_checked(to_jax(importance.detach().contiguous()), to_jax(visual_mask.contiguous()),
+                                         to_jax(valid_lengths), rule=rule, output_length=output_length,
+                                         lowering=_lowering(None, importance.device))
     return to_torch(idx), to_torch(n)
 
 
@@ -112,21 +121,16 @@ def _multimodal(query: Tensor, key: Tensor, value: Tensor, visual_mask: Tensor, 
                 max_scorers: Optional[int], output_length: Optional[int], scale: Optional[float], is_causal: bool,
                 softcap: Optional[float], backend: str, cc: int,
                 layout: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    from mmfa_jax.importance import scorer_rows
-    from mmfa_jax.pruning import checked_output_length
-
     keep = _checks.Keep(count=keep_count) if keep_count > 0 else _checks.Keep(ratio=keep)
-    # The kept lengths are concrete here: an output_length that would drop kept tokens is refused
-    # (torch ops on the mask, one small sync; JAX's eager ops cost milliseconds of host time).
-    output_length = checked_output_length(output_length, _kept_lengths(visual_mask, query_seq_lengths, keep),
-                                          visual_mask.shape[1], keep)
+    # The static sizes the jitted pipeline needs (left to jit, they would be the full length: a
+    # (T, S) scoring pass and no shorter sequence), and the check that an output_length given
+    # keeps every kept token: from the masks, by torch ops and one small sync.
+    kept, scorer_counts = _static_sizes(visual_mask, query_seq_lengths, keep, rule, scorers)
+    output_length = _jax_pruning.checked_output_length(output_length, kept, visual_mask.shape[1], keep)
+    if max_scorers is None:
+        max_scorers = max(1, int(scorer_counts.max()))
     visual, lengths = to_jax(visual_mask), to_jax(query_seq_lengths)
     scorers = rule if scorers is None else to_jax(scorers)
-    # The static sizes the jitted pipeline needs, from the masks (left to jit, they would be the
-    # full length: a (T, S) scoring pass and no shorter sequence).
-    if max_scorers is None:
-        rows = scorer_rows(scorers, visual, lengths) if isinstance(scorers, str) else scorers
-        max_scorers = max(1, int(jnp.max(jnp.sum(rows, axis=1))))
     r = _jitted_multimodal(to_jax(query), to_jax(key), to_jax(value), visual, None if isinstance(scorers, str) else
                            scorers, lengths, keep=keep, rule=scorers if isinstance(scorers, str) else "mask",
                            max_scorers=max_scorers, output_length=output_length, scale=scale, is_causal=is_causal,
@@ -134,15 +138,21 @@ def _multimodal(query: Tensor, key: Tensor, value: Tensor, visual_mask: Tensor, 
     return to_torch(r.out), to_torch(r.indices), to_torch(r.lengths), to_torch(r.importance)
 
 
-def _kept_lengths(visual_mask: Tensor, valid_lengths: Optional[Tensor], keep: _checks.Keep):
-    """(B,) int: how many tokens each example keeps (``mmfa_jax.pruning.kept_lengths`` on torch tensors,
-    with the same keep table), as NumPy."""
+def _static_sizes(visual_mask: Tensor, valid_lengths: Optional[Tensor], keep: _checks.Keep, rule: str,
+                  scorers: Optional[Tensor]):
+    """(kept (B,), scorer rows (B,)) as NumPy: how many tokens each example keeps
+    (``mmfa_jax.pruning.kept_lengths`` with the same keep table) and how many rows rate its visual
+    tokens (``mmfa_jax.importance.scorer_rows``: "text", "last", or the ``scorers`` mask), from
+    torch ops on the masks and one transfer."""
     T = visual_mask.shape[1]
     valid = torch.ones_like(visual_mask) if valid_lengths is None else (
         torch.arange(T, device=visual_mask.device)[None, :] < valid_lengths[:, None])
     table = _keep_table(T, keep, visual_mask.device)
-    kept = (valid & ~visual_mask).sum(1) + table[(valid & visual_mask).sum(1)]
-    return kept.cpu().numpy()
+    text = (valid & ~visual_mask).sum(1)
+    kept = text + table[(valid & visual_mask).sum(1)]
+    rows = {"text": text, "last": valid.any(1).long()}.get(rule) if scorers is None else scorers.sum(1)
+    both = torch.stack([kept, rows]).cpu().numpy()
+    return both[0], both[1]
 
 
 @functools.lru_cache(maxsize=64)

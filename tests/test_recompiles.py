@@ -1,0 +1,143 @@
+"""A call whose shapes were seen compiles nothing: every public function, both faces, the
+transformers path (prefill, pruning, decode). Counted with ``mmfa_jax.compiles`` (jax.monitoring's
+XLA compile events, and the Triton route's own compiles) on fresh random data each call.
+
+An eager ``pallas_call`` builds a new jitted wrapper on every call, so it compiles every time:
+these tests are what keeps each kernel launch under a cached jit.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import jax.numpy as jnp
+
+import mmfa_jax
+from conftest import DEVICE
+from mmfa_jax import compiles
+
+
+def _twice(make, call):
+    """Run ``call(*make())`` twice on fresh data; returns what the second run compiled."""
+    call(*make())
+    with compiles.counted() as seen:
+        out = call(*make())
+        jax_block(out)
+    return seen
+
+
+def jax_block(out):
+    import jax
+
+    for leaf in jax.tree_util.tree_leaves(out):
+        if hasattr(leaf, "block_until_ready"):
+            leaf.block_until_ready()
+
+
+def _data(rng, B=2, T=40, S=40, H=2, D=16):
+    def make():
+        q = jnp.asarray(rng.standard_normal((B, T, H, D)), jnp.float32)
+        k = jnp.asarray(rng.standard_normal((B, S, H, D)), jnp.float32)
+        v = jnp.asarray(rng.standard_normal((B, S, H, D)), jnp.float32)
+        visual = jnp.asarray(np.arange(S)[None, :].repeat(B, 0) % 3 != 0)
+        return q, k, v, visual
+    return make
+
+
+@pytest.mark.parametrize("what", ["attention", "attention_lse", "attention_at_rows", "importance", "importance_no_lse",
+                                  "select", "compact", "multimodal"])
+def test_jax_face_warm_calls_compile_nothing(what, impl, rng):
+    make = _data(rng)
+
+    def call(q, k, v, visual):
+        if what == "attention":
+            return mmfa_jax.attention(q, k, v, is_causal=True, implementation=impl)
+        if what == "attention_lse":
+            return mmfa_jax.attention(q, k, v, return_lse=True, implementation=impl)
+        if what == "attention_at_rows":
+            rows = jnp.tile(jnp.arange(0, 40, 2, dtype=jnp.int32)[None], (2, 1))
+            return mmfa_jax.attention_at_rows(q, rows, k, v, implementation=impl)
+        if what in ("importance", "importance_no_lse"):
+            _, lse = mmfa_jax.attention(q, k, v, return_lse=True, implementation=impl)
+            return mmfa_jax.visual_token_importance(q, k, lse if what == "importance" else None, visual,
+                                                    implementation=impl)
+        if what == "select":
+            score = mmfa_jax.visual_token_importance(q, k, None, visual, implementation=impl)
+            return mmfa_jax.select_visual_tokens(score, visual, 0.5, implementation=impl)
+        if what == "compact":
+            from mmfa_jax.pruning import compact_positions
+            return compact_positions(visual, 30, implementation=impl)
+        return mmfa_jax.multimodal_attention(q, k, v, visual, 0.5, implementation=impl)
+
+    seen = _twice(make, call)
+    assert seen.total == 0, f"{what}: a warm call compiled: {seen}"
+
+
+torch = pytest.importorskip("torch")
+
+
+def _torch_data(rng, B=2, T=40, H=2, D=16):
+    device = DEVICE[0]
+
+    def make():
+        q, k, v = (torch.as_tensor(rng.standard_normal((B, H, T, D)), dtype=torch.float32, device=device)
+                   for _ in range(3))
+        visual = torch.as_tensor(np.arange(T)[None, :].repeat(B, 0) % 3 != 0, device=device)
+        return q, k, v, visual
+    return make
+
+
+@pytest.mark.parametrize("what", ["sdpa", "sdpa_backward", "importance", "select", "multimodal"])
+def test_torch_face_warm_calls_compile_nothing(what, impl, rng):
+    import mmfa_torch
+
+    make = _torch_data(rng)
+
+    def call(q, k, v, visual):
+        if what == "sdpa":
+            return mmfa_torch.scaled_dot_product_attention(q, k, v, is_causal=True, implementation=impl)
+        if what == "sdpa_backward":
+            q.requires_grad_(True)
+            out = mmfa_torch.scaled_dot_product_attention(q, k, v, is_causal=True, implementation=impl)
+            out.sum().backward()
+            return q.grad
+        if what in ("importance", "select"):
+            _, lse = mmfa_torch.scaled_dot_product_attention(q, k, v, return_lse=True, implementation=impl)
+            score = mmfa_torch.visual_token_importance(q, k, lse, visual, implementation=impl)
+            if what == "importance":
+                return score
+            return mmfa_torch.select_visual_tokens(score, visual, 0.5)
+        return mmfa_torch.multimodal_attention(q, k, v, visual, 0.5, implementation=impl)
+
+    seen = _twice(make, call)
+    assert seen.total == 0, f"{what}: a warm call compiled: {seen}"
+
+
+@pytest.mark.parametrize("prune", [False, True], ids=["dense", "prune"])
+def test_generate_compiles_nothing_when_warm(prune, impl, rng):
+    """A second ``generate`` of the same shapes (prefill, pruned prefill, decode steps) compiles nothing."""
+    pytest.importorskip("transformers")
+    from mmfa_torch import hf
+    from mmfa_torch.testing import vlms
+
+    hf.register(implementation=impl)
+    try:
+        model = vlms.build("llava", seed=int(rng.integers(2**31)))
+        if prune:
+            hf.prune_visual_tokens(model, 0.25, layer=1)
+        seeds = iter(rng.integers(2**31, size=2))
+
+        def make():
+            return (vlms.make_inputs(model, "llava", images_per_example=(1, 1), text_lengths=[3, 5],
+                                     seed=int(next(seeds)), device=DEVICE[0],
+                                     dtype=torch.bfloat16 if DEVICE[0] == "cuda" else torch.float32),)
+
+        def call(inputs):
+            with torch.no_grad():
+                return model.generate(**inputs, max_new_tokens=3, do_sample=False)
+
+        seen = _twice(make, call)
+    finally:
+        hf.register(implementation=None)
+    assert seen.total == 0, f"a warm generate compiled: {seen}"
