@@ -10,9 +10,10 @@ aligned bottom-right, as a KV-cache step is).
     python bench/decode.py                       # B in {1, 8}, S in {8k, 32k, 128k}, 32/8 heads, d128, bf16
     python bench/decode.py --batch 1 --seq-lens 32768 --rows 1 4 16
 
-Implementations: mmfa_torch (SDPA layout, mmfa's own launch), mmfa_jax, and torch SDPA with the
-cuDNN, flash and memory-efficient backends (``enable_gqa``; a backend that refuses is recorded
-with its error).
+Implementations: mmfa_torch and mmfa_jax (``decode_attention``: the split-KV kernels; the torch face
+launches them itself), mmfa_prefill_kernel (mmfa_torch's SDPA, the prefill kernel, for comparison),
+and torch SDPA with the cuDNN, flash and memory-efficient backends (``enable_gqa``; a backend that
+refuses is recorded with its error).
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import torch  # noqa: E402
 
-IMPLS = ("mmfa_torch", "mmfa_jax", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient")
-FIELDS = ["impl", "batch", "q_heads", "kv_heads", "rows", "seq_len", "head_dim", "us", "hbm_fraction", "error"]
+IMPLS = ("mmfa_torch", "mmfa_jax", "mmfa_prefill_kernel", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient")
+FIELDS = ["impl", "timing", "batch", "q_heads", "kv_heads", "rows", "seq_len", "head_dim", "us", "hbm_fraction", "error"]
 
 
 def cuda_us(fn, *, calls: int = 50, repeats: int = 7) -> float:
@@ -42,6 +43,33 @@ def cuda_us(fn, *, calls: int = 50, repeats: int = 7) -> float:
         start.record()
         for _ in range(calls):
             fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / calls)
+    return statistics.median(times)
+
+
+def graph_us(fn, *, calls: int = 50, repeats: int = 7) -> float:
+    """Median microseconds per call of ``calls`` launches captured in one CUDA graph and replayed:
+    the device time alone, with no host cost per call (what a captured decode step pays)."""
+    fn()  # warm: compile, allocate, and make the per-length constants before capture
+    torch.cuda.synchronize()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) * 1e3 / calls)
@@ -70,6 +98,10 @@ def step(impl: str, q, k, v):
     if impl == "mmfa_torch":
         import mmfa_torch
 
+        return lambda: mmfa_torch.decode_attention(q, k, v)
+    if impl == "mmfa_prefill_kernel":
+        import mmfa_torch
+
         bias = None if rows == 1 else _lower_right(rows, seq)
         return lambda: mmfa_torch.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=True)
     if impl.startswith("sdpa_"):
@@ -92,7 +124,7 @@ def _lower_right(rows: int, seq: int):
     return causal_lower_right(rows, seq)
 
 
-def run_case(impl, batch, q_heads, kv_heads, rows, seq, head_dim, dtype, calls):
+def run_case(impl, batch, q_heads, kv_heads, rows, seq, head_dim, dtype, calls, graphs=False):
     g = torch.Generator(device="cuda").manual_seed(seq + rows)
     q = torch.randn(batch, q_heads, rows, head_dim, device="cuda", dtype=dtype, generator=g)
     k, v = (torch.randn(batch, kv_heads, seq, head_dim, device="cuda", dtype=dtype, generator=g) for _ in range(2))
@@ -103,24 +135,10 @@ def run_case(impl, batch, q_heads, kv_heads, rows, seq, head_dim, dtype, calls):
         import mmfa_jax
 
         jq, jk, jv = (jnp.asarray(t.float().cpu().numpy(), dtype=jnp.bfloat16).swapaxes(1, 2) for t in (q, k, v))
-        if rows == 1:
-            fn = jax.jit(lambda q, k, v: mmfa_jax.attention(q, k, v))
-        else:
-            fn = jax.jit(lambda q, k, v: mmfa_jax.attention(q, k, v, **_jax_lower_right()))
+        fn = jax.jit(lambda q, k, v: mmfa_jax.decode_attention(q, k, v))
         return jax_us(fn, (jq, jk, jv), calls=calls)
     with torch.no_grad():
-        return cuda_us(step(impl, q, k, v), calls=calls)
-
-
-def _jax_lower_right() -> dict:
-    """The keyword that asks mmfa_jax for a bottom-right causal mask (its name changed with the
-    top-left default of is_causal)."""
-    import inspect
-
-    import mmfa_jax
-
-    params = inspect.signature(mmfa_jax.attention).parameters
-    return {"causal_alignment": "bottom_right", "is_causal": True} if "causal_alignment" in params else {"is_causal": True}
+        return (graph_us if graphs else cuda_us)(step(impl, q, k, v), calls=calls)
 
 
 def main(argv=None):
@@ -133,6 +151,9 @@ def main(argv=None):
     ap.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
     ap.add_argument("--hbm", type=float, default=4.8, help="HBM bandwidth in TB/s (H200: 4.8)")
     ap.add_argument("--calls", type=int, default=50)
+    ap.add_argument("--graphs", action="store_true",
+                    help="time the torch implementations as CUDA graph replays (device time, no host cost per "
+                         "call); mmfa_jax is always timed by wall clock of jitted calls")
     ap.add_argument("--out", default="results/decode.csv")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -148,10 +169,12 @@ def main(argv=None):
                 print(f"B={batch} S={seq} rows={rows}: K/V {kv_bytes / 2**20:.0f} MiB, HBM floor {floor:.1f} us",
                       flush=True)
                 for impl in args.impls:
-                    row = dict(impl=impl, batch=batch, q_heads=args.heads[0], kv_heads=args.heads[1], rows=rows,
+                    timing = "wall" if impl == "mmfa_jax" else ("graph" if args.graphs else "events")
+                    row = dict(impl=impl, timing=timing, batch=batch, q_heads=args.heads[0], kv_heads=args.heads[1], rows=rows,
                                seq_len=seq, head_dim=args.head_dim, error="")
                     try:
-                        us = run_case(impl, batch, *args.heads, rows, seq, args.head_dim, dtype, args.calls)
+                        us = run_case(impl, batch, *args.heads, rows, seq, args.head_dim, dtype, args.calls,
+                                      args.graphs)
                         row.update(us=round(us, 2), hbm_fraction=round(floor / us, 3))
                         print(f"  {impl:15s} {us:9.1f} us  {100 * floor / us:5.1f}% of HBM", flush=True)
                     except Exception as e:  # noqa: BLE001  (a backend that refuses is recorded)

@@ -100,7 +100,8 @@ def prepare(query, key, value, *, kv_lengths=None, scale=None, logits_soft_cap=N
     problem, config = make_problem(
         batch=d.batch, q_heads=d.q_heads, kv_heads=d.kv_heads, q_len=d.q_len, kv_len=d.kv_len, head_dim=d.head_dim,
         dtype=query.dtype, scale=scale if scale is not None else d.head_dim ** -0.5, softcap=softcap, layout=layout,
-        has_kv_lengths=kv_lengths is not None, family=lowering.family, splits=splits, capacity=capacity)
+        has_kv_lengths=kv_lengths is not None, family=lowering.family, cc=lowering.cc, splits=splits,
+        capacity=capacity)
     return _Static(problem, config, lowering), (query, key, value, kv_lengths)
 
 
@@ -160,3 +161,17 @@ def _array(x, name: str):
         return jnp.asarray(x)
     except TypeError:
         raise ArgumentTypeError(f"{name} must be an array, got {type(x).__name__}") from None
+
+
+# Cache capacities a launcher compiles for (the kernels read the cache through its runtime length,
+# so one compiled pair serves every length up to its capacity): multiples of 256 keys up to 2,048,
+# then eight buckets per doubling, so a decode of n tokens meets about 8 * log2(n / 2048) kernels
+# and a bucket is at most 1/8 larger than the cache it serves (work follows the real length).
+CAPACITY_STEP, BUCKETS_PER_DOUBLING = 256, 8
+
+
+def capacity_of(seq_len: int) -> int:
+    """The bucket capacity (>= ``seq_len``) a launcher compiles the decode kernels for."""
+    seq_len = max(1, int(seq_len))
+    step = max(CAPACITY_STEP, (1 << (seq_len - 1).bit_length()) // (2 * BUCKETS_PER_DOUBLING))
+    return -(-seq_len // step) * step

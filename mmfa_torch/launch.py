@@ -391,3 +391,56 @@ def backward(opts: Options, q, k, v, bias, mask, q_seg, kv_seg, q_len, kv_len, o
     if dbias is not None:
         dbias = _autodiff.reduce_dbias(dbias, tuple(named["bias"].shape[:2])).to(bias.dtype)
     return grads["dq"], grads["dk"], grads["dv"], dbias
+
+
+# ------------------------------------------------------------------------------------------------
+# Decode: the split-KV kernels, one compiled pair per bucket of cache lengths.
+
+
+@functools.lru_cache(maxsize=256)
+def _decode_kernels(static, signature: tuple, cc: int) -> tuple[_Kernel, _Kernel]:
+    """The partial and merge kernels of a prepared decode call (``mmfa_jax.decode.prepare``, its
+    problem compiled for the bucket's capacity), lowered by the Triton route."""
+    from mmfa_jax.decode import run
+
+    static = dataclasses.replace(static, lowering=static.lowering.via_triton_route())
+
+    def fn(q, k, v, kv_lengths):
+        return run(static, q, k, v, kv_lengths)
+
+    return capture(fn, signature, cc, plans.decode())
+
+
+_seq_lens: dict[tuple[int, int], torch.Tensor] = {}
+
+
+def _seq_len(S: int, device: torch.device) -> torch.Tensor:
+    """The runtime cache length as the (1,) int32 device tensor the partial kernel reads; made once
+    per length and device (no host-to-device copy per call once seen, as CUDA graphs need)."""
+    key = (S, device.index)
+    t = _seq_lens.get(key)
+    if t is None:
+        if len(_seq_lens) > 4096:
+            _seq_lens.clear()
+        t = _seq_lens[key] = torch.full((1,), S, dtype=torch.int32, device=device)
+    return t
+
+
+def decode_kernels(static, q_shape, q_dtype, kv_shape, kv_dtype, lengths_shape) -> tuple[_Kernel, _Kernel]:
+    """The compiled pair of a prepared decode call (``mmfa_jax.decode.prepare`` for a capacity: the
+    K/V shape ``kv_shape`` holds it), for the current device's compute capability."""
+    signature = ((q_shape, _JAX_DTYPE[q_dtype]), (kv_shape, _JAX_DTYPE[kv_dtype]), (kv_shape, _JAX_DTYPE[kv_dtype]),
+                 None if lengths_shape is None else (lengths_shape, "int32"))
+    return _decode_kernels(static, signature, compute_capability(torch.cuda.current_device()))
+
+
+def run_decode(kernels, q, k, v, S: int, kv_lengths) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out (B, Hq, T, D) like q, lse (B, Hq, T) float32) of contiguous CUDA tensors in torch's
+    layout, q (B, Hq, T, D), k / v (B, Hkv, S, D), kv_lengths (B,) int32 or None, by the pair of
+    ``decode_kernels`` compiled for a capacity >= S: the kernels read the cache through its
+    runtime length S, so the same pair serves every S of the bucket, on the tensors as they are."""
+    partial_kernel, merge_kernel = kernels
+    parts = partial_kernel.run(dict(q=q, k=k, v=v, seq_len=_seq_len(S, q.device), kv_lengths=kv_lengths), q.device)
+    result = merge_kernel.run(parts, q.device)
+    B, Hq, T, D = q.shape
+    return result["out"].view(B, Hq, T, D), result["lse"].view(B, Hq, T)

@@ -16,7 +16,9 @@ step() { local name=$1; shift; echo "== $name: $*"; local t0=$SECONDS
 step attention python3 bench/attention.py --preset target --impls mmfa_jax,mmfa_torch,jax_cudnn,torch_cudnn \
   --repeats 5 --out "$out/attention.csv"
 step pipeline python3 bench/mmfa.py --preset target --torch --out "$out/pipeline.csv"
-step decode python3 bench/decode.py --out "$out/decode.csv"
+step decode python3 bench/decode.py --graphs --impls mmfa_torch mmfa_prefill_kernel sdpa_cudnn sdpa_flash \
+  --out "$out/decode.csv"
+step decode_calls python3 bench/decode.py --impls mmfa_torch mmfa_jax sdpa_cudnn --batch 1 --out "$out/decode_calls.csv"
 step vlm python3 bench/vlm.py --preset h100 --families ${VLM_FAMILIES:-llava qwen2_5_vl gemma3} \
   --impls sdpa mmfa mmfa+prune --keeps 0.25 --visual ${VLM_VISUAL:-2304 9216} --new-tokens 16 --out "$out/vlm.csv"
 python3 scripts/regression_table.py "$out" | tee "$out/table.md"

@@ -42,18 +42,21 @@ def main(argv=None):
     for r in _rows(folder / "pipeline.csv"):
         print(f"| keep {r['keep']} | {_num(r['dense_ms'])} | {_num(r['pipeline_ms'])} | {_num(r['speedup'])}x | "
               f"{_num(r.get('torch_pipeline_ms'))} |")
-    print("\n| decode (32/8 heads, d128, bf16), µs | B | S | " + " | ".join(
-        dict.fromkeys(r["impl"] for r in _rows(folder / "decode.csv"))) + " |")
-    dec = _rows(folder / "decode.csv")
-    impls = list(dict.fromkeys(r["impl"] for r in dec))
-    print("|---|---|---|" + "---|" * len(impls))
-    for key in dict.fromkeys((r["batch"], r["seq_len"], r["rows"]) for r in dec):
-        cells = []
-        for impl in impls:
-            hit = [r for r in dec if (r["batch"], r["seq_len"], r["rows"]) == key and r["impl"] == impl]
-            cells.append(f"{_num(hit[0]['us'], '{:.0f}')} ({_num(hit[0]['hbm_fraction'], '{:.0%}')})"
-                         if hit and not hit[0]["error"] else "err")
-        print(f"| rows {key[2]} | {key[0]} | {key[1]} | " + " | ".join(cells) + " |")
+    for name, what in (("decode.csv", "CUDA-graph replays: device time"),
+                       ("decode_calls.csv", "back-to-back calls: host cost included")):
+        dec = _rows(folder / name) if (folder / name).exists() else []
+        if not dec:
+            continue
+        impls = list(dict.fromkeys(r["impl"] for r in dec))
+        print(f"\n| decode (32/8 heads, d128, bf16; {what}), µs | B | S | " + " | ".join(impls) + " |")
+        print("|---|---|---|" + "---|" * len(impls))
+        for key in dict.fromkeys((r["batch"], r["seq_len"], r["rows"]) for r in dec):
+            cells = []
+            for impl in impls:
+                hit = [r for r in dec if (r["batch"], r["seq_len"], r["rows"]) == key and r["impl"] == impl]
+                cells.append(f"{_num(hit[0]['us'], '{:.0f}')} ({_num(hit[0]['hbm_fraction'], '{:.0%}')})"
+                             if hit and not hit[0]["error"] else "err")
+            print(f"| rows {key[2]} | {key[0]} | {key[1]} | " + " | ".join(cells) + " |")
     print("\n| VLM (random weights, bf16, B1) | visual | impl | keep | TTFT ms | ITL ms | error |")
     print("|---|---|---|---|---|---|---|")
     for r in _rows(folder / "vlm.csv"):

@@ -47,6 +47,10 @@ def make(rng, layout, B, T, Hq, Hkv, S, D, dtype):
     return (to_layout(q, layout), to_layout(k, layout), to_layout(v, layout)), (q64, k64, v64)
 
 
+# The tests of the kernels alone (splits, capacity): the interpreter, and with --gpu the compiled kernels.
+KERNEL_IMPLEMENTATIONS = ["interpret", pytest.param("pallas", marks=pytest.mark.gpu)]
+
+
 def check(out, lse, ref_out, ref_lse, layout, dtype):
     assert_close(out, to_layout(ref_out, layout), tolerance(dtype), "out")
     assert_close(lse, ref_lse, max(tolerance(dtype), 1e-4), "lse")
@@ -87,7 +91,8 @@ def test_matches_reference(case, impl, rng):
                  to_layout(ref_out, layout), tolerance(dtype), "out without lse")
 
 
-def test_splits_give_the_same_result(rng):
+@pytest.mark.parametrize("kernel_impl", KERNEL_IMPLEMENTATIONS)
+def test_splits_give_the_same_result(kernel_impl, rng):
     """One split, several, and more splits than blocks (empty splits) agree with each other and with
     the reference; so does the default."""
     layout, T, Hq, Hkv, S, D = "BNTH", 3, 8, 2, 300, 32
@@ -97,7 +102,7 @@ def test_splits_give_the_same_result(rng):
     kv_lengths = jnp.asarray(lengths, jnp.int32)
     results = {}
     for splits in (1, 2, 3, 16, None):
-        out, lse = mmfa_jax.decode_attention(q, k, v, kv_lengths=kv_lengths, layout=layout, implementation="interpret",
+        out, lse = mmfa_jax.decode_attention(q, k, v, kv_lengths=kv_lengths, layout=layout, implementation=kernel_impl,
                                              return_lse=True, splits=splits)
         check(out, lse, ref_out, ref_lse, layout, "float32")
         results[splits] = np.asarray(out)
@@ -167,7 +172,8 @@ def test_soft_cap_and_scale(layout, impl, rng):
 
 @pytest.mark.parametrize("layout", ["BTNH", "BNTH"])
 @pytest.mark.parametrize("with_lengths", [True, False], ids=["lengths", "no-lengths"])
-def test_kernel_compiled_for_a_larger_cache(layout, with_lengths, rng):
+@pytest.mark.parametrize("kernel_impl", KERNEL_IMPLEMENTATIONS)
+def test_kernel_compiled_for_a_larger_cache(kernel_impl, layout, with_lengths, rng):
     """A kernel compiled for a capacity C > S (static K/V rows B * Hkv * C) and launched with the
     runtime cache length S, on K/V padded with NaN rows past B * Hkv * S: the result is that of the
     kernel compiled for S (the keys are addressed through the runtime length and never past it)."""
@@ -175,13 +181,14 @@ def test_kernel_compiled_for_a_larger_cache(layout, with_lengths, rng):
     (q, k, v), (q64, k64, v64) = make(rng, layout, B, T, Hq, Hkv, S, D, "float32")
     lengths = (77, 30) if with_lengths else None
     kv_lengths = None if lengths is None else jnp.asarray(lengths, jnp.int32)
-    results = []
+    results, blocks = [], set()
     for capacity in (None, 200):
-        static, arrays = prepare(q, k, v, kv_lengths=kv_lengths, layout=layout, implementation="interpret", splits=2,
+        static, arrays = prepare(q, k, v, kv_lengths=kv_lengths, layout=layout, implementation=kernel_impl, splits=2,
                                  capacity=capacity)
         assert static.problem.kv_rows == B * Hkv * (capacity or S)
-        assert static.problem.block_k == 64  # the same blocks for both: the same arithmetic
+        blocks.add(static.problem.block_k)
         results.append(run(static, *arrays))
+    assert len(blocks) == 1  # the same blocks for both: the same arithmetic
     for a, b in zip(*results):
         assert not np.isnan(np.asarray(b)).any()
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-6)
@@ -295,29 +302,50 @@ except Exception as e:  # noqa: BLE001
     TRITON = f"the official `triton` package is not importable ({e!r})"
 
 
+# (device kind, layout, T, Hq, Hkv, D, dtype): the common decode shape on Hopper; a wide query
+# tile (a group of 16 query heads times 16 rows: 256 rows) there; float32 at d256 on an sm_86 GPU
+# (99 KiB of shared memory per block).
+COMPILE_CASES = [
+    ("NVIDIA H100", "BNTH", 1, 32, 8, 128, "bfloat16"),
+    ("NVIDIA H100", "BTNH", 16, 64, 4, 128, "bfloat16"),
+    ("NVIDIA A10", "BNTH", 4, 8, 2, 256, "float32"),
+]
+
+
 @pytest.mark.skipif(TRITON is not None, reason=TRITON or "")
-def test_kernels_compile_for_hopper(tmp_path, monkeypatch):
-    """Both kernels lower through Triton and compile to sm_90 cubins (no GPU needed), with the
-    operands their plans name, the (B, Hkv, splits) and (B, Hkv) grids, and shared memory to spare."""
-    from mmfa_jax import triton_route
+@pytest.mark.parametrize("case", COMPILE_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_kernels_compile_for_gpus(case, tmp_path, monkeypatch):
+    """Both kernels lower through Triton and compile to cubins (no GPU needed), with the operands
+    their plans name, the (B, Hkv, splits) and (B, Hkv) grids, within the GPU's shared memory,
+    which the configuration's estimate (``shared_bytes``) does not understate."""
+    from mmfa_jax import backends, triton_route
+    from mmfa_jax.kernels.decode import shared_bytes
 
     monkeypatch.setenv("MMFA_CACHE_DIR", str(tmp_path))
     triton_route.clear_memory_cache()
-    B, T, Hq, Hkv, S, D = 1, 1, 32, 8, 4096, 128
-    q = jax.ShapeDtypeStruct((B, Hq, T, D), jnp.bfloat16)
-    kv = jax.ShapeDtypeStruct((B, Hkv, S, D), jnp.bfloat16)
+    kind, layout, T, Hq, Hkv, D, dtype = case
+    B, S = 1, 4096
+    dtype = jnp.dtype(dtype)
+    q = jax.ShapeDtypeStruct(to_layout(np.empty((B, T, Hq, 0)), layout).shape[:3] + (D,), dtype)
+    kv = jax.ShapeDtypeStruct(to_layout(np.empty((B, S, Hkv, 0)), layout).shape[:3] + (D,), dtype)
     lengths = jax.ShapeDtypeStruct((B,), jnp.int32)
 
     def fn(q, k, v, lengths):
-        return mmfa_jax.decode_attention(q, k, v, kv_lengths=lengths, layout="BNTH", implementation="triton",
+        return mmfa_jax.decode_attention(q, k, v, kv_lengths=lengths, layout=layout, implementation="triton",
                                          return_lse=True)
 
-    compiled = triton_route.lower_for(fn, q, kv, kv, lengths, device_kind="NVIDIA H100")
+    compiled = triton_route.lower_for(fn, q, kv, kv, lengths, device_kind=kind)
     assert [k.name for k, *_ in compiled] == [p.name for p in plans.decode()]
     (partial, _, partial_grid, partial_operands, _), (merge, _, merge_grid, merge_operands, _) = compiled
-    splits = default_splits(B, Hkv, S, 128)
-    assert partial_grid == (B, Hkv, splits) and merge_grid == (B, Hkv, 1)
+    cc = backends.cc_of_kind(kind)
+    static, _ = prepare(q, kv, kv, kv_lengths=lengths, layout=layout,
+                        implementation=backends.Lowering("triton-route", cc, backends.family_of_cc(cc)))
+    p, cfg = static.problem, static.config
+    assert partial_grid == (B, Hkv, p.splits) and merge_grid == (B, Hkv, 1)
     assert partial_operands == len(plans.DECODE_PARTIAL.operands)
     assert merge_operands == len(plans.DECODE_MERGE.operands)
+    limit = triton_route.SHARED_MEMORY_PER_BLOCK[cc]
     for k in (partial, merge):
-        assert k.cc == 90 and len(k.cubin) > 0 and k.shared <= 227 * 1024
+        assert k.cc == cc and len(k.cubin) > 0 and k.shared <= limit
+    assert (partial.num_warps, partial.num_stages) == (cfg.num_warps, cfg.num_stages)
+    assert partial.shared <= shared_bytes(cfg, p.tile_rows, p.head_dim_padded, dtype.itemsize)

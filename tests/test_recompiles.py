@@ -123,15 +123,15 @@ def test_generate_compiles_nothing_when_warm(prune, impl, rng):
 
     hf.register(implementation=impl)
     try:
-        model = vlms.build("llava", seed=int(rng.integers(2**31)))
+        dtype = torch.bfloat16 if DEVICE[0] == "cuda" else torch.float32
+        model = vlms.build("llava", seed=int(rng.integers(2**31)), device=DEVICE[0], dtype=dtype)
         if prune:
             hf.prune_visual_tokens(model, 0.25, layer=1)
         seeds = iter(rng.integers(2**31, size=2))
 
         def make():
             return (vlms.make_inputs(model, "llava", images_per_example=(1, 1), text_lengths=[3, 5],
-                                     seed=int(next(seeds)), device=DEVICE[0],
-                                     dtype=torch.bfloat16 if DEVICE[0] == "cuda" else torch.float32),)
+                                     seed=int(next(seeds)), device=DEVICE[0], dtype=dtype),)
 
         def call(inputs):
             with torch.no_grad():

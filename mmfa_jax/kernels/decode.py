@@ -30,7 +30,8 @@ and only keys s < min(kv_lengths[b], S) are loaded (masked loads elsewhere), so 
 past B * Hkv * S is ever read. A kernel compiled for a capacity C >= S (its static row count
 B * Hkv * C, ``DecodeProblem.capacity``) is therefore correct when launched on a cache of S
 entries, which lets a launcher reuse one compiled kernel for a bucket of cache lengths. (Row
-offsets are int32: the caches must hold fewer than 2**31 elements.)
+numbers are int32, so fewer than 2**31 rows; Pallas's lowering turns them into 64-bit element
+offsets for arrays over 4 GiB, judged by the static shape: the capacity's.)
 
 Query tile rows: row r of the tile is query head h * G + r // T, query row r % T; rows at or
 past G * T are padding (loaded as 0, never stored). Query row t of example b sees keys
@@ -74,8 +75,9 @@ MIN_BLOCKS_PER_SPLIT = 4
 # (GPU family, largest padded head dim) -> (block_k, num_warps, num_stages) of the partial
 # kernel for 16-bit inputs; float32 takes half the block (twice the bytes a key). The loop reads
 # a K and a V block per step and does two small dots: memory-bound, so the blocks are sized for
-# loads in flight (stages x 2 x block_k x D x 2 bytes: 128 KiB at d128 on sm90) rather than for
-# the tensor cores. Not tuned on a GPU yet. "any" is the interpreter (and anything else).
+# bytes in flight (cp.async stages of K and V blocks) rather than for the tensor cores. Wide query
+# tiles (large GQA groups times many rows) shrink them until they fit shared memory (``_fitted``).
+# Not tuned on a GPU yet. "any" is the interpreter (and anything else).
 DECODE_TABLE: dict[tuple[str, int], tuple[int, int, int]] = {
     ("sm90", 128): (128, 4, 2),
     ("sm90", 256): (64, 4, 2),
@@ -87,6 +89,12 @@ DECODE_TABLE: dict[tuple[str, int], tuple[int, int, int]] = {
     ("any", 256): (64, 4, 2),
 }
 MERGE_WARPS, MERGE_STAGES = 4, 1
+# Query tiles of more rows (large GQA groups times several query rows) hold a float32 accumulator
+# of tile_rows x D: past this many rows both kernels take WIDE_TILE_WARPS warps, so that it fits
+# in registers (a heuristic, not measured).
+WIDE_TILE_ROWS, WIDE_TILE_WARPS = 64, 8
+# The share of a GPU's shared memory per block that ``shared_bytes`` may estimate for a config.
+SHARED_MARGIN = 0.9
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,22 +162,59 @@ def default_splits(batch: int, kv_heads: int, capacity: int, block_k: int) -> in
 
 
 def make_problem(*, batch, q_heads, kv_heads, q_len, kv_len, head_dim, dtype, scale, softcap, layout,
-                 has_kv_lengths, family, splits=None, capacity=None) -> tuple[DecodeProblem, KernelConfig]:
-    """The problem and the partial kernel's configuration of a checked call (``capacity``: the
-    static cache length to compile for, default ``kv_len``; ``splits``: default ``default_splits``)."""
+                 has_kv_lengths, family, cc=None, splits=None,
+                 capacity=None) -> tuple[DecodeProblem, KernelConfig]:
+    """The problem and the partial kernel's configuration of a checked call, for GPU family
+    ``family`` and compute capability ``cc`` (None: no shared-memory limit, the interpreter).
+    ``capacity``: the static cache length to compile for, default ``kv_len``; ``splits``: default
+    ``default_splits``."""
     capacity = kv_len if capacity is None else capacity
-    cfg = config_for(padded_head_dim(head_dim), dtype, family)
-    block_k = block_size(capacity, cfg.block_k)
-    cfg = dataclasses.replace(cfg, block_k=block_k)
+    hp = padded_head_dim(head_dim)
+    tile_rows = max(MIN_TILE_ROWS, pl.next_power_of_2((q_heads // kv_heads) * q_len))
+    cfg = config_for(hp, dtype, family)
+    cfg = _fitted(cfg, tile_rows, hp, jnp.dtype(dtype).itemsize, cc)
+    cfg = dataclasses.replace(cfg, block_q=tile_rows, block_k=block_size(capacity, cfg.block_k),
+                              num_warps=_warps(tile_rows, cfg.num_warps))
     if splits is None:
-        splits = default_splits(batch, kv_heads, capacity, block_k)
+        splits = default_splits(batch, kv_heads, capacity, cfg.block_k)
     p = DecodeProblem(batch=batch, q_heads=q_heads, kv_heads=kv_heads, q_len=q_len, capacity=capacity,
                       head_dim=head_dim, scale=scale, softcap=softcap, layout=layout,
                       has_kv_lengths=has_kv_lengths,
                       dot_precision="highest" if jnp.dtype(dtype) == jnp.float32 else None,
-                      splits=int(splits), block_k=block_k)
-    cfg = dataclasses.replace(cfg, block_q=p.tile_rows)
+                      splits=int(splits), block_k=cfg.block_k)
+    assert p.tile_rows == tile_rows
     return p, cfg
+
+
+def _warps(tile_rows: int, warps: int) -> int:
+    return max(warps, WIDE_TILE_WARPS) if tile_rows > WIDE_TILE_ROWS else warps
+
+
+def shared_bytes(cfg: KernelConfig, tile_rows: int, head_dim_padded: int, itemsize: int) -> int:
+    """A (generous) estimate of the partial kernel's shared memory: K and V blocks per stage, the
+    query tile and the probabilities (the dots' staged operands). Checked against Triton's own
+    figures for sm_75, sm_80 and sm_90 by cross-compiling (tests/test_decode.py)."""
+    kv = max(1, cfg.num_stages) * 2 * cfg.block_k * head_dim_padded * itemsize
+    return kv + tile_rows * head_dim_padded * itemsize + tile_rows * cfg.block_k * itemsize
+
+
+def _fitted(cfg: KernelConfig, tile_rows: int, hp: int, itemsize: int, cc: int | None) -> KernelConfig:
+    """``cfg`` with block_k halved (down to 16), then stages cut (down to 1), until the estimate
+    fits ``SHARED_MARGIN`` of the GPU's shared memory per block (wide query tiles: large GQA
+    groups times many rows, or d256); unchanged without a GPU."""
+    if cc is None:
+        return cfg
+    from mmfa_jax.triton_route import SHARED_MEMORY_PER_BLOCK
+
+    budget = SHARED_MARGIN * SHARED_MEMORY_PER_BLOCK.get(cc, min(SHARED_MEMORY_PER_BLOCK.values()))
+    while shared_bytes(cfg, tile_rows, hp, itemsize) > budget:
+        if cfg.block_k > 16:
+            cfg = dataclasses.replace(cfg, block_k=cfg.block_k // 2)
+        elif cfg.num_stages > 1:
+            cfg = dataclasses.replace(cfg, num_stages=cfg.num_stages - 1)
+        else:
+            break  # the smallest configuration: let the compiler say whether it fits
+    return cfg
 
 
 # --------------------------------------------------------------------------------------------
@@ -178,7 +223,9 @@ def make_problem(*, batch, q_heads, kv_heads, q_len, kv_len, head_dim, dtype, sc
 
 def _tile(p: DecodeProblem, b, h):
     """Per row of the query tile: (row of the flattened q / output, index into the flattened
-    LSE, query row t, valid), for example b and KV head h."""
+    LSE, query row t, valid), for example b and KV head h. Padding rows point past the arrays,
+    each to its own place: they are masked, but the interpreter's masked stores still write (the
+    old value) where they point, so they must not meet a valid row."""
     r = jnp.arange(p.tile_rows, dtype=jnp.int32)
     g, t = r // p.q_len, r % p.q_len
     head = h * p.group + g
@@ -187,7 +234,8 @@ def _tile(p: DecodeProblem, b, h):
     else:
         row = (b * p.q_heads + head) * p.q_len + t
     lse_index = (b * p.q_heads + head) * p.q_len + t
-    return row, lse_index, t, r < p.group * p.q_len
+    valid = r < p.group * p.q_len
+    return jnp.where(valid, row, p.q_rows + r), jnp.where(valid, lse_index, p.q_rows + r), t, valid
 
 
 def _columns(p: DecodeProblem):
@@ -222,7 +270,7 @@ def _partial_kernel(q_ref, k_ref, v_ref, seq_len_ref, kvlen_ref, o_ref, lse_ref,
     num_blocks = pl.cdiv(kv_valid, bk)
     lo = split * num_blocks // p.splits
     hi = (split + 1) * num_blocks // p.splits
-    full_hi = jnp.clip(full_keys // bk, lo, hi)  # blocks below it: visible to every row, all valid
+    full_hi = jnp.clip(jnp.maximum(full_keys, 0) // bk, lo, hi)  # blocks below: seen by every row, all valid
 
     # Key position s of example b, KV head h is row base + s * stride of the flattened K / V.
     if p.layout == "BTNH":
@@ -323,7 +371,7 @@ def merge(p: DecodeProblem, partial_out, partial_lse, out_dtype, *, lowering: Lo
     """The merge kernel: the flattened output (p.q_rows, D) in ``out_dtype`` and LSE (B * Hq * T,)
     float32 (natural log; -inf for rows that see no key)."""
     hp, m = p.head_dim_padded, p.tile_rows
-    cfg = KernelConfig(m, p.block_k, MERGE_WARPS, MERGE_STAGES)
+    cfg = KernelConfig(m, p.block_k, _warps(m, MERGE_WARPS), MERGE_STAGES)
     in_specs = [pl.BlockSpec((None, None, p.splits, m, hp), lambda b, h: (b, h, 0, 0, 0)),
                 pl.BlockSpec((None, None, p.splits, m), lambda b, h: (b, h, 0, 0))]
     out_shape = [jax.ShapeDtypeStruct((p.q_rows, p.head_dim), out_dtype),

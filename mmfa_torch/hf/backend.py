@@ -31,6 +31,7 @@ import torch
 
 from mmfa_jax import _checks, backends
 from mmfa_torch.attention import scaled_dot_product_attention
+from mmfa_torch.decode import decode_attention
 from mmfa_torch.hf import windows
 
 Tensor = torch.Tensor
@@ -197,28 +198,29 @@ DECODE_BUCKET = 256  # decode calls see the cache padded to a multiple of this m
 
 
 def _decode(query, key, value, attention_mask, scaling, sliding_window, softcap):
-    """One query row (the last position) over a KV cache on the GPU: (B, 1, Hq, D).
+    """One query row (the last position) over a KV cache: (B, 1, Hq, D).
 
-    The cache grows by one key per step, and a kernel is compiled per shape; so the keys are padded
-    to a multiple of ``DECODE_BUCKET`` and the padding is masked (by length, or with the padding mask
-    as segment ids). One compile serves 256 steps. A sliding window keeps only its last keys first;
-    after that the row sees every key, so no causal flag or window is needed."""
+    Without padding the split-KV decode kernel reads the cache as it is (``decode_attention``: one
+    compiled kernel serves a bucket of cache lengths). With a padding mask (left-padded batches)
+    the keys are padded to a multiple of ``DECODE_BUCKET`` for the prefill kernel, the padding
+    masked by segment ids, so that one compile serves 256 steps. A sliding window keeps only its
+    last keys; after that the row sees every key, so no causal flag or window is needed."""
     B, S = key.shape[0], key.shape[2]
     valid = None if attention_mask is None else attention_mask.to(torch.bool)
     if sliding_window and S > sliding_window:
         key, value = key[:, :, S - sliding_window:], value[:, :, S - sliding_window:]
         valid = None if valid is None else valid[:, S - sliding_window:]
         S = sliding_window
+    if valid is None:
+        return decode_attention(query, key, value, scale=scaling, logits_soft_cap=softcap,
+                                implementation=_settings["implementation"]).transpose(1, 2)
     padded = -(-S // DECODE_BUCKET) * DECODE_BUCKET
     pad = (0, 0, 0, padded - S)
     key, value = torch.nn.functional.pad(key, pad), torch.nn.functional.pad(value, pad)
     call = dict(scale=scaling, enable_gqa=query.shape[1] != key.shape[1], logits_soft_cap=softcap,
                 implementation=_settings["implementation"])
-    if valid is None:
-        call["key_value_seq_lengths"] = torch.full((B,), S, dtype=torch.int32, device=query.device)
-    else:
-        kv_seg = torch.nn.functional.pad(valid.to(torch.int32), (0, padded - S))  # 1: a real key, 0: not
-        call["segment_ids"] = (torch.ones(B, 1, dtype=torch.int32, device=query.device), kv_seg)
+    kv_seg = torch.nn.functional.pad(valid.to(torch.int32), (0, padded - S))  # 1: a real key, 0: not
+    call["segment_ids"] = (torch.ones(B, 1, dtype=torch.int32, device=query.device), kv_seg)
     return scaled_dot_product_attention(query.contiguous(), key, value, **call).transpose(1, 2)
 
 
