@@ -42,24 +42,42 @@ def decode_attention(query: Tensor, key: Tensor, value: Tensor, *, kv_lengths: T
     if not isinstance(query, torch.Tensor) or not isinstance(key, torch.Tensor) or not isinstance(value, torch.Tensor):
         raise _checks.ArgumentTypeError("query, key and value must be torch tensors")
     lengths = None if kv_lengths is None else _int32(kv_lengths, "kv_lengths").to(query.device)
+    # Under torch.compile the step is the custom op (its fake kernel gives the shapes); eager calls
+    # skip the op's dispatch, which costs host time on every call.
+    step = _decode_op if torch.compiler.is_compiling() else _decode
+    out, lse = step(query.detach(), key.detach(), value.detach(), lengths, _float(scale), _float(logits_soft_cap),
+                    implementation)
+    return (out, lse) if return_lse else out
+
+
+def _decode(query: Tensor, key: Tensor, value: Tensor, kv_lengths: Optional[Tensor], scale: Optional[float],
+            softcap: Optional[float], implementation: Optional[str]) -> tuple[Tensor, Tensor]:
     device = query.device
     S = key.shape[2] if key.dim() == 4 else 0
     # Everything but the tensors' memory is decided once per shape bucket (host time is what a
     # decode step cannot spare): the checks, the problem, the kernels.
     plan = _plan(tuple(query.shape), query.dtype, _bucketed(key, value, device), key.dtype, value.dtype,
-                 None if lengths is None else tuple(lengths.shape), scale, logits_soft_cap, implementation,
+                 None if kv_lengths is None else tuple(kv_lengths.shape), scale, softcap, implementation,
                  device.type, device.index)
     if plan.static is None:  # some size is 0
-        out = query.new_zeros(query.shape)
-        lse = query.new_full(tuple(query.shape[:3]), -float("inf"), dtype=torch.float32)
-        return (out, lse) if return_lse else out
-    q = query.detach().contiguous()
-    k, v = key.detach().contiguous(), value.detach().contiguous()
+        return (query.new_zeros(query.shape),
+                query.new_full(tuple(query.shape[:3]), -float("inf"), dtype=torch.float32))
+    q, k, v = query.contiguous(), key.contiguous(), value.contiguous()
     if plan.kernels is not None:
-        out, lse = launch.run_decode(plan.kernels, q, k, v, S, lengths)
-    else:
-        out, lse = _through_jax(plan.static, q, k, v, lengths)
-    return (out, lse) if return_lse else out
+        return launch.run_decode(plan.kernels, q, k, v, S, kv_lengths)
+    return _through_jax(plan.static, q, k, v, kv_lengths)
+
+
+_decode_op = torch.library.custom_op("mmfa::decode_attention", _decode, mutates_args=())
+
+
+@_decode_op.register_fake
+def _(query, key, value, kv_lengths, scale, softcap, implementation):
+    return torch.empty_like(query), query.new_empty(tuple(query.shape[:3]), dtype=torch.float32)
+
+
+def _float(x):
+    return None if x is None else float(x)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -84,3 +84,16 @@ def test_cuda_one_kernel_pair_serves_a_bucket_of_lengths(rng):
     for (ks, vs), out in zip(caches, outs):
         ref, _ = decode_reference(_f64_btnh(q), _f64_btnh(ks), _f64_btnh(vs))
         assert_close(out.float().transpose(1, 2), ref, tolerance("bfloat16"))
+
+
+def test_torch_compile_fullgraph_traces_the_decode_op(rng):
+    """Under torch.compile the step is the custom op ``mmfa::decode_attention``: a full graph, the
+    eager result."""
+    q, k, v = _case(rng, 2, 8, 2, 1, 90)
+    lengths = torch.tensor([90, 41], dtype=torch.int32)
+
+    def step(q, k, v, lengths):
+        return mmfa_torch.decode_attention(q, k, v, kv_lengths=lengths, implementation="xla") * 2.0
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(q, k, v, lengths), step(q, k, v, lengths), atol=1e-6, rtol=1e-6)
