@@ -101,7 +101,7 @@ def test_splits_give_the_same_result(kernel_impl, rng):
     ref_out, ref_lse = decode_reference(q64, k64, v64, lengths)
     kv_lengths = jnp.asarray(lengths, jnp.int32)
     results = {}
-    for splits in (1, 2, 3, 16, None):
+    for splits in (1, 3, 16, None):
         out, lse = mmfa_jax.decode_attention(q, k, v, kv_lengths=kv_lengths, layout=layout, implementation=kernel_impl,
                                              return_lse=True, splits=splits)
         check(out, lse, ref_out, ref_lse, layout, "float32")
@@ -170,8 +170,10 @@ def test_soft_cap_and_scale(layout, impl, rng):
     check(out, lse, *decode_reference(q64, k64, v64, lengths, scale=0.3, softcap=2.5), layout, "float32")
 
 
-@pytest.mark.parametrize("layout", ["BTNH", "BNTH"])
-@pytest.mark.parametrize("with_lengths", [True, False], ids=["lengths", "no-lengths"])
+# Two of the four layout x lengths combinations: each costs ~15 s in the interpreter, and the two
+# cover both addressings and both length sources.
+@pytest.mark.parametrize("layout, with_lengths", [("BTNH", False), ("BNTH", True)], ids=["BTNH-no-lengths",
+                                                                                          "BNTH-lengths"])
 @pytest.mark.parametrize("kernel_impl", KERNEL_IMPLEMENTATIONS)
 def test_kernel_compiled_for_a_larger_cache(kernel_impl, layout, with_lengths, rng):
     """A kernel compiled for a capacity C > S (static K/V rows B * Hkv * C) and launched with the

@@ -118,6 +118,8 @@ def test_torch_face_warm_calls_compile_nothing(what, impl, rng):
 def test_generate_compiles_nothing_when_warm(prune, impl, rng):
     """A second ``generate`` of the same shapes (prefill, pruned prefill, decode steps) compiles nothing."""
     pytest.importorskip("transformers")
+    if impl == "xla":
+        pytest.skip("the XLA path launches no Pallas kernel; the kernels' paths are 'interpret' and 'pallas'")
     from mmfa_torch import hf
     from mmfa_torch.testing import vlms
 
