@@ -21,6 +21,7 @@ from mmfa_jax.attention import (
     dot_product_attention,
     pallas_available,
 )
+from mmfa_jax.block_sparse import BlockMask, block_sparse_attention
 from mmfa_jax.decode import decode_attention
 from mmfa_jax.importance import scorer_rows, sparsevlm_raters, visual_token_importance
 from mmfa_jax.multimodal import MultimodalResult, multimodal_attention
@@ -32,10 +33,12 @@ __all__ = [
     "ArgumentError",
     "ArgumentTypeError",
     "AttentionConfig",
+    "BlockMask",
     "KernelConfig",
     "MultimodalResult",
     "attention",
     "attention_at_rows",
+    "block_sparse_attention",
     "decode_attention",
     "default_implementation",
     "dot_product_attention",

@@ -52,6 +52,15 @@ BACKWARD_DKV = KernelPlan("mmfa_flash_dkv", ("q", "k", "v", *_SIDE, "d_out", "ls
 DECODE_PARTIAL = KernelPlan("mmfa_decode_partial", ("q", "k", "v", "seq_len", "kv_lengths"),
                             ("partial_out", "partial_lse"))
 DECODE_MERGE = KernelPlan("mmfa_decode_merge", ("partial_out", "partial_lse"), ("out", "lse"))
+# Block-sparse attention (``mmfa_jax.kernels.block_sparse``): q, k, v as the dense kernels take them,
+# and a BlockMask's lists as it holds them (``mmfa_jax.block_sparse.BlockLists``: int32, (Bm, Nm, nq)
+# counts and (Bm, Nm, nq, nk) indices per query block; the transposed ones per key block for dK/dV).
+BLOCK_SPARSE_FORWARD = KernelPlan("mmfa_block_sparse_forward", ("q", "k", "v", "kv_count", "kv_full", "kv_index"),
+                                  ("out", "lse"))
+BLOCK_SPARSE_DQ = KernelPlan("mmfa_block_sparse_dq",
+                             ("q", "k", "v", "kv_count", "kv_full", "kv_index", "d_out", "lse", "delta"), ("dq",))
+BLOCK_SPARSE_DKV = KernelPlan("mmfa_block_sparse_dkv",
+                              ("q", "k", "v", "q_count", "q_full", "q_index", "d_out", "lse", "delta"), ("dk", "dv"))
 
 
 def forward(has_mask: bool) -> tuple[KernelPlan, ...]:
@@ -68,3 +77,13 @@ def backward() -> tuple[KernelPlan, ...]:
 def decode() -> tuple[KernelPlan, ...]:
     """The decode kernels in launch order: the partial kernel's results are the merge's operands."""
     return (DECODE_PARTIAL, DECODE_MERGE)
+
+
+def block_sparse_forward() -> tuple[KernelPlan, ...]:
+    """The block-sparse forward's kernels in launch order."""
+    return (BLOCK_SPARSE_FORWARD,)
+
+
+def block_sparse_backward() -> tuple[KernelPlan, ...]:
+    """The block-sparse backward's kernels in launch order (``delta`` before them, as for ``backward``)."""
+    return (BLOCK_SPARSE_DQ, BLOCK_SPARSE_DKV)

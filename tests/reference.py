@@ -182,3 +182,30 @@ def select_reference(importance, visual_mask, keep, valid_lengths=None):
 def attention_probabilities(q, k, **options):
     """The attention probabilities (B, N, T, S) in float64 (zeros for rows that see nothing)."""
     return _forward_parts(q, k, k, **options)["p"]
+
+
+def block_sparse_mask(blocks, block_size, T, S):
+    """The token-level mask (Bm, Nm, T, S) of a boolean block map (Bm, Nm, ceil(T / bq), ceil(S / bk)):
+    query i may see key j iff block (i // bq, j // bk) is in the map."""
+    bq, bk = (block_size, block_size) if isinstance(block_size, (int, np.integer)) else block_size
+    blocks = np.asarray(blocks, dtype=bool)
+    blocks = blocks.reshape((1,) * (4 - blocks.ndim) + blocks.shape)
+    return blocks[:, :, np.arange(T) // bq][:, :, :, np.arange(S) // bk]
+
+
+def block_sparse_reference(q, k, v, blocks, block_size, *, is_causal=False, scale=None):
+    """(out (B, T, N, H), lse (B, T, N)) in float64 of block-sparse attention: the dense softmax
+    restricted to the block map (broadcast over batch and heads where it has 1), intersected with
+    the top-left causal mask when ``is_causal`` (key j <= query i). Rows that see nothing give
+    zeros and LSE -inf."""
+    T, S = np.shape(q)[1], np.shape(k)[1]
+    return attention_reference(q, k, v, mask=block_sparse_mask(blocks, block_size, T, S), scale=scale,
+                               is_causal=is_causal)
+
+
+def block_sparse_reference_grads(q, k, v, blocks, block_size, d_out, d_lse=None, *, is_causal=False, scale=None):
+    """Float64 gradients (dq, dk, dv) of sum(out * d_out) + sum(lse * d_lse) of
+    ``block_sparse_reference``."""
+    T, S = np.shape(q)[1], np.shape(k)[1]
+    return attention_reference_grads(q, k, v, d_out, d_lse, mask=block_sparse_mask(blocks, block_size, T, S),
+                                     scale=scale, is_causal=is_causal)[:3]

@@ -1,0 +1,414 @@
+"""Block-sparse attention, JAX face: ``BlockMask`` and ``block_sparse_attention``.
+
+A block map says, for each (batch, head) and each pair (query block, key block) of fixed sizes
+(block_q, block_k), whether the queries of that block attend to the keys of that block. A query
+attends exactly to the keys of its listed blocks (intersected with the causal mask when
+``is_causal``): a dense softmax restricted to the map. The kernels
+(``mmfa_jax.kernels.block_sparse``) take the map's blocks as their tiles and visit only the listed
+ones, so the cost is proportional to the number of computed blocks.
+
+``BlockMask`` holds the map and the lists the kernels walk, built with jax ops (jittable); it is a
+pytree (block sizes and sequence lengths static), so it passes through ``jax.jit``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import numbers
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mmfa_jax import _checks, backends, kernels, tuning
+from mmfa_jax._autodiff import _first_order_only, backward_delta
+from mmfa_jax._checks import ArgumentError, ArgumentTypeError
+from mmfa_jax.kernels.block_sparse import SparseProblem, fitted_configs, shared_bytes
+from mmfa_jax.masking import Band
+from mmfa_jax.xla_attention import xla_attention
+
+MIN_KERNEL_BLOCK, MAX_KERNEL_BLOCK = 16, 256
+
+
+# ------------------------------------------------------------------------------------------------
+# The map and its lists.
+
+
+@jax.tree_util.register_pytree_node_class
+class BlockLists:
+    """The lists the kernels walk, for one reading of the map (with or without ``is_causal``); all
+    int32, with Bm, Nm the map's batch and head extents and nq, nk its query and key blocks.
+
+      kv_count (Bm, Nm, nq)      key blocks computed for each query block
+      kv_full  (Bm, Nm, nq)      how many of them are wholly visible: the first ones of kv_index
+      kv_index (Bm, Nm, nq, nk)  the wholly visible blocks ascending, then the partial ones (which
+                                 need the token-level mask) ascending, then the rest (padding)
+      q_count, q_full (Bm, Nm, nk), q_index (Bm, Nm, nk, nq): the same per key block (its query
+                                 blocks), for the dK/dV backward.
+
+    A computed block is a listed block that holds some visible logit (with ``is_causal``, blocks
+    wholly above the diagonal are dropped); a wholly visible one lies inside both sequences (not a
+    ragged last block) and, with ``is_causal``, wholly on or below the diagonal."""
+
+    def __init__(self, kv_count, kv_full, kv_index, q_count, q_full, q_index):
+        self.kv_count, self.kv_full, self.kv_index = kv_count, kv_full, kv_index
+        self.q_count, self.q_full, self.q_index = q_count, q_full, q_index
+
+    def tree_flatten(self):
+        return (self.kv_count, self.kv_full, self.kv_index, self.q_count, self.q_full, self.q_index), None
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(*children)
+
+    @property
+    def forward(self) -> tuple:
+        """(kv_count, kv_full, kv_index): what the forward and dQ kernels take."""
+        return self.kv_count, self.kv_full, self.kv_index
+
+    @property
+    def transposed(self) -> tuple:
+        """(q_count, q_full, q_index): what the dK/dV kernel takes."""
+        return self.q_count, self.q_full, self.q_index
+
+
+def _sorted_lists(computed, full):
+    """(count, full count, index) along the last axis: full entries first, then partial, then the
+    rest, each ascending (one argsort of a rank made unique by the position)."""
+    n = computed.shape[-1]
+    category = jnp.where(full, 0, jnp.where(computed, 1, 2)).astype(jnp.int32)
+    rank = category * n + jnp.arange(n, dtype=jnp.int32)
+    index = jnp.argsort(rank, axis=-1).astype(jnp.int32)
+    return (jnp.sum(computed, axis=-1, dtype=jnp.int32), jnp.sum(full, axis=-1, dtype=jnp.int32), index)
+
+
+def _block_lists(blocks, block_size, seq_lens, causal: bool) -> BlockLists:
+    (bq, bk), (T, S) = block_size, seq_lens
+    nq, nk = blocks.shape[-2:]
+    qi, kj = np.arange(nq)[:, None], np.arange(nk)[None, :]
+    whole = ((qi + 1) * bq <= T) & ((kj + 1) * bk <= S)  # static (nq, nk): no ragged edge
+    if causal:  # top-left: query i sees keys j <= i
+        some = kj * bk <= np.minimum((qi + 1) * bq, T) - 1  # the block's first key vs its last query
+        every = (kj + 1) * bk - 1 <= qi * bq  # its last key vs its first query
+    else:
+        some, every = np.ones((nq, nk), bool), np.ones((nq, nk), bool)
+    computed = blocks & some
+    full = computed & (whole & every)
+    kv = _sorted_lists(computed, full)
+    q = _sorted_lists(jnp.swapaxes(computed, -1, -2), jnp.swapaxes(full, -1, -2))
+    return BlockLists(*kv, *q)
+
+
+@jax.tree_util.register_pytree_node_class
+class BlockMask:
+    """Which (query block, key block) pairs attend, per batch and head, and the kernels' lists.
+
+    Build it with ``BlockMask.from_dense`` (a boolean block map) or ``BlockMask.from_indices`` (per
+    query block, the list of its key blocks). Attributes:
+
+      blocks      bool (Bm, Nm, nq, nk): the map, Bm in {1, B}, Nm in {1, Hq} (1: broadcast)
+      block_size  (block_q, block_k), static
+      seq_lens    (T, S), static: nq = ceil(T / block_q), nk = ceil(S / block_k)
+      plain       ``BlockLists`` without ``is_causal``
+      causal      ``BlockLists`` with ``is_causal`` (top-left: query i sees keys j <= i)
+
+    Both readings are built (small int arrays); under ``jax.jit`` the one a call does not use is
+    dead code. The last blocks may be ragged (T, S not multiples of the block): their rows past the
+    sequence simply do not exist.
+    """
+
+    def __init__(self, blocks, plain: BlockLists, causal: BlockLists, block_size: tuple[int, int],
+                 seq_lens: tuple[int, int]):
+        self.blocks, self.plain, self.causal = blocks, plain, causal
+        self.block_size, self.seq_lens = tuple(block_size), tuple(seq_lens)
+
+    def tree_flatten(self):
+        return (self.blocks, self.plain, self.causal), (self.block_size, self.seq_lens)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(*children, *aux)
+
+    def __repr__(self):
+        shape = getattr(self.blocks, "shape", None)
+        return f"BlockMask(blocks {shape}, block_size={self.block_size}, seq_lens={self.seq_lens})"
+
+    @classmethod
+    def from_dense(cls, blocks, block_size, *, seq_lens) -> "BlockMask":
+        """From a boolean block map.
+
+        Args:
+          blocks: boolean (Bm, Nm, nq, nk), Bm in {1, B} and Nm in {1, Hq} (1 broadcasts); rank 2
+            ((nq, nk)) and 3 ((Nm, nq, nk)) take leading 1s. True: the queries of block qi attend
+            to the keys of block kj.
+          block_size: (block_q, block_k) positive ints (one int: both). The kernels need powers of
+            two from 16 to 256 (their tiles are the blocks); the "xla" backend takes any.
+          seq_lens: (T, S), the query and key lengths: nq = ceil(T / block_q), nk = ceil(S / block_k).
+        """
+        block_size = _block_size(block_size)
+        seq_lens = _seq_lens(seq_lens)
+        blocks = _array(blocks, "blocks")
+        if _checks.dtype_name(blocks.dtype) != "bool":
+            raise ArgumentTypeError(f"blocks must be a boolean block map, got dtype {_checks.dtype_name(blocks.dtype)}")
+        want = _grid(block_size, seq_lens)
+        if not 2 <= blocks.ndim <= 4 or tuple(blocks.shape[-2:]) != want or 0 in blocks.shape[:-2]:
+            raise ArgumentError(f"blocks must be (Bm, Nm, nq, nk) = (B or 1, Hq or 1, {want[0]}, {want[1]}) for "
+                                f"seq_lens={seq_lens} and block_size={block_size}, got shape {tuple(blocks.shape)}")
+        blocks = blocks.reshape((1,) * (4 - blocks.ndim) + tuple(blocks.shape))
+        return cls(blocks, _block_lists(blocks, block_size, seq_lens, False),
+                   _block_lists(blocks, block_size, seq_lens, True), block_size, seq_lens)
+
+    @classmethod
+    def from_indices(cls, indices, counts, block_size, *, seq_lens) -> "BlockMask":
+        """From per-query-block lists of key blocks.
+
+        Args:
+          indices: integers (Bm, Nm, nq, L): the key blocks of each query block, in any order (only
+            the first ``counts`` entries count; repeats are harmless); rank 2 and 3 take leading 1s.
+          counts: integers (Bm, Nm, nq), each in [0, L]: how many entries of each list are used.
+          block_size, seq_lens: as for ``from_dense``.
+        Indices and counts are checked when concrete; under jit the caller vouches for them (an
+        index outside [0, nk) is then dropped).
+        """
+        block_size = _block_size(block_size)
+        seq_lens = _seq_lens(seq_lens)
+        indices, counts = _array(indices, "indices"), _array(counts, "counts")
+        for name, x in (("indices", indices), ("counts", counts)):
+            if not jnp.issubdtype(x.dtype, jnp.integer) or _checks.dtype_name(x.dtype) == "bool":
+                raise ArgumentTypeError(f"{name} must be integers, got dtype {_checks.dtype_name(x.dtype)}")
+        nq, nk = _grid(block_size, seq_lens)
+        if not 2 <= indices.ndim <= 4 or indices.shape[-2] != nq or 0 in indices.shape[:-2]:
+            raise ArgumentError(f"indices must be (Bm, Nm, nq, L) with nq = {nq} query blocks (seq_lens={seq_lens}, "
+                                f"block_size={block_size}), got shape {tuple(indices.shape)}")
+        if tuple(counts.shape) != tuple(indices.shape[:-1]):
+            raise ArgumentError(f"counts must have the shape of indices without its last axis, "
+                                f"{tuple(indices.shape[:-1])}, got {tuple(counts.shape)}")
+        length = indices.shape[-1]
+        valid = jnp.arange(length) < counts[..., None]
+        try:
+            c, i, ok = np.asarray(counts), np.asarray(indices), np.asarray(valid)
+        except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+            c = None  # traced: the caller vouches
+        if c is not None:
+            if np.any((c < 0) | (c > length)):
+                raise ArgumentError(f"counts must lie in [0, {length}] (the lists' length), got values from "
+                                    f"{int(c.min())} to {int(c.max())}")
+            if np.any(ok & ((i < 0) | (i >= nk))):
+                bad = i[ok & ((i < 0) | (i >= nk))]
+                raise ArgumentError(f"indices must lie in [0, {nk}) (the key blocks) where counted, got {int(bad[0])}")
+        indices = indices.reshape((1,) * (4 - indices.ndim) + tuple(indices.shape))
+        valid = valid.reshape(indices.shape)
+        target = jnp.where(valid & (indices >= 0) & (indices < nk), indices, nk).astype(jnp.int32)  # nk: dropped
+        bm, nm = indices.shape[:2]
+        b = jnp.arange(bm)[:, None, None, None]
+        h = jnp.arange(nm)[None, :, None, None]
+        qi = jnp.arange(nq)[None, None, :, None]
+        blocks = jnp.zeros((bm, nm, nq, nk + 1), bool).at[b, h, qi, target].set(True)[..., :nk]
+        return cls.from_dense(blocks, block_size, seq_lens=seq_lens)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """(Bm, Nm, nq, nk)."""
+        return tuple(self.blocks.shape)
+
+    def lists(self, is_causal: bool) -> BlockLists:
+        return self.causal if is_causal else self.plain
+
+    def computed_blocks(self, is_causal: bool = False):
+        """How many (batch, head, query block, key block) tiles a forward computes, over the map's
+        own (Bm, Nm) (an int32 scalar array): its cost, in tiles."""
+        return jnp.sum(self.lists(is_causal).kv_count)
+
+    def dense_mask(self):
+        """bool (Bm, Nm, T, S): the token-level mask of the map (without the causal mask)."""
+        (bq, bk), (T, S) = self.block_size, self.seq_lens
+        return jnp.repeat(jnp.repeat(self.blocks, bq, axis=2), bk, axis=3)[:, :, :T, :S]
+
+
+def _array(x, name):
+    try:
+        return jnp.asarray(x)
+    except (TypeError, ValueError) as e:
+        raise ArgumentTypeError(f"{name} must be an array, got {type(x).__name__} ({e})") from None
+
+
+def _int(value, name: str, minimum: int) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise ArgumentTypeError(f"{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise ArgumentError(f"{name} must be {'positive' if minimum == 1 else f'>= {minimum}'}, got {int(value)}")
+    return int(value)
+
+
+def _pair(value, name: str, parts: tuple[str, str], minimum: int) -> tuple[int, int]:
+    if isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_)):
+        value = (value, value)
+    if not (isinstance(value, (tuple, list)) and len(value) == 2):
+        raise ArgumentError(f"{name} must be a pair ({parts[0]}, {parts[1]}), got {value!r}")
+    return tuple(_int(v, f"{name} ({part})", minimum) for v, part in zip(value, parts))
+
+
+def _block_size(value) -> tuple[int, int]:
+    return _pair(value, "block_size", ("block_q", "block_k"), 1)
+
+
+def _seq_lens(value) -> tuple[int, int]:
+    if isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_)):
+        raise ArgumentError(f"seq_lens must be a pair (T, S), got {value!r}")
+    return _pair(value, "seq_lens", ("T", "S"), 0)
+
+
+def _grid(block_size, seq_lens) -> tuple[int, int]:
+    return -(-seq_lens[0] // block_size[0]), -(-seq_lens[1] // block_size[1])
+
+
+# ------------------------------------------------------------------------------------------------
+# The attention.
+
+
+def block_sparse_attention(query, key, value, block_mask: BlockMask, *, scale: float | None = None,
+                           is_causal: bool = False, implementation: backends.Implementation | None = None,
+                           return_lse: bool = False):
+    """Attention restricted to a block map: exact, memory-linear, cost proportional to its blocks.
+
+    Shapes (jax's layout): query (B, T, Hq, D), key and value (B, S, Hkv, D), Hkv dividing Hq (GQA:
+    query head n reads K/V head n // (Hq // Hkv); K/V are never repeated).
+
+    Args:
+      query, key, value: float16, bfloat16 or float32, one dtype; D up to 256.
+      block_mask: a ``BlockMask`` for seq_lens (T, S), of batch 1 or B and heads 1 or Hq. Query i
+        attends to key j when block (i // block_q, j // block_k) is in the map (and j <= i with
+        ``is_causal``). A row that sees no key gives zeros and LSE -inf; a NaN in what a row sees
+        reaches it.
+      scale: logit scale, default 1/sqrt(D).
+      is_causal: also the causal mask, aligned top-left (as ``mmfa_jax.attention``: query i sees
+        keys j <= i).
+      implementation: "pallas" / "triton" (the kernels compiled for an NVIDIA GPU; "pallas" is the
+        default there), "interpret" (the same kernels in the Pallas interpreter), "xla" (plain jax
+        over the dense mask of the map, quadratic memory; the default elsewhere).
+      return_lse: also return the log-sum-exp (B, T, Hq) float32, differentiable.
+
+    Returns:
+      The output, shaped and typed like ``query`` (and the LSE if asked); differentiable in query,
+      key and value (first order; the kernels' backward walks the same lists).
+    """
+    if not isinstance(block_mask, BlockMask):
+        raise ArgumentTypeError(f"block_mask must be a mmfa_jax.BlockMask (BlockMask.from_dense / from_indices), got "
+                                f"{type(block_mask).__name__}")
+    lowering = backends.resolve(implementation)
+    query, key, value = (_array(x, n) for x, n in ((query, "query"), (key, "key"), (value, "value")))
+    d = _checks.attention_dims(query, key, value, "BTNH", xla=not lowering.kernels)
+    if block_mask.seq_lens != (d.q_len, d.kv_len):
+        raise ArgumentError(f"block_mask was built for seq_lens (T, S) = {block_mask.seq_lens}, but query and key have "
+                            f"T={d.q_len}, S={d.kv_len}")
+    bm, nm = block_mask.shape[:2]
+    if bm not in (1, d.batch) or nm not in (1, d.q_heads):
+        raise ArgumentError(f"block_mask's map has batch {bm} and heads {nm}: they must be 1 or the query's batch "
+                            f"{d.batch} and heads {d.q_heads}")
+    bq, bk = block_mask.block_size
+    if lowering.kernels:
+        for name, b in (("block_q", bq), ("block_k", bk)):
+            if b & (b - 1) or not MIN_KERNEL_BLOCK <= b <= MAX_KERNEL_BLOCK:
+                raise ArgumentError(f"block_mask's {name} must be a power of two from {MIN_KERNEL_BLOCK} to "
+                                    f"{MAX_KERNEL_BLOCK} for the kernels (implementation {lowering.backend!r}), got "
+                                    f"{b}; implementation='xla' takes any block size")
+    scale = _checks.checked_scale(scale)
+    is_causal = bool(is_causal)
+    if d.empty:
+        out = jnp.zeros(query.shape, query.dtype)
+        lse = jnp.full((d.batch, d.q_len, d.q_heads), -jnp.inf, jnp.float32)
+        return (out, lse) if return_lse else out
+    problem = kernels.Problem(
+        batch=d.batch, q_heads=d.q_heads, kv_heads=d.kv_heads, q_len=d.q_len, kv_len=d.kv_len, head_dim=d.head_dim,
+        scale=scale if scale is not None else d.head_dim ** -0.5, softcap=None,
+        band=Band.make(d.q_len, d.kv_len, is_causal, (None, None), bottom_right=False), layout="BTNH",
+        bias_shape=None, mask_shape=None, has_segments=False, has_q_lengths=False, has_kv_lengths=False,
+        dot_precision="highest" if _checks.dtype_name(query.dtype) == "float32" else None)
+    sp = SparseProblem(problem, bq, bk, bm, nm)
+    config = None
+    if lowering.kernels:
+        config = _configs(sp, query.dtype, lowering)
+    out, lse = _run((sp, config, lowering), query, key, value, block_mask)
+    lse = jnp.swapaxes(lse, 1, 2)
+    return (out, lse) if return_lse else out
+
+
+def _configs(sp: SparseProblem, dtype, lowering: backends.Lowering) -> tuning.AttentionConfig:
+    """The kernels' configurations: the map's blocks as tiles, warps from the tuning table's row for
+    the head dim, at most two pipeline stages (two loops per program, whole blocks and partial
+    ones, as the dense forward with a mask), fewer where the tiles would not fit shared memory."""
+    table = tuning.config_for(sp.problem.head_dim_padded, dtype, lowering.family)
+    own = lambda c: tuning.KernelConfig(sp.block_q, sp.block_k, c.num_warps, min(c.num_stages, 2))  # noqa: E731
+    itemsize = jnp.dtype(dtype).itemsize
+    fitted = fitted_configs(
+        sp, {"forward": own(table.forward), "dq": own(table.backward_dq), "dkv": own(table.backward_dkv)},
+        itemsize, lowering.cc)
+    _check_fits(sp, ("forward",), dtype, lowering)
+    return tuning.AttentionConfig(fitted["forward"], fitted["dq"], fitted["dkv"])
+
+
+def _check_fits(sp: SparseProblem, which: tuple[str, ...], dtype, lowering: backends.Lowering):
+    """ArgumentError when a kernel's tiles (the map's blocks) cannot fit the GPU's shared memory even
+    with one pipeline stage (by the estimate of ``kernels.block_sparse.shared_bytes``). The
+    backward's kernels are checked when a gradient is traced: a forward alone may use larger blocks."""
+    if lowering.cc is None:
+        return
+    from mmfa_jax.triton_route import shared_memory_limit
+
+    limit = shared_memory_limit(lowering.cc)
+    for kernel in which:
+        need = shared_bytes(kernel, sp, 1, jnp.dtype(dtype).itemsize)
+        if need > limit:
+            raise ArgumentError(
+                f"block_mask's block_size {(sp.block_q, sp.block_k)} is too large for the {kernel} kernel at head dim "
+                f"{sp.problem.head_dim} ({_checks.dtype_name(jnp.dtype(dtype))}) on compute capability {lowering.cc}: it would need "
+                f"about {need // 1024} KiB of shared memory per block, the GPU allows {limit // 1024} KiB; use "
+                "smaller blocks")
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _run(static, q, k, v, block_mask: BlockMask):
+    """(out, lse (B, Hq, T)); jitted, so that an eager call compiles once per shape."""
+    sp, _, lowering = static
+    p = sp.problem
+    if not lowering.kernels:
+        dense = dataclasses.replace(p, mask_shape=(sp.map_batch, sp.map_heads))
+        return xla_attention(dense, q, k, v, None, block_mask.dense_mask(), None, None, None, None)
+    lists = block_mask.lists(p.band.right is not None)  # the band is the causal mask or nothing
+    return _sparse_flash(static, q, k, v, *lists.forward, *lists.transposed)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _sparse_flash(static, q, k, v, kv_count, kv_full, kv_index, q_count, q_full, q_index):
+    return _sparse_flash_fwd(static, q, k, v, kv_count, kv_full, kv_index, q_count, q_full, q_index)[0]
+
+
+def _sparse_flash_fwd(static, q, k, v, kv_count, kv_full, kv_index, q_count, q_full, q_index):
+    out, lse = _forward_kernels(static, q, k, v, kv_count, kv_full, kv_index)
+    return (out, lse), (q, k, v, kv_count, kv_full, kv_index, q_count, q_full, q_index, out, lse)
+
+
+def _sparse_flash_bwd(static, residuals, cotangents):
+    *args, out, lse = residuals
+    d_out, d_lse = cotangents
+    delta = backward_delta(out, d_out, d_lse, static[0].problem.layout)
+    dq, dk, dv = _backward_kernels(static, *args, d_out, lse, delta)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+_sparse_flash.defvjp(_sparse_flash_fwd, _sparse_flash_bwd)
+
+
+@_first_order_only
+def _forward_kernels(static, q, k, v, kv_count, kv_full, kv_index):
+    sp, config, lowering = static
+    return kernels.block_sparse_forward(sp, config.forward, q, k, v, kv_count, kv_full, kv_index, lowering=lowering)
+
+
+@_first_order_only
+def _backward_kernels(static, q, k, v, kv_count, kv_full, kv_index, q_count, q_full, q_index, d_out, lse, delta):
+    sp, config, lowering = static
+    _check_fits(sp, ("dq", "dkv"), q.dtype, lowering)
+    return kernels.block_sparse_backward(sp, config.backward_dq, config.backward_dkv, q, k, v, kv_count, kv_full,
+                                         kv_index, q_count, q_full, q_index, d_out, lse, delta, lowering=lowering)

@@ -1,0 +1,340 @@
+"""Block-sparse flash attention: the forward, dQ and dK/dV kernels, each walking only the blocks a
+block map lists (``mmfa_jax.block_sparse.BlockMask``).
+
+The tiles ARE the map's blocks: a query tile is a query block of ``block_q`` rows, a key tile a key
+block of ``block_k`` rows. The map's lists (built with jax ops in ``mmfa_jax.block_sparse``) give,
+per (map batch, map head, block):
+
+  kv_count (Bm, Nm, nq) int32     key blocks listed for query block qi (blocks with some visible logit)
+  kv_full  (Bm, Nm, nq) int32     how many of them come first in ``kv_index`` and are wholly visible
+  kv_index (Bm, Nm, nq, nk) int32 the wholly visible blocks (ascending), then the partial ones
+                                  (ascending), then unlisted blocks (padding, never read)
+  q_count, q_full, q_index        the same transposed: per key block, its query blocks (dK/dV)
+
+with Bm in {1, B}, Nm in {1, Hq} (broadcast by the index maps, never materialised). A wholly
+visible block is taken unmasked; a partial one (crossing the causal diagonal, or the ragged last
+block of a sequence that is not a multiple of the block) with the token-level mask. Each program
+loops from 0 to its count, so the work is proportional to the listed blocks.
+
+  ``mmfa_block_sparse_forward``  grid (nq, Hq, B): online softmax over the query block's key list;
+                                 writes the output and the log-sum-exp (natural log, -inf for a row
+                                 that sees nothing, whose output is 0).
+  ``mmfa_block_sparse_dq``       grid (nq, Hq, B): dQ over the same list.
+  ``mmfa_block_sparse_dkv``      grid (nk, Hkv, B): dK and dV of one key block of one K/V head,
+                                 looping over the query heads of its GQA group and, for each, over
+                                 that head's transposed list: no atomics, K/V never repeated.
+
+Operands and results are ordered by ``mmfa_jax.plans`` (``BLOCK_SPARSE_*``): the map's lists go in
+as the BlockMask holds them, so a launcher needs nothing but the arrays themselves. The rest of the
+conventions (base-2 logits, the padded head dimension, masked loads past the lengths, the NaN and
+empty-row rules of ``live = l != 0``) are those of ``mmfa_jax.kernels.forward`` / ``backward``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from mmfa_jax import plans
+from mmfa_jax.backends import Lowering
+from mmfa_jax.kernels.backward import _grad_logits, backward_lse
+from mmfa_jax.kernels.common import (
+    LN2,
+    HeadView,
+    Problem,
+    Side,
+    column_mask,
+    dot,
+    load,
+    logits,
+    row_spec,
+    seq_spec,
+)
+from mmfa_jax.masking import combine
+from mmfa_jax.tuning import KernelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseProblem:
+    """A block-sparse call: the dense ``Problem`` (sizes, scale, the causal band; no bias, mask,
+    segments or lengths) and the map's block sizes and kept (batch, head) extents."""
+
+    problem: Problem
+    block_q: int
+    block_k: int
+    map_batch: int  # Bm: 1 (broadcast) or B
+    map_heads: int  # Nm: 1 (broadcast) or Hq
+
+    @property
+    def num_q_blocks(self) -> int:
+        return pl.cdiv(self.problem.q_len, self.block_q)
+
+    @property
+    def num_k_blocks(self) -> int:
+        return pl.cdiv(self.problem.kv_len, self.block_k)
+
+
+def shared_bytes(kernel: str, sp: SparseProblem, stages: int, itemsize: int) -> int:
+    """An estimate of a kernel's shared memory per block: the tiles loaded in the loop, once per
+    pipeline stage, and those loaded once (and 1 KiB of Triton's scratch for the forward and dQ).
+    Against the official Triton's sm_90 code: bf16 d64 with 64-row blocks and bf16 d128 with
+    128-row blocks within 1 KiB over, float32 d64 with 128-row blocks the same."""
+    hp, bq, bk = sp.problem.head_dim_padded, sp.block_q, sp.block_k
+    if kernel == "forward":  # K, V per stage; Q
+        return (stages * 2 * bk * hp + bq * hp) * itemsize + 1024
+    if kernel == "dq":  # K, V per stage; Q, dO
+        return (stages * 2 * bk * hp + 2 * bq * hp) * itemsize + 1024
+    # dK/dV: Q, dO (and the LSE, delta rows) per stage; K, V; the transposed probabilities
+    return (stages * 2 * bq * hp + 2 * bk * hp + bq * bk) * itemsize + stages * 2 * bq * 4
+
+
+def fitted_configs(sp: SparseProblem, configs: dict[str, KernelConfig], itemsize: int,
+                   cc: int | None) -> dict[str, KernelConfig]:
+    """Each kernel's ``KernelConfig`` (its tiles are the map's blocks) with pipeline stages cut
+    (down to 1) until the estimate fits the GPU's shared memory per block; unchanged for the
+    interpreter (``cc`` None). Whether one stage fits is left to the compiler."""
+    if cc is None:
+        return configs
+    from mmfa_jax.triton_route import shared_memory_limit
+
+    limit = shared_memory_limit(cc)
+    out = {}
+    for kernel, cfg in configs.items():
+        stages = cfg.num_stages
+        while stages > 1 and shared_bytes(kernel, sp, stages, itemsize) > limit:
+            stages -= 1
+        out[kernel] = dataclasses.replace(cfg, num_stages=stages)
+    return out
+
+
+def _map_batch(sp: SparseProblem, b):
+    return b if sp.map_batch > 1 else 0
+
+
+def _list_specs(sp: SparseProblem, length: int):
+    """Specs of (count, full, index) for a (tile, head, batch) grid over query heads: one scalar
+    count each and the tile's row of ``length`` indices."""
+    head = (lambda n: n) if sp.map_heads > 1 else (lambda n: 0)
+    count = pl.BlockSpec((None, None, None), lambda t, n, b: (_map_batch(sp, b), head(n), t))
+    index = pl.BlockSpec((None, None, None, length), lambda t, n, b: (_map_batch(sp, b), head(n), t, 0))
+    return [count, count, index]
+
+
+def _group_list_specs(sp: SparseProblem, length: int):
+    """The same for the dK/dV grid over K/V heads: the lists of the group's G query heads (one
+    list for all when the map broadcasts its head axis)."""
+    if sp.map_heads == 1:
+        count = pl.BlockSpec((None, None, None), lambda t, h, b: (_map_batch(sp, b), 0, t))
+        index = pl.BlockSpec((None, None, None, length), lambda t, h, b: (_map_batch(sp, b), 0, t, 0))
+    else:
+        g = sp.problem.group
+        count = pl.BlockSpec((None, g, None), lambda t, h, b: (_map_batch(sp, b), h, t))
+        index = pl.BlockSpec((None, g, None, length), lambda t, h, b: (_map_batch(sp, b), h, t, 0))
+    return [count, count, index]
+
+
+def _entry(ref, head, *idx):
+    """A scalar of a list ref: at ``idx``, of query head ``head`` of the group (None: the map's one
+    head)."""
+    idx = idx if head is None else (head, *idx)
+    return ref[idx] if idx else ref[...]
+
+
+def _two_loops(body, n_full, n_all, carry, *, any_full: bool):
+    """``body(i, carry, masked)`` over list entries [0, n_full) unmasked, then [n_full, n_all)
+    masked. ``any_full=False`` (static: the sequence looped over is shorter than one block, so no
+    block can be whole) runs the masked body over all of them."""
+    if not any_full:
+        return lax.fori_loop(0, n_all, functools.partial(body, masked=True), carry)
+    carry = lax.fori_loop(0, n_full, functools.partial(body, masked=False), carry)
+    return lax.fori_loop(n_full, n_all, functools.partial(body, masked=True), carry)
+
+
+# --------------------------------------------------------------------------------------------
+# Forward.
+
+
+def _forward_kernel(q_ref, k_ref, v_ref, count_ref, full_ref, index_ref, o_ref, lse_ref, *, sp: SparseProblem):
+    p, block_q, block_k = sp.problem, sp.block_q, sp.block_k
+    q_start = pl.program_id(0) * block_q
+    q_pos = q_start + jnp.arange(block_q)
+    q_rows = pl.ds(q_start, block_q)
+    cols = column_mask(p)
+    hp = p.head_dim_padded
+    side = Side(p, None, None, None, None, p.kv_len)
+    in_q = q_pos < p.q_len
+    q = load(q_ref, q_rows, in_q, cols)
+
+    def body(i, carry, masked):
+        acc, m, l = carry
+        k_start = index_ref[i] * block_k
+        k_rows = pl.ds(k_start, block_k)
+        k_pos = k_start + jnp.arange(block_k)
+        # Partial blocks: rows past the key length read as 0 (values too: 0 * NaN must not reach
+        # a row); whole blocks lie inside the arrays.
+        row_ok = k_pos < p.kv_len if masked else None
+        k = load(k_ref, k_rows, row_ok, cols)
+        v = load(v_ref, k_rows, row_ok, cols)
+        s, _ = logits(p, dot(p, q, k, trans_b=True), None)
+        if masked:
+            s = jnp.where(side.visible(q_rows, k_rows, q_pos, k_pos), s, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # rows that have seen nothing: exp2(-inf) = 0
+        alpha = jnp.exp2(m - shift)
+        probs = jnp.exp2(s - shift[:, None])
+        l = l * alpha + jnp.sum(probs, axis=1)
+        acc = acc * alpha[:, None] + dot(p, probs.astype(v.dtype), v)
+        return acc, m_new, l
+
+    init = (jnp.zeros((block_q, hp), jnp.float32),
+            jnp.full((block_q,), -jnp.inf, jnp.float32),
+            jnp.zeros((block_q,), jnp.float32))
+    acc, m, l = _two_loops(body, full_ref[...], count_ref[...], init, any_full=p.kv_len >= block_k)
+
+    # l is exactly 0 where a row saw nothing (zeros, LSE -inf); NaN inputs make it NaN (a NaN row).
+    live = (l != 0) & in_q
+    out = acc / jnp.where(live, l, 1.0)[:, None]
+    out = jnp.where(live[:, None], out, 0.0)
+    lse = jnp.where(live, (m + jnp.log2(jnp.where(live, l, 1.0))) * LN2, -jnp.inf)
+    plgpu.store(o_ref.at[q_rows, :], out.astype(o_ref.dtype), mask=combine(in_q[:, None], cols))
+    plgpu.store(lse_ref.at[q_rows], lse, mask=in_q)
+
+
+def forward(sp: SparseProblem, cfg: KernelConfig, q, k, v, kv_count, kv_full, kv_index, *, lowering: Lowering):
+    """(out like q, lse (B, Hq, T) float32 in natural log; -inf for rows that see nothing)."""
+    p = sp.problem
+    q_head, kv_head = (lambda n: n), (lambda n: n // p.group)
+    in_specs = [seq_spec(p, p.q_len, None, q_head), seq_spec(p, p.kv_len, None, kv_head),
+                seq_spec(p, p.kv_len, None, kv_head), *_list_specs(sp, sp.num_k_blocks)]
+    out_specs = [seq_spec(p, p.q_len, None, q_head), row_spec(p.q_len, None, q_head)]
+    out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype),
+                 jax.ShapeDtypeStruct((p.batch, p.q_heads, p.q_len), jnp.float32)]
+    return pl.pallas_call(
+        functools.partial(_forward_kernel, sp=sp), grid=(sp.num_q_blocks, p.q_heads, p.batch),
+        in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+        **lowering.pallas_args(cfg), name=plans.BLOCK_SPARSE_FORWARD.name,
+    )(*plans.BLOCK_SPARSE_FORWARD.ordered(q=q, k=k, v=v, kv_count=kv_count, kv_full=kv_full, kv_index=kv_index))
+
+
+# --------------------------------------------------------------------------------------------
+# Backward: as ``mmfa_jax.kernels.backward`` (p = exp(s - lse), ds = p (dp - delta)), over the lists.
+
+
+def _dq_kernel(q_ref, k_ref, v_ref, count_ref, full_ref, index_ref, do_ref, lse_ref, delta_ref, dq_ref, *,
+               sp: SparseProblem):
+    p, block_q, block_k = sp.problem, sp.block_q, sp.block_k
+    q_start = pl.program_id(0) * block_q
+    q_pos = q_start + jnp.arange(block_q)
+    q_rows = pl.ds(q_start, block_q)
+    cols = column_mask(p)
+    side = Side(p, None, None, None, None, p.kv_len)
+    in_q = q_pos < p.q_len
+    q = load(q_ref, q_rows, in_q, cols)
+    do = load(do_ref, q_rows, in_q, cols)
+    lse = backward_lse(plgpu.load(lse_ref.at[q_rows], mask=in_q, other=-jnp.inf))
+    delta = plgpu.load(delta_ref.at[q_rows], mask=in_q, other=0.0)
+
+    def body(i, dq, masked):
+        k_start = index_ref[i] * block_k
+        k_rows = pl.ds(k_start, block_k)
+        k_pos = k_start + jnp.arange(block_k)
+        row_ok = k_pos < p.kv_len if masked else None
+        k = load(k_ref, k_rows, row_ok, cols)
+        v = load(v_ref, k_rows, row_ok, cols)
+        s, tanh = logits(p, dot(p, q, k, trans_b=True), None)
+        if masked:
+            s = jnp.where(side.visible(q_rows, k_rows, q_pos, k_pos), s, -jnp.inf)
+        probs = jnp.exp2(s - lse[:, None])
+        _, dqk = _grad_logits(p, probs, dot(p, do, v, trans_b=True), delta, tanh)
+        return dq + dot(p, dqk.astype(k.dtype), k)
+
+    dq = _two_loops(body, full_ref[...], count_ref[...], jnp.zeros((block_q, p.head_dim_padded), jnp.float32),
+                    any_full=p.kv_len >= block_k)
+    plgpu.store(dq_ref.at[q_rows, :], dq.astype(dq_ref.dtype), mask=combine(in_q[:, None], cols))
+
+
+def _dkv_kernel(q_ref, k_ref, v_ref, count_ref, full_ref, index_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *,
+                sp: SparseProblem):
+    p, block_q, block_k = sp.problem, sp.block_q, sp.block_k
+    k_start = pl.program_id(0) * block_k
+    k_pos = k_start + jnp.arange(block_k)
+    k_rows = pl.ds(k_start, block_k)
+    cols = column_mask(p)
+    side = Side(p, None, None, None, None, p.kv_len)
+    in_k = k_pos < p.kv_len
+    k = load(k_ref, k_rows, in_k, cols)
+    v = load(v_ref, k_rows, in_k, cols)
+    head_axis = 0 if p.layout == "BNTH" else 1
+    per_head = sp.map_heads > 1
+
+    def group_member(g, carry):
+        q_g, do_g = HeadView(q_ref, g, head_axis), HeadView(do_ref, g, head_axis)
+        lse_g, delta_g = HeadView(lse_ref, g), HeadView(delta_ref, g)
+        list_head = g if per_head else None
+        n_all, n_full = _entry(count_ref, list_head), _entry(full_ref, list_head)
+
+        def body(i, carry, masked):
+            dk, dv = carry
+            q_start = _entry(index_ref, list_head, i) * block_q
+            q_rows = pl.ds(q_start, block_q)
+            q_pos = q_start + jnp.arange(block_q)
+            in_q = q_pos < p.q_len if masked else None
+            q = load(q_g, q_rows, in_q, cols)
+            do = load(do_g, q_rows, in_q, cols)
+            lse = backward_lse(lse_g.load(q_rows, mask=in_q, other=-jnp.inf))
+            delta = delta_g.load(q_rows, mask=in_q, other=0.0)
+            s, tanh = logits(p, dot(p, q, k, trans_b=True), None)
+            if masked:
+                s = jnp.where(side.visible(q_rows, k_rows, q_pos, k_pos), s, -jnp.inf)
+            probs = jnp.exp2(s - lse[:, None])
+            dv = dv + dot(p, probs.astype(do.dtype), do, trans_a=True)
+            _, dqk = _grad_logits(p, probs, dot(p, do, v, trans_b=True), delta, tanh)
+            dk = dk + dot(p, dqk.astype(q.dtype), q, trans_a=True)
+            return dk, dv
+
+        return _two_loops(body, n_full, n_all, carry, any_full=p.q_len >= block_q)
+
+    zeros = jnp.zeros((block_k, p.head_dim_padded), jnp.float32)
+    dk, dv = lax.fori_loop(0, p.group, group_member, (zeros, zeros))
+    store_mask = combine(in_k[:, None], cols)
+    plgpu.store(dk_ref.at[k_rows, :], dk.astype(dk_ref.dtype), mask=store_mask)
+    plgpu.store(dv_ref.at[k_rows, :], dv.astype(dv_ref.dtype), mask=store_mask)
+
+
+def backward(sp: SparseProblem, dq_cfg: KernelConfig, dkv_cfg: KernelConfig, q, k, v, kv_count, kv_full, kv_index,
+             q_count, q_full, q_index, do, lse, delta, *, lowering: Lowering):
+    """(dq, dk, dv) from the forward's LSE and ``delta`` (``mmfa_jax._autodiff.backward_delta``),
+    both (B, Hq, T) float32."""
+    p = sp.problem
+    operands = dict(q=q, k=k, v=v, kv_count=kv_count, kv_full=kv_full, kv_index=kv_index, q_count=q_count,
+                    q_full=q_full, q_index=q_index, d_out=do, lse=lse, delta=delta)
+    q_head, kv_head = (lambda n: n), (lambda n: n // p.group)
+    in_specs = [seq_spec(p, p.q_len, None, q_head), seq_spec(p, p.kv_len, None, kv_head),
+                seq_spec(p, p.kv_len, None, kv_head), *_list_specs(sp, sp.num_k_blocks),
+                seq_spec(p, p.q_len, None, q_head), row_spec(p.q_len, None, q_head),
+                row_spec(p.q_len, None, q_head)]
+    (dq,) = pl.pallas_call(
+        functools.partial(_dq_kernel, sp=sp), grid=(sp.num_q_blocks, p.q_heads, p.batch),
+        in_specs=in_specs, out_specs=[seq_spec(p, p.q_len, None, q_head)],
+        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype)],
+        **lowering.pallas_args(dq_cfg), name=plans.BLOCK_SPARSE_DQ.name,
+    )(*plans.BLOCK_SPARSE_DQ.ordered(**{n: operands[n] for n in plans.BLOCK_SPARSE_DQ.operands}))
+
+    g, group_of = p.group, (lambda h: h)  # grid axis 1 runs over K/V heads
+    in_specs = [seq_spec(p, p.q_len, g, group_of), seq_spec(p, p.kv_len, None, group_of),
+                seq_spec(p, p.kv_len, None, group_of), *_group_list_specs(sp, sp.num_q_blocks),
+                seq_spec(p, p.q_len, g, group_of), row_spec(p.q_len, g, group_of), row_spec(p.q_len, g, group_of)]
+    kv_spec = seq_spec(p, p.kv_len, None, group_of)
+    dk, dv = pl.pallas_call(
+        functools.partial(_dkv_kernel, sp=sp), grid=(sp.num_k_blocks, p.kv_heads, p.batch),
+        in_specs=in_specs, out_specs=[kv_spec, kv_spec],
+        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        **lowering.pallas_args(dkv_cfg), name=plans.BLOCK_SPARSE_DKV.name,
+    )(*plans.BLOCK_SPARSE_DKV.ordered(**{n: operands[n] for n in plans.BLOCK_SPARSE_DKV.operands}))
+    return dq, dk, dv
