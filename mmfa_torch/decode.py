@@ -2,7 +2,7 @@
 
 Layout is SDPA's (what a transformers cache holds): query (B, Hq, T, D), key/value
 (B, Hkv, S, D). On CUDA tensors the split-KV kernels (``mmfa_jax.kernels.decode``) are launched
-directly (``mmfa_torch.launch.decode``): one compiled pair serves a whole bucket of cache lengths,
+directly (``mmfa_torch.launch.run_decode``): one compiled pair serves a whole bucket of cache lengths,
 since the kernels address the cache through its runtime length. Elsewhere the call goes to
 ``mmfa_jax.decode_attention`` through DLPack.
 """
@@ -110,7 +110,8 @@ def _plan(q_shape, q_dtype, kv_shapes, k_dtype, v_dtype, lengths_shape, scale, s
                                     capacity=k_shape[2] if direct else None)
     if static is None or not direct:
         return _Plan(static, None)
-    return _Plan(static, launch.decode_kernels(static, q_shape, q_dtype, k_shape, k_dtype, lengths_shape))
+    return _Plan(static, launch.decode_kernels(static, q_shape, q_dtype, k_shape, k_dtype, lengths_shape,
+                                               device_index))
 
 
 def _struct(shape, dtype):

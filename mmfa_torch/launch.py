@@ -426,12 +426,13 @@ def _seq_len(S: int, device: torch.device) -> torch.Tensor:
     return t
 
 
-def decode_kernels(static, q_shape, q_dtype, kv_shape, kv_dtype, lengths_shape) -> tuple[_Kernel, _Kernel]:
+def decode_kernels(static, q_shape, q_dtype, kv_shape, kv_dtype, lengths_shape,
+                   device_index: int | None) -> tuple[_Kernel, _Kernel]:
     """The compiled pair of a prepared decode call (``mmfa_jax.decode.prepare`` for a capacity: the
-    K/V shape ``kv_shape`` holds it), for the current device's compute capability."""
+    K/V shape ``kv_shape`` holds it), for the compute capability of the device."""
     signature = ((q_shape, _JAX_DTYPE[q_dtype]), (kv_shape, _JAX_DTYPE[kv_dtype]), (kv_shape, _JAX_DTYPE[kv_dtype]),
                  None if lengths_shape is None else (lengths_shape, "int32"))
-    return _decode_kernels(static, signature, compute_capability(torch.cuda.current_device()))
+    return _decode_kernels(static, signature, compute_capability(device_index))
 
 
 def run_decode(kernels, q, k, v, S: int, kv_lengths) -> tuple[torch.Tensor, torch.Tensor]:
