@@ -53,6 +53,7 @@ from mmfa_jax.kernels.common import (
     dot,
     load,
     logits,
+    online_softmax_step,
     row_spec,
     seq_spec,
 )
@@ -184,13 +185,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, count_ref, full_ref, index_ref, o_ref, 
         s, _ = logits(p, dot(p, q, k, trans_b=True), None)
         if masked:
             s = jnp.where(side.visible(q_rows, k_rows, q_pos, k_pos), s, -jnp.inf)
-        m_new = jnp.maximum(m, jnp.max(s, axis=1))
-        shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # rows that have seen nothing: exp2(-inf) = 0
-        alpha = jnp.exp2(m - shift)
-        probs = jnp.exp2(s - shift[:, None])
-        l = l * alpha + jnp.sum(probs, axis=1)
-        acc = acc * alpha[:, None] + dot(p, probs.astype(v.dtype), v)
-        return acc, m_new, l
+        return online_softmax_step(p, (acc, m, l), s, v)
 
     init = (jnp.zeros((block_q, hp), jnp.float32),
             jnp.full((block_q,), -jnp.inf, jnp.float32),

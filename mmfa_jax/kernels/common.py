@@ -176,6 +176,20 @@ def dot(p: Problem, a, b, trans_b: bool = False, trans_a: bool = False):
     return plgpu.dot(a, b, trans_a=trans_a, trans_b=trans_b, precision=precision)
 
 
+def online_softmax_step(p, carry, s, v):
+    """One key block of the online softmax: the running (acc, m, l) of a query tile updated with
+    the block's base-2 logits ``s`` (rows, keys) and values ``v``. A row that has seen only masked
+    logits keeps m = -inf; it shifts by 0 there so that exp2(-inf - shift) is 0 rather than NaN."""
+    acc, m, l = carry
+    m_new = jnp.maximum(m, jnp.max(s, axis=1))
+    shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+    alpha = jnp.exp2(m - shift)
+    probs = jnp.exp2(s - shift[:, None])
+    l = l * alpha + jnp.sum(probs, axis=1)
+    acc = acc * alpha[:, None] + dot(p, probs.astype(v.dtype), v)
+    return acc, m_new, l
+
+
 def logits(p: Problem, qk, bias_tile):
     """Logits in base 2 from q.k: scale, soft cap, bias. Returns (s2, tanh or None)."""
     if p.softcap is None:

@@ -58,7 +58,14 @@ from jax.experimental.pallas import triton as plgpu
 
 from mmfa_jax import plans
 from mmfa_jax.backends import Lowering
-from mmfa_jax.kernels.common import LN2, block_size, dot, logits, padded_head_dim
+from mmfa_jax.kernels.common import (
+    LN2,
+    block_size,
+    dot,
+    logits,
+    online_softmax_step,
+    padded_head_dim,
+)
 from mmfa_jax.masking import combine
 from mmfa_jax.tuning import KernelConfig
 
@@ -289,14 +296,7 @@ def _partial_kernel(q_ref, k_ref, v_ref, seq_len_ref, kvlen_ref, o_ref, lse_ref,
         s, _ = logits(p, dot(p, q, k, trans_b=True), None)
         if masked:
             s = jnp.where(k_pos[None, :] < limit[:, None], s, -jnp.inf)
-        m_new = jnp.maximum(m, jnp.max(s, axis=1))
-        # Rows that have seen only masked logits keep m = -inf: shift by 0 there (exp2(-inf) = 0).
-        shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-        alpha = jnp.exp2(m - shift)
-        probs = jnp.exp2(s - shift[:, None])
-        l = l * alpha + jnp.sum(probs, axis=1)
-        acc = acc * alpha[:, None] + dot(p, probs.astype(v.dtype), v)
-        return acc, m_new, l
+        return online_softmax_step(p, (acc, m, l), s, v)
 
     carry = (jnp.zeros((p.tile_rows, p.head_dim_padded), jnp.float32),
              jnp.full((p.tile_rows,), -jnp.inf, jnp.float32),

@@ -26,6 +26,7 @@ from mmfa_jax.kernels.common import (
     load,
     load_rows,
     logits,
+    online_softmax_step,
     optional,
     query_tile,
     row_spec,
@@ -36,7 +37,12 @@ from mmfa_jax.kernels.common import (
     tile_grid,
     tile_order,
 )
-from mmfa_jax.kernels.mask_ranges import forward_query_tiles, intersect_ranges, load_ranges, mask_ranges
+from mmfa_jax.kernels.mask_ranges import (
+    forward_query_tiles,
+    intersect_ranges,
+    load_ranges,
+    mask_ranges,
+)
 from mmfa_jax.masking import combine, kv_block_range
 from mmfa_jax.tuning import KernelConfig
 
@@ -90,15 +96,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, qseg_ref, kvseg_ref
         s, _ = logits(p, dot(p, q, k, trans_b=True), side.pair_tile(bias_ref, q_rows, k_rows, q_pos, k_pos, 0))
         if masked:
             s = jnp.where(side.visible(q_rows, k_rows, q_pos, k_pos), s, -jnp.inf)
-        m_new = jnp.maximum(m, jnp.max(s, axis=1))
-        # A row that has seen only masked logits keeps m = -inf; shift by 0 there so that
-        # exp2(-inf - shift) is 0 rather than NaN.
-        shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-        alpha = jnp.exp2(m - shift)
-        probs = jnp.exp2(s - shift[:, None])
-        l = l * alpha + jnp.sum(probs, axis=1)
-        acc = acc * alpha[:, None] + dot(p, probs.astype(v.dtype), v)
-        return acc, m_new, l
+        return online_softmax_step(p, (acc, m, l), s, v)
 
     init = (jnp.zeros((block_q, hp), jnp.float32),
             jnp.full((block_q,), -jnp.inf, jnp.float32),
