@@ -209,3 +209,109 @@ def block_sparse_reference_grads(q, k, v, blocks, block_size, d_out, d_lse=None,
     T, S = np.shape(q)[1], np.shape(k)[1]
     return attention_reference_grads(q, k, v, d_out, d_lse, mask=block_sparse_mask(blocks, block_size, T, S),
                                      scale=scale, is_causal=is_causal)[:3]
+
+
+# ------------------------------------------------------------------------------------------------
+# Dynamic mask attention (Flash-DMA, Doge's ``prepare_dynamic_mask``).
+
+
+def _softplus(x):
+    return np.logaddexp(0.0, x)
+
+
+def zoh_states_reference(value, dt_proj, A, dt_bias=None):
+    """zoh (B, K, S) float64 = exp(A[h] * softplus(V_flat @ dt_proj.T + dt_bias))[b, s, h], with
+    value (B, S, K, H) flattened to V_flat (B, S, K * H) (head-major), dt_proj (K, K * H), A (K,),
+    dt_bias (K,) or None (Doge's dt_proj Linear and A parameter)."""
+    v = _f64(value)
+    B, S, K, H = v.shape
+    x = v.reshape(B, S, K * H) @ _f64(dt_proj).T
+    if dt_bias is not None:
+        x = x + _f64(dt_bias)
+    return np.swapaxes(np.exp(_f64(A) * _softplus(x)), 1, 2)
+
+
+def zoh_states_reference_grads(value, dt_proj, A, d_zoh, dt_bias=None):
+    """Float64 gradients (d_value, d_dt_proj, d_A, d_dt_bias or None) of sum(zoh * d_zoh)."""
+    v = _f64(value)
+    B, S, K, H = v.shape
+    vf = v.reshape(B, S, K * H)
+    w, a = _f64(dt_proj), _f64(A)
+    x = vf @ w.T + (0.0 if dt_bias is None else _f64(dt_bias))
+    z = np.exp(a * _softplus(x))  # (B, S, K)
+    dz = np.swapaxes(_f64(d_zoh), 1, 2) * z  # d/d(A * softplus(x))
+    d_a = (dz * _softplus(x)).sum(axis=(0, 1))
+    dx = dz * a / (1.0 + np.exp(-x))  # softplus' = sigmoid
+    d_w = np.einsum("bsk,bsi->ki", dx, vf)
+    d_v = (dx @ w).reshape(B, S, K, H)
+    return d_v, d_w, d_a, None if dt_bias is None else dx.sum(axis=(0, 1))
+
+
+def dynamic_mask_kept(zoh, keep_window_size, T, *, is_causal=True, bottom_right=False, q_segments=None,
+                      kv_segments=None, kv_lengths=None):
+    """Boolean (B, K, T, S): the keys each query row keeps, per KV head.
+
+    Allowed keys are those of the dense mask conventions (``visibility``: causal top-left or
+    bottom-right, key lengths, segments). Among a row's allowed keys, the ``keep_window_size``
+    largest by zoh are kept; ties go to the lower key index; a NaN zoh counts as larger than
+    every number (as torch.topk orders it). All allowed keys are kept when there are no more
+    than ``keep_window_size`` of them."""
+    z = _f64(zoh)
+    B, K, S = z.shape
+    allowed = visibility(B, 1, T, S, is_causal=is_causal, kv_lengths=kv_lengths, q_segments=q_segments,
+                         kv_segments=kv_segments, bottom_right=bottom_right)  # (B, 1, T, S)
+    kept = np.zeros((B, K, T, S), bool)
+    s = np.arange(S)
+    for b in range(B):
+        for h in range(K):
+            nan = np.isnan(z[b, h])
+            # The global order of the keys, best first: NaN, then larger zoh, then lower index.
+            order = np.lexsort((s, -np.where(nan, 0.0, z[b, h]), -nan.astype(np.int64)))
+            ok = allowed[b, 0][:, order]  # (T, S) allowed, in that order
+            keep_sorted = ok & (np.cumsum(ok, axis=1) <= keep_window_size)
+            kept[b, h][:, order] = keep_sorted
+    return kept
+
+
+def _dynamic_mask_problem(q, zoh, keep_window_size, is_causal, bottom_right, segment_ids, kv_lengths, S):
+    B, T, N = np.shape(q)[:3]
+    K = np.shape(zoh)[1]
+    q_seg = kv_seg = None
+    if segment_ids is not None:
+        q_seg, kv_seg = segment_ids if isinstance(segment_ids, (tuple, list)) else (segment_ids, segment_ids)
+    kept = dynamic_mask_kept(zoh, keep_window_size, T, is_causal=is_causal, bottom_right=bottom_right,
+                             q_segments=q_seg, kv_segments=kv_seg, kv_lengths=kv_lengths)
+    G = N // K
+    mask = np.repeat(kept, G, axis=1)  # (B, N, T, S): query head n keeps what its KV head n // G keeps
+    bias = np.repeat(_f64(zoh), G, axis=1)[:, :, None, :]  # (B, N, 1, S)
+    return mask, bias, G
+
+
+def dynamic_mask_reference(q, k, v, zoh, *, keep_window_size, is_causal=True, scale=None, segment_ids=None,
+                           q_lengths=None, kv_lengths=None, bottom_right=False):
+    """(out (B, T, N, H), lse (B, T, N)) in float64 of dynamic mask attention (Flash-DMA / Doge).
+
+    zoh is (B, K, S): one score per KV head and key. For query row t of head n (KV head
+    h = n // (N // K)) the kept keys are ``dynamic_mask_kept``'s; logits are scale * q.k + zoh[b, h, s]
+    on kept keys, and the softmax runs over kept keys only. Rows with no kept key, and rows at or
+    past q_lengths[b], give zeros and LSE -inf. A NaN reaches exactly the rows whose kept keys
+    carry it. segment_ids: one (B, T) array (T == S) or a pair ((B, T), (B, S))."""
+    S = np.shape(k)[1]
+    mask, bias, _ = _dynamic_mask_problem(q, zoh, keep_window_size, is_causal, bottom_right, segment_ids,
+                                          kv_lengths, S)
+    return attention_reference(q, k, v, bias=bias, mask=mask, scale=scale, q_lengths=q_lengths)
+
+
+def dynamic_mask_reference_grads(q, k, v, zoh, d_out, d_lse=None, *, keep_window_size, is_causal=True, scale=None,
+                                 segment_ids=None, q_lengths=None, kv_lengths=None, bottom_right=False):
+    """Float64 gradients (dq, dk, dv, d_zoh) of sum(out * d_out) + sum(lse * d_lse) of
+    ``dynamic_mask_reference``; d_zoh (B, K, S) sums the logits' gradients over the query rows and
+    the query heads of each KV head's group (the kept set itself is piecewise constant in zoh)."""
+    S = np.shape(k)[1]
+    mask, bias, G = _dynamic_mask_problem(q, zoh, keep_window_size, is_causal, bottom_right, segment_ids,
+                                          kv_lengths, S)
+    dq, dk, dv, dbias = attention_reference_grads(q, k, v, d_out, d_lse, bias=bias, mask=mask, scale=scale,
+                                                  q_lengths=q_lengths)
+    B, N = dbias.shape[:2]
+    d_zoh = dbias[:, :, 0, :].reshape(B, N // G, G, S).sum(axis=2)
+    return dq, dk, dv, d_zoh
