@@ -139,7 +139,9 @@ def checked_output_length(output_length, lengths, S: int, rule: Keep) -> int:
 
 
 def _concrete_max(x) -> int | None:
-    """max(x) when x is concrete, None under jit."""
+    """max(x) when x is concrete, None under jit (or when x is None: not known)."""
+    if x is None:
+        return None
     try:
         return int(np.max(np.asarray(x)))
     except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):

@@ -122,20 +122,34 @@ def _multimodal(query: Tensor, key: Tensor, value: Tensor, visual_mask: Tensor, 
                 softcap: Optional[float], backend: str, cc: int,
                 layout: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     keep = _checks.Keep(count=keep_count) if keep_count > 0 else _checks.Keep(ratio=keep)
+    T = visual_mask.shape[1]
     # The static sizes the jitted pipeline needs (left to jit, they would be the full length: a
-    # (T, S) scoring pass and no shorter sequence), and the check that an output_length given
-    # keeps every kept token: from the masks, by torch ops and one small sync.
-    kept, scorer_counts = _static_sizes(visual_mask, query_seq_lengths, keep, rule, scorers)
-    output_length = _jax_pruning.checked_output_length(output_length, kept, visual_mask.shape[1], keep)
-    if max_scorers is None:
-        max_scorers = max(1, int(scorer_counts.max()))
+    # (T, S) scoring pass and no shorter sequence). Those not given come from the masks, by torch
+    # ops and one small sync, which also checks that an output_length given keeps every kept token.
+    # With both given on CUDA there is no sync: the check is a device-side assert on the kept
+    # counts the pipeline returns (torch's own way of checking data-dependent arguments on CUDA,
+    # as gather's indices), after the call; a failure surfaces at the next sync, as theirs do.
+    deferred_check = output_length is not None and max_scorers is not None and visual_mask.is_cuda
+    if deferred_check:
+        output_length = _jax_pruning.checked_output_length(output_length, None, T, keep)
+        _checks.integer(max_scorers, "max_scorers", minimum=1)
+    else:
+        kept, scorer_counts = _static_sizes(visual_mask, query_seq_lengths, keep, rule, scorers)
+        output_length = _jax_pruning.checked_output_length(output_length, kept, T, keep)
+        if max_scorers is None:
+            max_scorers = max(1, int(scorer_counts.max()))
     visual, lengths = to_jax(visual_mask), to_jax(query_seq_lengths)
     scorers = rule if scorers is None else to_jax(scorers)
     r = _jitted_multimodal(to_jax(query), to_jax(key), to_jax(value), visual, None if isinstance(scorers, str) else
                            scorers, lengths, keep=keep, rule=scorers if isinstance(scorers, str) else "mask",
                            max_scorers=max_scorers, output_length=output_length, scale=scale, is_causal=is_causal,
                            softcap=softcap, implementation=lowering(backend, cc), layout=layout)
-    return to_torch(r.out), to_torch(r.indices), to_torch(r.lengths), to_torch(r.importance)
+    kept = to_torch(r.lengths)
+    if deferred_check:
+        torch._assert_async((kept <= output_length).all(),
+                            f"output_length={output_length} is shorter than the tokens an example keeps ({keep}); "
+                            f"pass a longer output_length, or None")
+    return to_torch(r.out), to_torch(r.indices), kept, to_torch(r.importance)
 
 
 def _static_sizes(visual_mask: Tensor, valid_lengths: Optional[Tensor], keep: _checks.Keep, rule: str,
@@ -203,6 +217,11 @@ def multimodal_attention(query: Tensor, key: Tensor, value: Tensor, visual_mask:
     (B, T) float32); see ``mmfa_jax.multimodal.multimodal_attention`` (``keep`` a ratio in (0, 1],
     or ``keep_count``). Inference only (no gradients). Under torch.compile L is data-dependent
     unless ``output_length`` is given.
+
+    Host syncs: none when ``output_length`` and ``max_scorers`` are both given for CUDA tensors
+    (an ``output_length`` shorter than an example's kept tokens then fails a device-side assert,
+    reported at the next sync, as torch reports a bad index to ``gather``); otherwise one small
+    transfer of the kept and scorer counts, and the same mistake raises an ArgumentError at once.
     """
     rule_of_keep = _checks.checked_keep(keep, keep_count)
     rule, scorers = (scorers, None) if isinstance(scorers, str) else ("mask", scorers.contiguous())

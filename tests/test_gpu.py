@@ -57,3 +57,32 @@ def test_torch_output_is_on_the_callers_stream():
         want = torch.nn.functional.scaled_dot_product_attention(q, k, v)
     side.synchronize()
     torch.testing.assert_close(out, want, atol=2e-3, rtol=2e-3)
+
+
+def test_torch_pipeline_without_sync_still_refuses_a_short_output_length():
+    """With output_length and max_scorers given on CUDA the torch pipeline makes no host sync; an
+    output_length that would drop kept tokens then fails a device-side assert at the next sync
+    (in a subprocess: a device assert ends the CUDA context), and a long enough one passes."""
+    script = textwrap.dedent("""
+        import sys, torch, mmfa_torch
+        torch.manual_seed(0)
+        B, H, T, D, n_text = 1, 2, 512, 64, 32
+        q, k, v = (torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        visual = torch.zeros(B, T, dtype=torch.bool, device="cuda")
+        visual[:, : T - n_text] = True
+        kept = n_text + (T - n_text) // 2  # keep 0.5 of 480 visual tokens
+        out, idx, lengths, _ = mmfa_torch.multimodal_attention(q, k, v, visual, 0.5, is_causal=True,
+                                                              max_scorers=n_text, output_length=kept)
+        torch.cuda.synchronize()
+        assert int(lengths.max()) == kept, lengths
+        mmfa_torch.multimodal_attention(q, k, v, visual, 0.5, is_causal=True, max_scorers=n_text,
+                                        output_length=kept - 1)
+        try:
+            torch.cuda.synchronize()
+        except RuntimeError as e:
+            print("ASSERTED", e)
+            sys.exit(0)
+        print("NOT ASSERTED")
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert "ASSERTED" in out.stdout and "NOT ASSERTED" not in out.stdout, (out.stdout, out.stderr[-3000:])
