@@ -87,3 +87,32 @@ def block_sparse_forward() -> tuple[KernelPlan, ...]:
 def block_sparse_backward() -> tuple[KernelPlan, ...]:
     """The block-sparse backward's kernels in launch order (``delta`` before them, as for ``backward``)."""
     return (BLOCK_SPARSE_DQ, BLOCK_SPARSE_DKV)
+
+
+# Dynamic mask attention (``mmfa_jax.kernels.dynamic_mask``, Flash-DMA): zoh (B, K, S); thresholds
+# thr_key / thr_index (B, K, T) int32; in the nested case (no segment ids) the per-query-tile candidate
+# lists ``candidates`` (B, K, nq, list_buffer) int32 and ``counts`` (B, K, nq) int32, made by DMA_SELECT
+# (row t0's threshold as thr0_*) and refined per row by DMA_WALK; with segment ids DMA_SELECT_ROWS gives
+# every row's threshold and the attention kernels take no lists. The backward's dk_acc, dv_acc
+# (B, K, S + block_k, padded D) and dzoh_acc (B, K, S + block_k) float32 start as zeros and are aliased
+# to its last three results (atomic adds).
+_DMA_ATTENTION = ("q", "k", "v", "zoh", "candidates", "counts", "thr_key", "thr_index", "q_seg", "kv_seg",
+                  "q_lengths", "kv_lengths")
+DMA_SELECT = KernelPlan("mmfa_dma_select", ("zoh", "kv_lengths"), ("candidates", "counts", "thr0_key", "thr0_index"))
+DMA_WALK = KernelPlan("mmfa_dma_walk", ("zoh", "candidates", "counts", "thr0_key", "thr0_index", "kv_lengths"),
+                      ("thr_key", "thr_index"))
+DMA_SELECT_ROWS = KernelPlan("mmfa_dma_select_rows", ("zoh", "q_seg", "kv_seg", "kv_lengths"),
+                             ("thr_key", "thr_index"))
+DMA_FORWARD = KernelPlan("mmfa_dma_forward", _DMA_ATTENTION, ("out", "lse"))
+DMA_BACKWARD = KernelPlan("mmfa_dma_backward", (*_DMA_ATTENTION, "d_out", "lse", "delta", "dk_acc", "dv_acc",
+                                                "dzoh_acc"), ("dq", "dk_acc", "dv_acc", "dzoh_acc"))
+
+
+def dynamic_mask_forward(nested: bool) -> tuple[KernelPlan, ...]:
+    """The dynamic-mask forward's kernels in launch order (selection, then attention)."""
+    return (DMA_SELECT, DMA_WALK, DMA_FORWARD) if nested else (DMA_SELECT_ROWS, DMA_FORWARD)
+
+
+def dynamic_mask_backward() -> tuple[KernelPlan, ...]:
+    """The dynamic-mask backward's kernels (it reuses the forward's selection)."""
+    return (DMA_BACKWARD,)

@@ -1,0 +1,585 @@
+"""Dynamic mask attention (Flash-DMA): per-row top-k key selection by zoh, and the attention over
+the kept keys, forward and backward, in Pallas (Triton lowering).
+
+Semantics (``mmfa_jax.dynamic_mask``): query row t of KV head h may see the keys its causal band,
+key length and segments allow; of those it keeps the ``keep`` best by ``zoh[b, h, s]``, ties to
+the lower key index, a NaN zoh counting as larger than every number; logits on kept keys are
+``scale * q.k + zoh``.
+
+Order. zoh values become int32 keys by an order-preserving map of the float32 bits (``order_key``:
+negative floats have their 31 low bits flipped, -0 reads as +0, NaN as INT32_MAX), so that "key a
+beats key b" is the lexicographic ``(key_a, -a) > (key_b, -b)``: every pair of keys is ordered,
+ties included. A row's **threshold** is the best key it does *not* keep (the (keep+1)-th best
+allowed key), or the sentinel (INT32_MIN, 0) when it allows at most ``keep`` keys; the row keeps
+exactly the allowed keys that beat its threshold. Thresholds are (B, K, T) pairs of int32: no
+T x S memory anywhere.
+
+Two cases, decided statically (``DmaProblem.nested``):
+
+* **nested** (no segment ids): a row's allowed keys are a prefix [0, e_t) of the keys, with
+  e_t = clamp(t + offset + 1, 0, kv_len) under the causal band (top-left offset 0, bottom-right
+  S - T) and e_t = kv_len without it. Prefixes grow with t, so thresholds never decrease, and a
+  key that row t >= t0 keeps is either kept by row t0 or one of the keys [e_t0, e_t) that entered
+  since: the kept keys of the whole query tile [t0, t0 + block_q) are among
+  ``min(keep, e_t0) + (e_last - e_t0) <= keep + block_q - 1`` **candidates**.
+  ``mmfa_dma_select`` (grid (query tiles, K, B), once per KV head: the GQA group shares it) finds
+  row t0's threshold by radix select over the prefix (one counting pass for the sign bit, 31 for
+  the other value bits, one for the ties, ceil(log2 S) for the index among equal values: about
+  33 + log2 S passes over e_t0 keys, for one row) and writes the tile's candidate list, compacted
+  by a cumulative sum (key indices ascending; capacity ``list_capacity``, a power of two >= the
+  bound; unused entries 0). ``mmfa_dma_walk`` (a second launch, so the list is complete in memory
+  when it is read) then derives the other rows' thresholds from the list alone, row by row: when
+  key n = e_t - 1 enters and beats the previous threshold, the new threshold is the worst
+  candidate of the prefix that beats the previous one (n included: two reductions over the
+  list); otherwise n itself is excluded and the threshold stays. The attention kernels then
+  gather K, V and zoh rows by the list's indices: work per query tile proportional to its
+  candidates, ~keep + block_q keys, not to S. (Random zoh scatters the kept keys over the whole prefix, so skipping whole key
+  blocks would save almost nothing: hence the gather.)
+
+* **general** (segment ids): allowed sets are not nested across rows of different segments.
+  ``mmfa_dma_select_rows`` runs the radix select for every row of the tile at once (a (block_q,
+  block_k) count per pass over the keys up to the tile's last visible one), and the attention
+  kernels walk all those key blocks (contiguous, no list). Correct, but the selection costs
+  ~(33 + log2 S) x T x S comparisons and the attention T x S: no saving over dense attention.
+
+Gather. Pallas's Triton lowering takes int vector indexers in loads and stores
+(``ref.at[rows[:, None], cols[None, :]]`` becomes a tensor of pointers), so K/V rows are gathered
+in the kernel (``common.load_rows``, as the forward reading rows in place); checked by compiling
+for sm_90 (tests/turing_kernels.py builders ``dma_*``).
+
+Backward. ``mmfa_dma_backward`` (grid (query tiles, Hq, B)) recomputes the probabilities over the
+tile's candidates, accumulates dQ in registers, and adds each chunk's dK, dV (float32, (rows,
+padded head dim)) and d(zoh) (the column sums of dS) to float32 accumulators with **atomic adds**
+at the gathered rows: a candidate is shared by many query tiles and by the G query heads of a
+group, so the per-key sum has no fixed owner; deterministic partial buffers would take
+(query tiles x candidates x head dim) memory per head. The sums are therefore not bitwise
+reproducible run to run on a GPU (float addition order). The accumulators have ``block_k`` spare
+rows past S: list entries past the count add their (zero) contributions there, each lane to its
+own row, so no two lanes of one atomic add hit the same row (the interpreter's scatter keeps
+only one of duplicate indices).
+
+NaN: a NaN in q, k or zoh reaches exactly the rows that keep the key (logits are masked with a
+select before the softmax). A NaN in a value row reaches every row of the query tile whose
+candidates hold it, in that channel (its probability 0 there, and 0 * NaN is NaN), as in the dense
+kernels for keys masked inside a visible block.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from mmfa_jax import plans
+from mmfa_jax.backends import Lowering
+from mmfa_jax.kernels.backward import backward_lse
+from mmfa_jax.kernels.common import (
+    LN2,
+    LOG2E,
+    Problem,
+    batch_spec,
+    column_mask,
+    dot,
+    load,
+    load_rows,
+    online_softmax_step,
+    optional,
+    row_spec,
+    seq_spec,
+)
+from mmfa_jax.masking import band_visible, combine
+from mmfa_jax.tuning import KernelConfig
+
+INT32_MIN = -(2 ** 31)
+INT32_MAX = 2 ** 31 - 1
+
+
+def order_key(z):
+    """int32 keys of float values, in the same order: larger value, larger key; -0 and +0 equal;
+    NaN (of either sign) the largest of all (as torch.topk orders NaN). Any float dtype; jnp ops
+    only, so the kernels and the XLA path share it."""
+    z = z.astype(jnp.float32)
+    z = jnp.where(z == 0, jnp.zeros_like(z), z)
+    bits = lax.bitcast_convert_type(z, jnp.int32)
+    key = jnp.where(bits < 0, bits ^ jnp.int32(INT32_MAX), bits)
+    return jnp.where(jnp.isnan(z), jnp.int32(INT32_MAX), key)
+
+
+def beats(key, index, thr_key, thr_index):
+    """Whether key (key, index) ranks above (thr_key, thr_index): larger zoh, ties to the lower index."""
+    return (key > thr_key) | ((key == thr_key) & (index < thr_index))
+
+
+@dataclasses.dataclass(frozen=True)
+class DmaProblem:
+    """A dynamic-mask call: the dense ``Problem`` (sizes, scale, causal band, segments, lengths;
+    no bias or mask), ``keep`` (keys kept per row) and the tiles."""
+
+    problem: Problem
+    keep: int
+    block_q: int
+    block_k: int
+
+    @property
+    def nested(self) -> bool:
+        """Allowed key sets are prefixes, nested in t: the short candidate lists apply."""
+        return not self.problem.has_segments
+
+    @property
+    def num_q_blocks(self) -> int:
+        return pl.cdiv(self.problem.q_len, self.block_q)
+
+    @property
+    def list_capacity(self) -> int:
+        """Entries of a query tile's candidate list: a power of two (the walk holds the list as one
+        vector) covering min(keep + block_q - 1, S) rounded up to the key block."""
+        need = min(self.keep + self.block_q - 1, self.problem.kv_len)
+        return pl.next_power_of_2(max(self.block_k, pl.cdiv(need, self.block_k) * self.block_k))
+
+    @property
+    def list_buffer(self) -> int:
+        """The list's buffer: the capacity and one key block of spare slots (where the compaction's
+        masked lanes point, each lane its own)."""
+        return self.list_capacity + self.block_k
+
+    @property
+    def accumulator_rows(self) -> int:
+        """Rows of the backward's float32 dK/dV/d(zoh) accumulators: S and one key block of spare rows."""
+        return self.problem.kv_len + self.block_k
+
+    @property
+    def index_bits(self) -> int:
+        return max(1, (self.problem.kv_len - 1).bit_length())
+
+
+# ------------------------------------------------------------------------------------------------
+# What a row allows.
+
+
+def _kv_valid(p: Problem, kvlen_ref):
+    return p.kv_len if kvlen_ref is None else jnp.minimum(kvlen_ref[...], p.kv_len)
+
+
+def _prefix_end(p: Problem, t, kv_valid):
+    """e_t: row t allows keys [0, e_t) (the nested case)."""
+    if p.band.right is None:
+        return jnp.full(jnp.shape(t), kv_valid, jnp.int32) if jnp.ndim(t) else kv_valid
+    return jnp.clip(t + p.band.offset + 1, 0, kv_valid)
+
+
+def _allowed(p: Problem, q_pos, k_pos, kv_valid, q_seg=None, k_seg=None):
+    """Boolean (rows, keys): key k_pos[j] is allowed to query q_pos[i] (band, key length, segments)."""
+    vis = combine((k_pos < kv_valid)[None, :], band_visible(p.band, q_pos, k_pos))
+    if q_seg is not None:
+        vis = combine(vis, q_seg[:, None] == k_seg[None, :])
+    if vis.shape != (q_pos.shape[0], k_pos.shape[0]):
+        vis = jnp.broadcast_to(vis, (q_pos.shape[0], k_pos.shape[0]))
+    return vis
+
+
+def _zoh_keys(zoh_ref, k_pos, in_range):
+    """The order keys and float32 values of zoh at the key positions (a vector), gathered."""
+    z = plgpu.load(zoh_ref.at[jnp.where(in_range, k_pos, 0)], mask=in_range, other=0.0).astype(jnp.float32)
+    return order_key(z), z
+
+
+# ------------------------------------------------------------------------------------------------
+# Radix select.
+
+
+def _radix_select(count, rank, index_bits: int):
+    """The rank-th best key (1-based) of each row, by counting passes.
+
+    ``count(pred)`` returns, per row (a vector), how many allowed keys satisfy ``pred(key, index)``
+    (key and index: (1, keys) tiles; thresholds: (rows, 1)). Returns (thr_key, thr_index) vectors;
+    the sentinel (INT32_MIN, 0) for rows that allow fewer than ``rank`` keys."""
+    total = count(lambda key, idx, thr: key == key, None)
+    # Value bits, most significant first, keeping v = the largest value with count(key >= v) >= rank.
+    # The sign bit first: keys >= 0 are the non-negative floats; within a sign, adding low bits
+    # raises the value.
+    zero = jnp.zeros_like(total)
+    ge0 = count(lambda key, idx, thr: key >= thr, zero)
+    v = jnp.where(ge0 >= rank, zero, jnp.full_like(total, INT32_MIN))
+
+    def value_bit(i, v):
+        cand = v | jnp.left_shift(jnp.int32(1), 30 - i)
+        c = count(lambda key, idx, thr: key >= thr, cand)
+        return jnp.where(c >= rank, cand, v)
+
+    v = lax.fori_loop(0, 31, value_bit, v)
+    above = count(lambda key, idx, thr: key > thr, v)
+    need = rank - above  # >= 1: the need-th lowest index among the keys equal to v
+
+    def index_bit(i, m):
+        cand = m + jnp.left_shift(jnp.int32(1), index_bits - 1 - i)
+        c = count(lambda key, idx, thr: (key == thr[0]) & (idx < thr[1]), (v, cand))
+        return jnp.where(c < need, cand, m)
+
+    m = lax.fori_loop(0, index_bits, index_bit, zero)
+    enough = total >= rank
+    return jnp.where(enough, v, INT32_MIN), jnp.where(enough, m, 0)
+
+
+def _counter(zoh_ref, kv_len: int, num_blocks, block_k: int, allowed_fn, rows: int):
+    """``count`` for ``_radix_select``: loops over key blocks [0, num_blocks), per row."""
+
+    def count(pred, thr):
+        def body(j, acc):
+            k_pos = j * block_k + jnp.arange(block_k)
+            ok = allowed_fn(k_pos)  # (rows, block_k)
+            key, _ = _zoh_keys(zoh_ref, k_pos, k_pos < kv_len)
+            hit = pred(key[None, :], k_pos[None, :], jax.tree.map(lambda x: x[:, None], thr))
+            return acc + jnp.sum((ok & hit).astype(jnp.int32), axis=1)
+
+        return lax.fori_loop(0, num_blocks, body, jnp.zeros((rows,), jnp.int32))
+
+    return count
+
+
+# ------------------------------------------------------------------------------------------------
+# Selection kernels.
+
+
+def _select_kernel(zoh_ref, kvlen_ref, cand_ref, count_ref, thr_key_ref, thr_idx_ref, *, dp: DmaProblem):
+    """Nested case, one (query tile, KV head, batch): row t0's threshold and the tile's candidates."""
+    p, block_q, block_k = dp.problem, dp.block_q, dp.block_k
+    t0 = pl.program_id(0) * block_q
+    kv_valid = _kv_valid(p, kvlen_ref)
+    e0 = _prefix_end(p, t0, kv_valid)
+    e_last = _prefix_end(p, jnp.minimum(t0 + block_q, p.q_len) - 1, kv_valid)
+
+    count = _counter(zoh_ref, p.kv_len, pl.cdiv(e0, block_k), block_k, lambda k_pos: (k_pos < e0)[None, :], 1)
+    thr_key, thr_idx = _radix_select(count, dp.keep + 1, dp.index_bits)  # (1,) each
+    tk, ti = jnp.max(thr_key), jnp.max(thr_idx)
+
+    # Compaction: keys of row t0's prefix that beat its threshold, then the keys entering after it.
+    cap = dp.list_capacity
+    lanes = jnp.arange(block_k)
+
+    def compact(j, base):
+        k_pos = j * block_k + lanes
+        key, _ = _zoh_keys(zoh_ref, k_pos, k_pos < e_last)
+        take = ((k_pos < e0) & beats(key, k_pos, tk, ti)) | ((k_pos >= e0) & (k_pos < e_last))
+        pos = jnp.where(take, base + jnp.cumsum(take.astype(jnp.int32)) - 1, cap + lanes)
+        plgpu.store(cand_ref.at[pos], k_pos, mask=take)
+        return base + jnp.sum(take.astype(jnp.int32))
+
+    n = lax.fori_loop(0, pl.cdiv(e_last, block_k), compact, jnp.int32(0))
+
+    def fill(j, carry):  # the unused entries, disjoint from those written above
+        pos = j * block_k + lanes
+        plgpu.store(cand_ref.at[pos], jnp.zeros((block_k,), jnp.int32), mask=pos >= n)
+        return carry
+
+    lax.fori_loop(n // block_k, cap // block_k, fill, 0)
+    count_ref[...] = n
+    q_pos = t0 + jnp.arange(block_q)
+    in_q = q_pos < p.q_len
+    rows = jnp.where(in_q, q_pos, 0)
+    plgpu.store(thr_key_ref.at[rows], jnp.broadcast_to(thr_key, (block_q,)), mask=in_q)
+    plgpu.store(thr_idx_ref.at[rows], jnp.broadcast_to(thr_idx, (block_q,)), mask=in_q)
+
+
+def _walk_kernel(zoh_ref, cand_ref, count_ref, thr0_key_ref, thr0_idx_ref, kvlen_ref, thr_key_ref, thr_idx_ref, *,
+                 dp: DmaProblem):
+    """Nested case: the thresholds of rows t0 + 1 .. of the tile from row t0's and the candidates."""
+    p, block_q = dp.problem, dp.block_q
+    t0 = pl.program_id(0) * block_q
+    kv_valid = _kv_valid(p, kvlen_ref)
+    cap = dp.list_capacity
+    n = count_ref[...]
+    valid = jnp.arange(cap) < n
+    idx = cand_ref[pl.ds(0, cap)]
+    key, _ = _zoh_keys(zoh_ref, idx, valid)
+    rows = jnp.arange(block_q)
+    first = jnp.broadcast_to(thr0_key_ref[t0], (block_q,)), jnp.broadcast_to(thr0_idx_ref[t0], (block_q,))
+
+    def step(i, carry):
+        ks, ix = carry
+        t = t0 + i
+        e_prev, e_t = _prefix_end(p, t - 1, kv_valid), _prefix_end(p, t, kv_valid)
+        pk = jnp.sum(jnp.where(rows == i - 1, ks, 0))
+        pi = jnp.sum(jnp.where(rows == i - 1, ix, 0))
+        live = valid & (idx < e_t) & beats(key, idx, pk, pi)
+        worst_key = jnp.min(jnp.where(live, key, INT32_MAX))
+        worst_idx = jnp.max(jnp.where(live & (key == worst_key), idx, -1))
+        # Key n = e_t - 1 entered: if it beats the previous threshold, the worst of those that beat
+        # it (n included) is excluded now; otherwise n itself is, below the previous threshold.
+        n_key = order_key(zoh_ref[jnp.maximum(e_t - 1, 0)])
+        moved = (e_t > e_prev) & beats(n_key, e_t - 1, pk, pi)
+        new_key = jnp.where(e_t <= dp.keep, INT32_MIN, jnp.where(moved, worst_key, pk))
+        new_idx = jnp.where(e_t <= dp.keep, 0, jnp.where(moved, worst_idx, pi))
+        return jnp.where(rows == i, new_key, ks), jnp.where(rows == i, new_idx, ix)
+
+    ks, ix = lax.fori_loop(1, block_q, step, first)
+    q_pos = t0 + rows
+    in_q = q_pos < p.q_len
+    out_rows = jnp.where(in_q, q_pos, 0)
+    plgpu.store(thr_key_ref.at[out_rows], ks, mask=in_q)
+    plgpu.store(thr_idx_ref.at[out_rows], ix, mask=in_q)
+
+
+def _select_rows_kernel(zoh_ref, qseg_ref, kvseg_ref, kvlen_ref, thr_key_ref, thr_idx_ref, *, dp: DmaProblem):
+    """General case (segments): every row's threshold by radix select over its allowed keys."""
+    p, block_q, block_k = dp.problem, dp.block_q, dp.block_k
+    t0 = pl.program_id(0) * block_q
+    q_pos = t0 + jnp.arange(block_q)
+    in_q = q_pos < p.q_len
+    rows = jnp.where(in_q, q_pos, 0)
+    kv_valid = _kv_valid(p, kvlen_ref)
+    q_seg = plgpu.load(qseg_ref.at[rows], mask=in_q, other=-1)
+    hi = _tile_key_end(p, t0, block_q, kv_valid)
+
+    def allowed(k_pos):
+        in_k = k_pos < p.kv_len
+        k_seg = plgpu.load(kvseg_ref.at[jnp.where(in_k, k_pos, 0)], mask=in_k, other=-2)
+        return _allowed(p, q_pos, k_pos, kv_valid, q_seg, k_seg) & in_q[:, None]
+
+    count = _counter(zoh_ref, p.kv_len, pl.cdiv(hi, block_k), block_k, allowed, block_q)
+    thr_key, thr_idx = _radix_select(count, dp.keep + 1, dp.index_bits)
+    plgpu.store(thr_key_ref.at[rows], thr_key, mask=in_q)
+    plgpu.store(thr_idx_ref.at[rows], thr_idx, mask=in_q)
+
+
+def _tile_key_end(p: Problem, t0, block_q: int, kv_valid):
+    """One past the last key any row of the tile [t0, t0 + block_q) may see (the band's end for its
+    last row, within the key length)."""
+    if p.band.right is None:
+        return kv_valid
+    return jnp.clip(jnp.minimum(t0 + block_q, p.q_len) - 1 + p.band.offset + 1, 0, kv_valid)
+
+
+def _zoh_spec(p: Problem, head_of):
+    return pl.BlockSpec((None, None, p.kv_len), lambda t, n, b: (b, head_of(n), 0))
+
+
+def _per_tile_spec(head_of, length=None):
+    if length is None:
+        return pl.BlockSpec((None, None, None), lambda t, n, b: (b, head_of(n), t))
+    return pl.BlockSpec((None, None, None, length), lambda t, n, b: (b, head_of(n), t, 0))
+
+
+def select(dp: DmaProblem, cfg: KernelConfig, zoh, q_seg, kv_seg, kv_lengths, *, lowering: Lowering):
+    """The thresholds (thr_key, thr_index), (B, K, T) int32 each, and in the nested case the
+    candidate lists: (candidates (B, K, nq, list_buffer) int32, counts (B, K, nq) int32), else
+    (None, None). Returns (candidates, counts, thr_key, thr_index)."""
+    p = dp.problem
+    grid = (dp.num_q_blocks, p.kv_heads, p.batch)
+    same = lambda h: h  # noqa: E731 (grid axis 1 runs over K/V heads)
+    thr_shape = jax.ShapeDtypeStruct((p.batch, p.kv_heads, p.q_len), jnp.int32)
+    thr_spec = row_spec(p.q_len, None, same)
+    kvlen_spec = optional(p.has_kv_lengths, batch_spec(None))
+    if not dp.nested:
+        plan = plans.DMA_SELECT_ROWS
+        thr_key, thr_idx = pl.pallas_call(
+            functools.partial(_select_rows_kernel, dp=dp), grid=grid,
+            in_specs=[_zoh_spec(p, same), batch_spec(p.q_len), batch_spec(p.kv_len), kvlen_spec],
+            out_specs=[thr_spec, thr_spec], out_shape=[thr_shape, thr_shape],
+            **lowering.pallas_args(cfg), name=plan.name,
+        )(*plan.ordered(zoh=zoh, q_seg=q_seg, kv_seg=kv_seg, kv_lengths=kv_lengths))
+        return None, None, thr_key, thr_idx
+    plan = plans.DMA_SELECT
+    cand, count, thr0_key, thr0_idx = pl.pallas_call(
+        functools.partial(_select_kernel, dp=dp), grid=grid,
+        in_specs=[_zoh_spec(p, same), kvlen_spec],
+        out_specs=[_per_tile_spec(same, dp.list_buffer), _per_tile_spec(same), thr_spec, thr_spec],
+        out_shape=[jax.ShapeDtypeStruct((p.batch, p.kv_heads, dp.num_q_blocks, dp.list_buffer), jnp.int32),
+                   jax.ShapeDtypeStruct((p.batch, p.kv_heads, dp.num_q_blocks), jnp.int32), thr_shape, thr_shape],
+        **lowering.pallas_args(cfg), name=plan.name,
+    )(*plan.ordered(zoh=zoh, kv_lengths=kv_lengths))
+    plan = plans.DMA_WALK
+    thr_key, thr_idx = pl.pallas_call(
+        functools.partial(_walk_kernel, dp=dp), grid=grid,
+        in_specs=[_zoh_spec(p, same), _per_tile_spec(same, dp.list_buffer), _per_tile_spec(same), thr_spec,
+                  thr_spec, kvlen_spec],
+        out_specs=[thr_spec, thr_spec], out_shape=[thr_shape, thr_shape],
+        **lowering.pallas_args(cfg), name=plan.name,
+    )(*plan.ordered(zoh=zoh, candidates=cand, counts=count, thr0_key=thr0_key, thr0_index=thr0_idx,
+                    kv_lengths=kv_lengths))
+    return cand, count, thr_key, thr_idx
+
+
+# ------------------------------------------------------------------------------------------------
+# Attention over the kept keys.
+
+
+class _Tile:
+    """One query tile's view of its keys: chunks of ``block_k`` key positions (from the candidate
+    list, or contiguous blocks in the general case) and which logits of a chunk are kept."""
+
+    def __init__(self, dp: DmaProblem, q_pos, zoh_ref, cand_ref, count_ref, thr_key_ref, thr_idx_ref, qseg_ref,
+                 kvseg_ref, kvlen_ref):
+        p = dp.problem
+        self.dp, self.p, self.q_pos = dp, p, q_pos
+        self.zoh_ref, self.cand_ref, self.kvseg_ref = zoh_ref, cand_ref, kvseg_ref
+        self.in_q = q_pos < p.q_len
+        rows = jnp.where(self.in_q, q_pos, 0)
+        self.kv_valid = _kv_valid(p, kvlen_ref)
+        self.thr_key = plgpu.load(thr_key_ref.at[rows], mask=self.in_q, other=INT32_MAX)
+        self.thr_idx = plgpu.load(thr_idx_ref.at[rows], mask=self.in_q, other=0)
+        self.q_seg = None if qseg_ref is None else plgpu.load(qseg_ref.at[rows], mask=self.in_q, other=-1)
+        if dp.nested:
+            self.length = count_ref[...]
+        else:
+            self.length = _tile_key_end(p, pl.program_id(0) * dp.block_q, dp.block_q, self.kv_valid)
+        self.num_chunks = pl.cdiv(self.length, dp.block_k)
+
+    def chunk(self, j):
+        """(positions (block_k,) int32, in range (block_k,) bool) of chunk j."""
+        lanes = j * self.dp.block_k + jnp.arange(self.dp.block_k)
+        ok = lanes < self.length
+        if self.dp.nested:
+            idx = self.cand_ref[pl.ds(j * self.dp.block_k, self.dp.block_k)]
+            return jnp.where(ok, idx, 0), ok
+        return jnp.where(ok, lanes, 0), ok
+
+    def kept(self, k_pos, ok):
+        """(kept (block_q, block_k) bool, zoh (block_k,) float32) of a chunk."""
+        key, z = _zoh_keys(self.zoh_ref, k_pos, ok)
+        k_seg = None
+        if self.q_seg is not None:
+            k_seg = plgpu.load(self.kvseg_ref.at[k_pos], mask=ok, other=-2)
+        allowed = _allowed(self.p, self.q_pos, k_pos, self.kv_valid, self.q_seg, k_seg)
+        keep = allowed & ok[None, :] & beats(key[None, :], k_pos[None, :], self.thr_key[:, None],
+                                             self.thr_idx[:, None])
+        return keep, z
+
+
+def _logits(p: Problem, q, k, z, keep):
+    """Base-2 logits of a chunk: (scale q.k + zoh) log2(e) where kept, -inf elsewhere."""
+    s = (dot(p, q, k, trans_b=True) * p.scale + z[None, :]) * LOG2E
+    return jnp.where(keep, s, -jnp.inf)
+
+
+def _forward_kernel(q_ref, k_ref, v_ref, zoh_ref, cand_ref, count_ref, thr_key_ref, thr_idx_ref, qseg_ref, kvseg_ref,
+                    qlen_ref, kvlen_ref, o_ref, lse_ref, *, dp: DmaProblem):
+    p, block_q = dp.problem, dp.block_q
+    q_start = pl.program_id(0) * block_q
+    q_pos = q_start + jnp.arange(block_q)
+    q_rows = pl.ds(q_start, block_q)
+    cols = column_mask(p)
+    hp = p.head_dim_padded
+    tile = _Tile(dp, q_pos, zoh_ref, cand_ref, count_ref, thr_key_ref, thr_idx_ref, qseg_ref, kvseg_ref, kvlen_ref)
+    q = load(q_ref, q_rows, tile.in_q, cols)
+
+    def body(j, carry):
+        k_pos, ok = tile.chunk(j)
+        k = load_rows(k_ref, k_pos, ok, cols, hp)
+        v = load_rows(v_ref, k_pos, ok, cols, hp)
+        keep, z = tile.kept(k_pos, ok)
+        return online_softmax_step(p, carry, _logits(p, q, k, z, keep), v)
+
+    init = (jnp.zeros((block_q, hp), jnp.float32), jnp.full((block_q,), -jnp.inf, jnp.float32),
+            jnp.zeros((block_q,), jnp.float32))
+    acc, m, l = lax.fori_loop(0, tile.num_chunks, body, init)
+    q_valid = p.q_len if qlen_ref is None else jnp.minimum(qlen_ref[...], p.q_len)
+    # l is exactly 0 where a row kept nothing (zeros, LSE -inf); NaN inputs make it NaN (a NaN row).
+    live = (l != 0) & (q_pos < q_valid)
+    out = acc / jnp.where(live, l, 1.0)[:, None]
+    out = jnp.where(live[:, None], out, 0.0)
+    lse = jnp.where(live, (m + jnp.log2(jnp.where(live, l, 1.0))) * LN2, -jnp.inf)
+    plgpu.store(o_ref.at[q_rows, :], out.astype(o_ref.dtype), mask=combine(tile.in_q[:, None], cols))
+    plgpu.store(lse_ref.at[q_rows], lse, mask=tile.in_q)
+
+
+def _attention_specs(dp: DmaProblem):
+    """In specs of (q, k, v, zoh, candidates, counts, thr_key, thr_index, q_seg, kv_seg,
+    q_lengths, kv_lengths) for a (query tile, query head, batch) grid."""
+    p = dp.problem
+    q_head, kv_head = (lambda n: n), (lambda n: n // p.group)
+    thr = row_spec(p.q_len, None, kv_head)
+    return [seq_spec(p, p.q_len, None, q_head), seq_spec(p, p.kv_len, None, kv_head),
+            seq_spec(p, p.kv_len, None, kv_head), _zoh_spec(p, kv_head),
+            optional(dp.nested, _per_tile_spec(kv_head, dp.list_buffer)), optional(dp.nested, _per_tile_spec(kv_head)),
+            thr, thr, optional(p.has_segments, batch_spec(p.q_len)), optional(p.has_segments, batch_spec(p.kv_len)),
+            optional(p.has_q_lengths, batch_spec(None)), optional(p.has_kv_lengths, batch_spec(None))]
+
+
+def forward(dp: DmaProblem, cfg: KernelConfig, q, k, v, zoh, cand, count, thr_key, thr_idx, q_seg, kv_seg, q_lengths,
+            kv_lengths, *, lowering: Lowering):
+    """(out like q, lse (B, Hq, T) float32, natural log; -inf for rows that keep nothing)."""
+    p = dp.problem
+    plan = plans.DMA_FORWARD
+    q_head = lambda n: n  # noqa: E731
+    out_specs = [seq_spec(p, p.q_len, None, q_head), row_spec(p.q_len, None, q_head)]
+    out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((p.batch, p.q_heads, p.q_len), jnp.float32)]
+    return pl.pallas_call(
+        functools.partial(_forward_kernel, dp=dp), grid=(dp.num_q_blocks, p.q_heads, p.batch),
+        in_specs=_attention_specs(dp), out_specs=out_specs, out_shape=out_shape,
+        **lowering.pallas_args(cfg), name=plan.name,
+    )(*plan.ordered(q=q, k=k, v=v, zoh=zoh, candidates=cand, counts=count, thr_key=thr_key, thr_index=thr_idx,
+                    q_seg=q_seg, kv_seg=kv_seg, q_lengths=q_lengths, kv_lengths=kv_lengths))
+
+
+def _backward_kernel(q_ref, k_ref, v_ref, zoh_ref, cand_ref, count_ref, thr_key_ref, thr_idx_ref, qseg_ref, kvseg_ref,
+                     qlen_ref, kvlen_ref, do_ref, lse_ref, delta_ref, dk_in, dv_in, dz_in, dq_ref, dk_ref, dv_ref,
+                     dz_ref, *, dp: DmaProblem):
+    del dk_in, dv_in, dz_in  # aliased to dk_ref, dv_ref, dz_ref: the accumulators start as zeros
+    p, block_q, block_k = dp.problem, dp.block_q, dp.block_k
+    q_start = pl.program_id(0) * block_q
+    q_pos = q_start + jnp.arange(block_q)
+    q_rows = pl.ds(q_start, block_q)
+    cols = column_mask(p)
+    hp = p.head_dim_padded
+    tile = _Tile(dp, q_pos, zoh_ref, cand_ref, count_ref, thr_key_ref, thr_idx_ref, qseg_ref, kvseg_ref, kvlen_ref)
+    q = load(q_ref, q_rows, tile.in_q, cols)
+    do = load(do_ref, q_rows, tile.in_q, cols)
+    lse = backward_lse(plgpu.load(lse_ref.at[q_rows], mask=tile.in_q, other=-jnp.inf))
+    delta = plgpu.load(delta_ref.at[q_rows], mask=tile.in_q, other=0.0)
+    spare = p.kv_len + jnp.arange(block_k)  # each lane's own spare accumulator row
+    head_cols = jnp.arange(hp)[None, :]
+
+    def body(j, dq):
+        k_pos, ok = tile.chunk(j)
+        k = load_rows(k_ref, k_pos, ok, cols, hp)
+        v = load_rows(v_ref, k_pos, ok, cols, hp)
+        keep, z = tile.kept(k_pos, ok)
+        probs = jnp.exp2(_logits(p, q, k, z, keep) - lse[:, None])
+        ds = probs * (dot(p, do, v, trans_b=True) - delta[:, None])  # d loss / d logit (natural units)
+        dqk = ds * p.scale
+        rows = jnp.where(ok, k_pos, spare)
+        plgpu.atomic_add(dk_ref, (rows[:, None], head_cols), dot(p, dqk.astype(q.dtype), q, trans_a=True))
+        plgpu.atomic_add(dv_ref, (rows[:, None], head_cols), dot(p, probs.astype(do.dtype), do, trans_a=True))
+        plgpu.atomic_add(dz_ref, (rows,), jnp.sum(ds, axis=0))
+        return dq + dot(p, dqk.astype(k.dtype), k)
+
+    dq = lax.fori_loop(0, tile.num_chunks, body, jnp.zeros((block_q, hp), jnp.float32))
+    plgpu.store(dq_ref.at[q_rows, :], dq.astype(dq_ref.dtype), mask=combine(tile.in_q[:, None], cols))
+
+
+def backward(dp: DmaProblem, cfg: KernelConfig, q, k, v, zoh, cand, count, thr_key, thr_idx, q_seg, kv_seg, q_lengths,
+             kv_lengths, d_out, lse, delta, *, lowering: Lowering):
+    """(dq like q, dk and dv float32 (B, K, S, D), d_zoh float32 (B, K, S)) from the forward's LSE
+    and ``delta`` (``mmfa_jax._autodiff.backward_delta``), both (B, Hq, T) float32. dK, dV and
+    d(zoh) are summed over the query rows and the GQA group by atomic adds."""
+    p = dp.problem
+    plan = plans.DMA_BACKWARD
+    q_head, kv_head = (lambda n: n), (lambda n: n // p.group)
+    rows, hp = dp.accumulator_rows, p.head_dim_padded
+    acc_spec = pl.BlockSpec((None, None, rows, hp), lambda t, n, b: (b, kv_head(n), 0, 0))
+    dz_spec = pl.BlockSpec((None, None, rows), lambda t, n, b: (b, kv_head(n), 0))
+    acc = jnp.zeros((p.batch, p.kv_heads, rows, hp), jnp.float32)
+    dz = jnp.zeros((p.batch, p.kv_heads, rows), jnp.float32)
+    operands = plan.ordered(q=q, k=k, v=v, zoh=zoh, candidates=cand, counts=count, thr_key=thr_key,
+                            thr_index=thr_idx, q_seg=q_seg, kv_seg=kv_seg, q_lengths=q_lengths, kv_lengths=kv_lengths,
+                            d_out=d_out, lse=lse, delta=delta, dk_acc=acc, dv_acc=acc, dzoh_acc=dz)
+    in_specs = [*_attention_specs(dp), seq_spec(p, p.q_len, None, q_head), row_spec(p.q_len, None, q_head),
+                row_spec(p.q_len, None, q_head), acc_spec, acc_spec, dz_spec]
+    # The accumulators are the last three operands; absent operands (None) take no index.
+    present = [i for i, x in enumerate(operands) if x is not None]
+    first_acc = len(present) - 3
+    dq, dk, dv, d_zoh = pl.pallas_call(
+        functools.partial(_backward_kernel, dp=dp), grid=(dp.num_q_blocks, p.q_heads, p.batch),
+        in_specs=in_specs, out_specs=[seq_spec(p, p.q_len, None, q_head), acc_spec, acc_spec, dz_spec],
+        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(acc.shape, jnp.float32),
+                   jax.ShapeDtypeStruct(acc.shape, jnp.float32), jax.ShapeDtypeStruct(dz.shape, jnp.float32)],
+        input_output_aliases={first_acc: 1, first_acc + 1: 2, first_acc + 2: 3},
+        **lowering.pallas_args(cfg), name=plan.name,
+    )(*operands)
+    S, D = p.kv_len, p.head_dim
+    return dq, dk[:, :, :S, :D], dv[:, :, :S, :D], d_zoh[:, :, :S]
