@@ -23,6 +23,7 @@ from mmfa_jax.attention import (
 )
 from mmfa_jax.block_sparse import BlockMask, block_sparse_attention
 from mmfa_jax.decode import decode_attention
+from mmfa_jax.dynamic_mask import dynamic_mask_attention, zoh_states
 from mmfa_jax.importance import scorer_rows, sparsevlm_raters, visual_token_importance
 from mmfa_jax.multimodal import MultimodalResult, multimodal_attention
 from mmfa_jax.pruning import gather_tokens, select_visual_tokens
@@ -42,6 +43,7 @@ __all__ = [
     "decode_attention",
     "default_implementation",
     "dot_product_attention",
+    "dynamic_mask_attention",
     "gather_tokens",
     "multimodal_attention",
     "pallas_available",
@@ -49,5 +51,6 @@ __all__ = [
     "select_visual_tokens",
     "sparsevlm_raters",
     "visual_token_importance",
+    "zoh_states",
 ]
 __version__ = "0.1.0"

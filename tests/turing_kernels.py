@@ -122,3 +122,61 @@ def build(kernel: str, head_dim: int, dtype, config, implementation="pallas"):
     """(fn, args) for one KERNELS entry with the entries of an AttentionConfig."""
     builder, entries, _ = KERNELS[kernel]
     return builder(head_dim, dtype, *(getattr(config, e) for e in entries), implementation=implementation)
+
+
+# Dynamic mask attention (mmfa_jax.kernels.dynamic_mask): the selection kernels and the attention over
+# the kept keys, causal and nested (candidate lists, gathered K/V) or with segment ids (per-row selection).
+def _dma(q, k, v, cfg, implementation, segments: bool):
+    import dataclasses
+
+    from mmfa_jax.kernels.dynamic_mask import DmaProblem
+
+    p, _ = _problem(q, k, v, q.shape[1])
+    p = dataclasses.replace(p, has_segments=segments)
+    return DmaProblem(p, cfg.block_k, cfg.block_q, cfg.block_k), backends.resolve(implementation)
+
+
+def _dma_shapes(head_dim, dtype, cfg):
+    T = _seq_len(cfg)
+    q, kv = _shapes(head_dim, dtype, T)
+    return T, q, kv, jax.ShapeDtypeStruct((BATCH, KV_HEADS, T), jnp.float32), jax.ShapeDtypeStruct((BATCH, T), jnp.int32)
+
+
+def dma_forward(head_dim, dtype, cfg, implementation="pallas", segments=False):
+    from mmfa_jax.kernels import dynamic_mask as dma
+
+    T, q, kv, zoh, seg = _dma_shapes(head_dim, dtype, cfg)
+
+    def fn(q, k, v, zoh, seg):
+        dp, lowering = _dma(q, k, v, cfg, implementation, segments)
+        segs = (seg, seg) if segments else (None, None)
+        selection = dma.select(dp, cfg, zoh, *segs, None, lowering=lowering)
+        return dma.forward(dp, cfg, q, k, v, zoh, *selection, *segs, None, None, lowering=lowering)
+
+    return fn, (q, kv, kv, zoh, seg)
+
+
+def dma_forward_segments(head_dim, dtype, cfg, implementation="pallas"):
+    return dma_forward(head_dim, dtype, cfg, implementation, segments=True)
+
+
+def dma_backward(head_dim, dtype, cfg, implementation="pallas"):
+    from mmfa_jax.kernels import dynamic_mask as dma
+
+    T, q, kv, zoh, seg = _dma_shapes(head_dim, dtype, cfg)
+    rows = jax.ShapeDtypeStruct((BATCH, HEADS, T), jnp.float32)
+
+    def fn(q, k, v, zoh, do, lse, delta):
+        dp, lowering = _dma(q, k, v, cfg, implementation, False)
+        selection = dma.select(dp, cfg, zoh, None, None, None, lowering=lowering)
+        return dma.backward(dp, cfg, q, k, v, zoh, *selection, None, None, None, None, do, lse, delta,
+                            lowering=lowering)
+
+    return fn, (q, kv, kv, zoh, q, rows, rows)
+
+
+KERNELS.update({
+    "dma_forward": (dma_forward, ("forward",), ("mmfa_dma_select", "mmfa_dma_walk", "mmfa_dma_forward")),
+    "dma_forward_segments": (dma_forward_segments, ("forward",), ("mmfa_dma_select_rows", "mmfa_dma_forward")),
+    "dma_backward": (dma_backward, ("forward",), ("mmfa_dma_select", "mmfa_dma_walk", "mmfa_dma_backward")),
+})
