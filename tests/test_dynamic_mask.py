@@ -88,8 +88,8 @@ def inputs(rng, c: Case):
     ours, ref = dict(keep_window_size=c.keep, is_causal=c.causal), dict(keep_window_size=c.keep, is_causal=c.causal)
     if c.bottom_right:
         ours["causal_alignment"], ref["bottom_right"] = "bottom_right", True
-    if c.segments:  # sorted, as packed sequences; a query segment with no key segment gives empty rows
-        q_seg = np.sort(rng.integers(0, 3, (c.B, c.T)), axis=1).astype(np.int32)
+    if c.segments:  # sorted, as packed sequences; query segment 3 has no key: empty rows
+        q_seg = np.sort(rng.integers(0, 4, (c.B, c.T)), axis=1).astype(np.int32)
         kv_seg = np.sort(rng.integers(0, 3, (c.B, c.S)), axis=1).astype(np.int32)
         ours["segment_ids"] = (jnp.asarray(q_seg), jnp.asarray(kv_seg))
         ref["segment_ids"] = (q_seg, kv_seg)
