@@ -335,30 +335,39 @@ def block_sparse_attention(query, key, value, block_mask: BlockMask, *, scale: f
 
 
 def _configs(sp: SparseProblem, dtype, lowering: backends.Lowering) -> tuning.AttentionConfig:
-    """The kernels' configurations: the map's blocks as tiles, warps from the tuning table's row for
-    the head dim, at most two pipeline stages (two loops per program, whole blocks and partial
-    ones, as the dense forward with a mask), fewer where the tiles would not fit shared memory."""
+    """The kernels' configurations: the forward's tiles are the map's blocks; the backward's are the
+    tuning table's tiles of the dense dQ and dK/dV kernels where those are smaller than the blocks
+    (they divide them: powers of two; the map's 128-row blocks ran the backward at half the dense
+    kernels' rate per block, bench/NOTES.md); warps and the forward's pipeline stages from the
+    table's row for the head dim, at most two stages in the backward (three measured slower),
+    fewer where the tiles would not fit shared memory."""
     table = tuning.config_for(sp.problem.head_dim_padded, dtype, lowering.family)
-    own = lambda c: tuning.KernelConfig(sp.block_q, sp.block_k, c.num_warps, min(c.num_stages, 2))  # noqa: E731
-    itemsize = jnp.dtype(dtype).itemsize
+
+    def own(c: tuning.KernelConfig, tiled: bool) -> tuning.KernelConfig:
+        rows = (min(c.block_q, sp.block_q), min(c.block_k, sp.block_k)) if tiled else (sp.block_q, sp.block_k)
+        return tuning.KernelConfig(*rows, c.num_warps, c.num_stages if not tiled else min(c.num_stages, 2))
+
     fitted = fitted_configs(
-        sp, {"forward": own(table.forward), "dq": own(table.backward_dq), "dkv": own(table.backward_dkv)},
-        itemsize, lowering.cc)
-    _check_fits(sp, ("forward",), dtype, lowering)
-    return tuning.AttentionConfig(fitted["forward"], fitted["dq"], fitted["dkv"])
+        sp, {"forward": own(table.forward, False), "dq": own(table.backward_dq, True),
+             "dkv": own(table.backward_dkv, True)}, jnp.dtype(dtype).itemsize, lowering.cc)
+    config = tuning.AttentionConfig(fitted["forward"], fitted["dq"], fitted["dkv"])
+    _check_fits(sp, config, ("forward",), dtype, lowering)
+    return config
 
 
-def _check_fits(sp: SparseProblem, which: tuple[str, ...], dtype, lowering: backends.Lowering):
-    """ArgumentError when a kernel's tiles (the map's blocks) cannot fit the GPU's shared memory even
-    with one pipeline stage (by the estimate of ``kernels.block_sparse.shared_bytes``). The
-    backward's kernels are checked when a gradient is traced: a forward alone may use larger blocks."""
+def _check_fits(sp: SparseProblem, config: tuning.AttentionConfig, which: tuple[str, ...], dtype,
+                lowering: backends.Lowering):
+    """ArgumentError when a kernel's tiles cannot fit the GPU's shared memory even with one pipeline
+    stage (by the estimate of ``kernels.block_sparse.shared_bytes``). The backward's kernels are
+    checked when a gradient is traced: a forward alone may use larger blocks."""
     if lowering.cc is None:
         return
     from mmfa_jax.triton_route import shared_memory_limit
 
     limit = shared_memory_limit(lowering.cc)
+    tiles = {"forward": config.forward, "dq": config.backward_dq, "dkv": config.backward_dkv}
     for kernel in which:
-        need = shared_bytes(kernel, sp, 1, jnp.dtype(dtype).itemsize)
+        need = shared_bytes(kernel, sp, dataclasses.replace(tiles[kernel], num_stages=1), jnp.dtype(dtype).itemsize)
         if need > limit:
             raise ArgumentError(
                 f"block_mask's block_size {(sp.block_q, sp.block_k)} is too large for the {kernel} kernel at head dim "
@@ -409,6 +418,6 @@ def _forward_kernels(static, q, k, v, kv_count, kv_full, kv_index):
 @_first_order_only
 def _backward_kernels(static, q, k, v, kv_count, kv_full, kv_index, q_count, q_full, q_index, d_out, lse, delta):
     sp, config, lowering = static
-    _check_fits(sp, ("dq", "dkv"), q.dtype, lowering)
+    _check_fits(sp, config, ("dq", "dkv"), q.dtype, lowering)
     return kernels.block_sparse_backward(sp, config.backward_dq, config.backward_dkv, q, k, v, kv_count, kv_full,
                                          kv_index, q_count, q_full, q_index, d_out, lse, delta, lowering=lowering)

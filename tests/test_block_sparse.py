@@ -17,7 +17,7 @@ from conftest import assert_close, normal, tolerance
 from reference import block_sparse_mask, block_sparse_reference, block_sparse_reference_grads
 
 import mmfa_jax
-from mmfa_jax import ArgumentError, ArgumentTypeError, BlockMask, compiles, kernels
+from mmfa_jax import ArgumentError, ArgumentTypeError, BlockMask, compiles, kernels, tuning
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,6 +130,26 @@ def test_gradients_match_reference(impl, rng, name):
     for got, ref, what in zip((dq, dk, dv), refs, ("dq", "dk", "dv")):
         assert got.dtype == q.dtype
         assert_close(got, ref, tolerance(c.dtype, grad=True), f"{name}: {what}")
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_backward_tiles_smaller_than_the_blocks(rng, monkeypatch, causal):
+    """The backward's tiles may be smaller than the map's blocks (the dense kernels' tuned tiles):
+    each program takes one tile of its block and walks the tiles of each listed block. Ragged
+    lengths (the last block's last tiles lie wholly past the sequence), GQA, an empty query block."""
+    padded_d = 32
+    table = tuning.TABLE[("any", padded_d)]
+    monkeypatch.setitem(tuning.TABLE, ("any", padded_d), dataclasses.replace(
+        table, backward_dq=tuning.KernelConfig(16, 32, 4, 2), backward_dkv=tuning.KernelConfig(32, 16, 4, 2)))
+    c = Case(B=1, T=150, S=140, N=4, K=2, D=32, block=(64, 64), density=0.6, causal=causal)
+    blocks = random_map(rng, c)
+    (q, k, v), (q64, k64, v64) = inputs(rng, c)
+    (out, lse), vjp = jax.vjp(sparse(c, "interpret", blocks), q, k, v)
+    d_out, d_out64 = normal(rng, out.shape, c.dtype)
+    d_lse, d_lse64 = normal(rng, lse.shape, "float32")
+    refs = block_sparse_reference_grads(q64, k64, v64, blocks, c.block, d_out64, d_lse64, is_causal=c.causal)
+    for got, ref, what in zip(vjp((d_out, d_lse)), refs, ("dq", "dk", "dv")):
+        assert_close(got, ref, tolerance(c.dtype, grad=True), what)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -433,8 +453,12 @@ def test_kernels_compile_for_hopper(tmp_path, monkeypatch):
 
     monkeypatch.setenv("MMFA_CACHE_DIR", str(tmp_path))
     triton_route.clear_memory_cache()
-    B, T, S, N, K, D, block = 1, 200, 130, 4, 2, 64, (64, 64)
-    nq, nk = 4, 3
+    # 128-row blocks: the backward runs the table's smaller tiles (dQ 128 x 64, dK/dV 128 x 64 at
+    # d64 on sm_90), each program one tile of its block.
+    B, T, S, N, K, D, block = 1, 200, 130, 4, 2, 64, (128, 128)
+    nq, nk = 2, 2
+    tile_of = {"forward": tuning.KernelConfig(128, 128, 4, 2), "dq": tuning.KernelConfig(128, 64, 4, 2),
+               "dkv": tuning.KernelConfig(128, 64, 4, 2)}
     q = jax.ShapeDtypeStruct((B, T, N, D), jnp.bfloat16)
     kv = jax.ShapeDtypeStruct((B, S, K, D), jnp.bfloat16)
 
@@ -448,7 +472,7 @@ def test_kernels_compile_for_hopper(tmp_path, monkeypatch):
                                       device_kind="NVIDIA H100")
     kernel_plans = plans.block_sparse_forward() + plans.block_sparse_backward()
     assert [k.name for k, *_ in compiled] == [p.name for p in kernel_plans]
-    grids = [(nq, N, B), (nq, N, B), (nk, K, B)]
+    grids = [(nq, N, B), (nq, N, B), (3, K, B)]  # dK/dV: ceil(130 / 64) key tiles
     sp = kernels.SparseProblem(kernels.Problem(
         batch=B, q_heads=N, kv_heads=K, q_len=T, kv_len=S, head_dim=D, scale=1.0, softcap=None, band=None,
         layout="BTNH", bias_shape=None, mask_shape=None, has_segments=False, has_q_lengths=False,
@@ -457,25 +481,32 @@ def test_kernels_compile_for_hopper(tmp_path, monkeypatch):
     for (kernel, _, grid, operands, _), plan, want, name in zip(compiled, kernel_plans, grids, ("forward", "dq", "dkv")):
         assert grid == want and operands == len(plan.operands), plan.name
         assert len(kernel.cubin) > 0 and kernel.cc == 90
-        assert kernel.shared <= min(limit, shared_bytes(name, sp, kernel.num_stages, 2)), (name, kernel.shared)
+        tile = dataclasses.replace(tile_of[name], num_stages=kernel.num_stages)
+        assert kernel.shared <= min(limit, shared_bytes(name, sp, tile, 2)), (name, kernel.shared)
     assert backends.resolve("triton", backends.Target.cuda(90)).backend == "triton-route"
 
 
 def test_blocks_too_large_for_shared_memory_are_refused():
-    """float32 at d128 with 128-row blocks: the forward fits an H100 (one pipeline stage), the dQ
-    kernel cannot, which the gradient says, naming the block size."""
+    """float32 at d128: 128-row blocks fit an H100 forward and backward (the backward's tiles are the
+    table's, smaller than the blocks); 256 x 128 blocks do not fit the forward, which the call
+    says, naming the block size."""
     from mmfa_jax import triton_route
 
     T = S = 256
     q = jax.ShapeDtypeStruct((1, T, 2, 128), jnp.float32)
     kv = jax.ShapeDtypeStruct((1, S, 1, 128), jnp.float32)
+
+    def attend(block):
+        def f(q, k, v, blocks):
+            mask = BlockMask.from_dense(blocks, block, seq_lens=(T, S))
+            return mmfa_jax.block_sparse_attention(q, k, v, mask, implementation="pallas")
+        return f
+
+    def grad(f):
+        return lambda q, k, v, b: jax.grad(lambda q: f(q, k, v, b).sum())(q)
+
     blocks = jax.ShapeDtypeStruct((1, 1, 2, 2), jnp.bool_)
-
-    def attend(q, k, v, blocks):
-        mask = BlockMask.from_dense(blocks, (128, 128), seq_lens=(T, S))
-        return mmfa_jax.block_sparse_attention(q, k, v, mask, implementation="pallas")
-
-    triton_route.lower_for(attend, q, kv, kv, blocks, device_kind="NVIDIA H100")  # XLA's Triton: lowered only
-    grad = lambda q, k, v, b: jax.grad(lambda q: attend(q, k, v, b).sum())(q)  # noqa: E731
-    with pytest.raises(ArgumentError, match=r"block_size \(128, 128\) is too large for the dq kernel"):
-        triton_route.lower_for(grad, q, kv, kv, blocks, device_kind="NVIDIA H100")
+    triton_route.lower_for(grad(attend((128, 128))), q, kv, kv, blocks, device_kind="NVIDIA H100")  # lowered only
+    with pytest.raises(ArgumentError, match=r"block_size \(256, 128\) is too large for the forward kernel"):
+        triton_route.lower_for(attend((256, 128)), q, kv, kv, jax.ShapeDtypeStruct((1, 1, 1, 2), jnp.bool_),
+                               device_kind="NVIDIA H100")

@@ -81,12 +81,13 @@ class SparseProblem:
         return pl.cdiv(self.problem.kv_len, self.block_k)
 
 
-def shared_bytes(kernel: str, sp: SparseProblem, stages: int, itemsize: int) -> int:
-    """An estimate of a kernel's shared memory per block: the tiles loaded in the loop, once per
-    pipeline stage, and those loaded once (and 1 KiB of Triton's scratch for the forward and dQ).
-    Against the official Triton's sm_90 code: bf16 d64 with 64-row blocks and bf16 d128 with
-    128-row blocks within 1 KiB over, float32 d64 with 128-row blocks the same."""
-    hp, bq, bk = sp.problem.head_dim_padded, sp.block_q, sp.block_k
+def shared_bytes(kernel: str, sp: SparseProblem, tile: KernelConfig, itemsize: int) -> int:
+    """An estimate of a kernel's shared memory per block with ``tile``'s rows and pipeline stages:
+    the tiles loaded in the loop, once per stage, and those loaded once (and 1 KiB of Triton's
+    scratch for the forward and dQ). Against the official Triton's sm_90 code: bf16 d64 with
+    64-row tiles and bf16 d128 with 128-row tiles within 1 KiB over, float32 d64 with 128-row
+    tiles the same."""
+    hp, bq, bk, stages = sp.problem.head_dim_padded, tile.block_q, tile.block_k, tile.num_stages
     if kernel == "forward":  # K, V per stage; Q
         return (stages * 2 * bk * hp + bq * hp) * itemsize + 1024
     if kernel == "dq":  # K, V per stage; Q, dO
@@ -97,7 +98,7 @@ def shared_bytes(kernel: str, sp: SparseProblem, stages: int, itemsize: int) -> 
 
 def fitted_configs(sp: SparseProblem, configs: dict[str, KernelConfig], itemsize: int,
                    cc: int | None) -> dict[str, KernelConfig]:
-    """Each kernel's ``KernelConfig`` (its tiles are the map's blocks) with pipeline stages cut
+    """Each kernel's ``KernelConfig`` (its tiles: the map's blocks or parts of them) with pipeline stages cut
     (down to 1) until the estimate fits the GPU's shared memory per block; unchanged for the
     interpreter (``cc`` None). Whether one stage fits is left to the compiler."""
     if cc is None:
@@ -108,7 +109,7 @@ def fitted_configs(sp: SparseProblem, configs: dict[str, KernelConfig], itemsize
     out = {}
     for kernel, cfg in configs.items():
         stages = cfg.num_stages
-        while stages > 1 and shared_bytes(kernel, sp, stages, itemsize) > limit:
+        while stages > 1 and shared_bytes(kernel, sp, dataclasses.replace(cfg, num_stages=stages), itemsize) > limit:
             stages -= 1
         out[kernel] = dataclasses.replace(cfg, num_stages=stages)
     return out
@@ -118,25 +119,28 @@ def _map_batch(sp: SparseProblem, b):
     return b if sp.map_batch > 1 else 0
 
 
-def _list_specs(sp: SparseProblem, length: int):
+def _list_specs(sp: SparseProblem, length: int, tiles_per_block: int = 1):
     """Specs of (count, full, index) for a (tile, head, batch) grid over query heads: one scalar
-    count each and the tile's row of ``length`` indices."""
+    count each and the row of ``length`` indices of the map block holding the tile (a block is
+    ``tiles_per_block`` tiles)."""
     head = (lambda n: n) if sp.map_heads > 1 else (lambda n: 0)
-    count = pl.BlockSpec((None, None, None), lambda t, n, b: (_map_batch(sp, b), head(n), t))
-    index = pl.BlockSpec((None, None, None, length), lambda t, n, b: (_map_batch(sp, b), head(n), t, 0))
+    block = lambda t: t // tiles_per_block  # noqa: E731
+    count = pl.BlockSpec((None, None, None), lambda t, n, b: (_map_batch(sp, b), head(n), block(t)))
+    index = pl.BlockSpec((None, None, None, length), lambda t, n, b: (_map_batch(sp, b), head(n), block(t), 0))
     return [count, count, index]
 
 
-def _group_list_specs(sp: SparseProblem, length: int):
+def _group_list_specs(sp: SparseProblem, length: int, tiles_per_block: int):
     """The same for the dK/dV grid over K/V heads: the lists of the group's G query heads (one
     list for all when the map broadcasts its head axis)."""
+    block = lambda t: t // tiles_per_block  # noqa: E731
     if sp.map_heads == 1:
-        count = pl.BlockSpec((None, None, None), lambda t, h, b: (_map_batch(sp, b), 0, t))
-        index = pl.BlockSpec((None, None, None, length), lambda t, h, b: (_map_batch(sp, b), 0, t, 0))
+        count = pl.BlockSpec((None, None, None), lambda t, h, b: (_map_batch(sp, b), 0, block(t)))
+        index = pl.BlockSpec((None, None, None, length), lambda t, h, b: (_map_batch(sp, b), 0, block(t), 0))
     else:
         g = sp.problem.group
-        count = pl.BlockSpec((None, g, None), lambda t, h, b: (_map_batch(sp, b), h, t))
-        index = pl.BlockSpec((None, g, None, length), lambda t, h, b: (_map_batch(sp, b), h, t, 0))
+        count = pl.BlockSpec((None, g, None), lambda t, h, b: (_map_batch(sp, b), h, block(t)))
+        index = pl.BlockSpec((None, g, None, length), lambda t, h, b: (_map_batch(sp, b), h, block(t), 0))
     return [count, count, index]
 
 
@@ -147,10 +151,21 @@ def _entry(ref, head, *idx):
     return ref[idx] if idx else ref[...]
 
 
-def _two_loops(body, n_full, n_all, carry, *, any_full: bool):
+def _entry_and_tile(i, tiles_per_block: int):
+    """(list entry, tile within its block) of loop step ``i`` of ``_two_loops``."""
+    if tiles_per_block == 1:  # static: no division (Triton's lowering of ``i % 1`` mistypes the 1)
+        return i, 0
+    per = jnp.int32(tiles_per_block)
+    return lax.div(i, per), lax.rem(i, per)
+
+
+def _two_loops(body, n_full, n_all, carry, *, any_full: bool, tiles_per_block: int = 1):
     """``body(i, carry, masked)`` over list entries [0, n_full) unmasked, then [n_full, n_all)
-    masked. ``any_full=False`` (static: the sequence looped over is shorter than one block, so no
-    block can be whole) runs the masked body over all of them."""
+    masked; with ``tiles_per_block`` > 1 over the tiles of those entries' blocks, i running over
+    entry * tiles_per_block + tile (one loop, so that Triton pipelines it as a whole).
+    ``any_full=False`` (static: the sequence looped over is shorter than one block, so no block
+    can be whole) runs the masked body over all of them."""
+    n_full, n_all = n_full * tiles_per_block, n_all * tiles_per_block
     if not any_full:
         return lax.fori_loop(0, n_all, functools.partial(body, masked=True), carry)
     carry = lax.fori_loop(0, n_full, functools.partial(body, masked=False), carry)
@@ -222,11 +237,12 @@ def forward(sp: SparseProblem, cfg: KernelConfig, q, k, v, kv_count, kv_full, kv
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, count_ref, full_ref, index_ref, do_ref, lse_ref, delta_ref, dq_ref, *,
-               sp: SparseProblem):
-    p, block_q, block_k = sp.problem, sp.block_q, sp.block_k
-    q_start = pl.program_id(0) * block_q
-    q_pos = q_start + jnp.arange(block_q)
-    q_rows = pl.ds(q_start, block_q)
+               sp: SparseProblem, tile_q: int, tile_k: int):
+    p = sp.problem
+    per_block = sp.block_k // tile_k  # key tiles per listed key block
+    q_start = pl.program_id(0) * tile_q
+    q_pos = q_start + jnp.arange(tile_q)
+    q_rows = pl.ds(q_start, tile_q)
     cols = column_mask(p)
     side = Side(p, None, None, None, None, p.kv_len)
     in_q = q_pos < p.q_len
@@ -236,9 +252,10 @@ def _dq_kernel(q_ref, k_ref, v_ref, count_ref, full_ref, index_ref, do_ref, lse_
     delta = plgpu.load(delta_ref.at[q_rows], mask=in_q, other=0.0)
 
     def body(i, dq, masked):
-        k_start = index_ref[i] * block_k
-        k_rows = pl.ds(k_start, block_k)
-        k_pos = k_start + jnp.arange(block_k)
+        entry, tile = _entry_and_tile(i, per_block)
+        k_start = index_ref[entry] * sp.block_k + tile * tile_k
+        k_rows = pl.ds(k_start, tile_k)
+        k_pos = k_start + jnp.arange(tile_k)
         row_ok = k_pos < p.kv_len if masked else None
         k = load(k_ref, k_rows, row_ok, cols)
         v = load(v_ref, k_rows, row_ok, cols)
@@ -249,17 +266,18 @@ def _dq_kernel(q_ref, k_ref, v_ref, count_ref, full_ref, index_ref, do_ref, lse_
         _, dqk = _grad_logits(p, probs, dot(p, do, v, trans_b=True), delta, tanh)
         return dq + dot(p, dqk.astype(k.dtype), k)
 
-    dq = _two_loops(body, full_ref[...], count_ref[...], jnp.zeros((block_q, p.head_dim_padded), jnp.float32),
-                    any_full=p.kv_len >= block_k)
+    dq = _two_loops(body, full_ref[...], count_ref[...], jnp.zeros((tile_q, p.head_dim_padded), jnp.float32),
+                    any_full=p.kv_len >= sp.block_k, tiles_per_block=per_block)
     plgpu.store(dq_ref.at[q_rows, :], dq.astype(dq_ref.dtype), mask=combine(in_q[:, None], cols))
 
 
 def _dkv_kernel(q_ref, k_ref, v_ref, count_ref, full_ref, index_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *,
-                sp: SparseProblem):
-    p, block_q, block_k = sp.problem, sp.block_q, sp.block_k
-    k_start = pl.program_id(0) * block_k
-    k_pos = k_start + jnp.arange(block_k)
-    k_rows = pl.ds(k_start, block_k)
+                sp: SparseProblem, tile_q: int, tile_k: int):
+    p = sp.problem
+    per_block = sp.block_q // tile_q  # query tiles per listed query block
+    k_start = pl.program_id(0) * tile_k
+    k_pos = k_start + jnp.arange(tile_k)
+    k_rows = pl.ds(k_start, tile_k)
     cols = column_mask(p)
     side = Side(p, None, None, None, None, p.kv_len)
     in_k = k_pos < p.kv_len
@@ -276,9 +294,10 @@ def _dkv_kernel(q_ref, k_ref, v_ref, count_ref, full_ref, index_ref, do_ref, lse
 
         def body(i, carry, masked):
             dk, dv = carry
-            q_start = _entry(index_ref, list_head, i) * block_q
-            q_rows = pl.ds(q_start, block_q)
-            q_pos = q_start + jnp.arange(block_q)
+            entry, tile = _entry_and_tile(i, per_block)
+            q_start = _entry(index_ref, list_head, entry) * sp.block_q + tile * tile_q
+            q_rows = pl.ds(q_start, tile_q)
+            q_pos = q_start + jnp.arange(tile_q)
             in_q = q_pos < p.q_len if masked else None
             q = load(q_g, q_rows, in_q, cols)
             do = load(do_g, q_rows, in_q, cols)
@@ -293,9 +312,9 @@ def _dkv_kernel(q_ref, k_ref, v_ref, count_ref, full_ref, index_ref, do_ref, lse
             dk = dk + dot(p, dqk.astype(q.dtype), q, trans_a=True)
             return dk, dv
 
-        return _two_loops(body, n_full, n_all, carry, any_full=p.q_len >= block_q)
+        return _two_loops(body, n_full, n_all, carry, any_full=p.q_len >= sp.block_q, tiles_per_block=per_block)
 
-    zeros = jnp.zeros((block_k, p.head_dim_padded), jnp.float32)
+    zeros = jnp.zeros((tile_k, p.head_dim_padded), jnp.float32)
     dk, dv = lax.fori_loop(0, p.group, group_member, (zeros, zeros))
     store_mask = combine(in_k[:, None], cols)
     plgpu.store(dk_ref.at[k_rows, :], dk.astype(dk_ref.dtype), mask=store_mask)
@@ -305,17 +324,22 @@ def _dkv_kernel(q_ref, k_ref, v_ref, count_ref, full_ref, index_ref, do_ref, lse
 def backward(sp: SparseProblem, dq_cfg: KernelConfig, dkv_cfg: KernelConfig, q, k, v, kv_count, kv_full, kv_index,
              q_count, q_full, q_index, do, lse, delta, *, lowering: Lowering):
     """(dq, dk, dv) from the forward's LSE and ``delta`` (``mmfa_jax._autodiff.backward_delta``),
-    both (B, Hq, T) float32."""
+    both (B, Hq, T) float32. The configs' tiles may be smaller than the map's blocks (each dividing
+    its block): a program then takes one tile of its block, and walks the tiles of each listed
+    block of the other axis, so the backward runs at the dense kernels' tuned tiles."""
     p = sp.problem
+    for cfg in (dq_cfg, dkv_cfg):
+        assert sp.block_q % cfg.block_q == 0 and sp.block_k % cfg.block_k == 0, (sp, cfg)
     operands = dict(q=q, k=k, v=v, kv_count=kv_count, kv_full=kv_full, kv_index=kv_index, q_count=q_count,
                     q_full=q_full, q_index=q_index, d_out=do, lse=lse, delta=delta)
     q_head, kv_head = (lambda n: n), (lambda n: n // p.group)
     in_specs = [seq_spec(p, p.q_len, None, q_head), seq_spec(p, p.kv_len, None, kv_head),
-                seq_spec(p, p.kv_len, None, kv_head), *_list_specs(sp, sp.num_k_blocks),
+                seq_spec(p, p.kv_len, None, kv_head), *_list_specs(sp, sp.num_k_blocks, sp.block_q // dq_cfg.block_q),
                 seq_spec(p, p.q_len, None, q_head), row_spec(p.q_len, None, q_head),
                 row_spec(p.q_len, None, q_head)]
     (dq,) = pl.pallas_call(
-        functools.partial(_dq_kernel, sp=sp), grid=(sp.num_q_blocks, p.q_heads, p.batch),
+        functools.partial(_dq_kernel, sp=sp, tile_q=dq_cfg.block_q, tile_k=dq_cfg.block_k),
+        grid=(pl.cdiv(p.q_len, dq_cfg.block_q), p.q_heads, p.batch),
         in_specs=in_specs, out_specs=[seq_spec(p, p.q_len, None, q_head)],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype)],
         **lowering.pallas_args(dq_cfg), name=plans.BLOCK_SPARSE_DQ.name,
@@ -323,11 +347,13 @@ def backward(sp: SparseProblem, dq_cfg: KernelConfig, dkv_cfg: KernelConfig, q, 
 
     g, group_of = p.group, (lambda h: h)  # grid axis 1 runs over K/V heads
     in_specs = [seq_spec(p, p.q_len, g, group_of), seq_spec(p, p.kv_len, None, group_of),
-                seq_spec(p, p.kv_len, None, group_of), *_group_list_specs(sp, sp.num_q_blocks),
+                seq_spec(p, p.kv_len, None, group_of),
+                *_group_list_specs(sp, sp.num_q_blocks, sp.block_k // dkv_cfg.block_k),
                 seq_spec(p, p.q_len, g, group_of), row_spec(p.q_len, g, group_of), row_spec(p.q_len, g, group_of)]
     kv_spec = seq_spec(p, p.kv_len, None, group_of)
     dk, dv = pl.pallas_call(
-        functools.partial(_dkv_kernel, sp=sp), grid=(sp.num_k_blocks, p.kv_heads, p.batch),
+        functools.partial(_dkv_kernel, sp=sp, tile_q=dkv_cfg.block_q, tile_k=dkv_cfg.block_k),
+        grid=(pl.cdiv(p.kv_len, dkv_cfg.block_k), p.kv_heads, p.batch),
         in_specs=in_specs, out_specs=[kv_spec, kv_spec],
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
         **lowering.pallas_args(dkv_cfg), name=plans.BLOCK_SPARSE_DKV.name,
