@@ -7,15 +7,19 @@
   important visual tokens of a VLM after decoder layer K on prefill (``PruningHandle``).
 - ``windows``: the per-window attention calls of vision towers (Qwen2-VL, Qwen2.5-VL) answered by one
   batched kernel call.
+- ``mllama``: ``parallelize_cross_attention(model, group=None, strategy="lv_xattn")``, Llama 3.2 Vision's
+  cross-attention layers over a torch.distributed process group (LV-XAttn or ring; ``remove()`` undoes it).
 
 The random VLMs for tests and benchmarks are in ``mmfa_torch.testing.vlms``.
 """
 
 from __future__ import annotations
 
-from mmfa_torch.hf import backend, pruning, windows
+from mmfa_torch.hf import backend, mllama, pruning, windows
 from mmfa_torch.hf.backend import DECODE_BUCKET, NAME, attention_forward, mask_function, register, set_implementation
+from mmfa_torch.hf.mllama import CrossAttentionParallel, parallelize_cross_attention
 from mmfa_torch.hf.pruning import RULES, SUPPORTED_FAMILIES, PruningHandle, prune_visual_tokens
 
-__all__ = ["DECODE_BUCKET", "NAME", "RULES", "SUPPORTED_FAMILIES", "PruningHandle", "attention_forward", "backend",
-           "mask_function", "prune_visual_tokens", "pruning", "register", "set_implementation", "windows"]
+__all__ = ["DECODE_BUCKET", "NAME", "RULES", "SUPPORTED_FAMILIES", "CrossAttentionParallel", "PruningHandle",
+           "attention_forward", "backend", "mask_function", "mllama", "parallelize_cross_attention",
+           "prune_visual_tokens", "pruning", "register", "set_implementation", "windows"]
