@@ -17,6 +17,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from mmfa_jax import _checks, backends, kernels, tuning
@@ -75,20 +76,15 @@ def dynamic_mask_attention(query, key, value, zoh, *, keep_window_size: int, is_
     """
     opts = Options.make(scale, is_causal, None, None, implementation, layout, config,
                         causal_alignment=causal_alignment)
-    keep = _checks.integer(keep_window_size, "keep_window_size", minimum=1)
     query, key, value, zoh = (_array(x, n) for x, n in ((query, "query"), (key, "key"), (value, "value"),
                                                          (zoh, "zoh")))
-    d = _checks.check_attention(opts, query, key, value, None, None, segment_ids, query_seq_lengths,
-                                key_value_seq_lengths)[0]
-    _check_zoh(zoh, d)
+    static, d, ints = prepare(opts, keep_window_size, query, key, value, zoh, segment_ids, query_seq_lengths,
+                              key_value_seq_lengths)
     if d.empty:
         out = jnp.zeros(query.shape, query.dtype)
         lse = jnp.full((d.batch, d.q_heads, d.q_len), -jnp.inf, jnp.float32)
     else:
-        q_seg, kv_seg = _checks.segment_pair(segment_ids, d)
-        ints = (None if x is None else jnp.asarray(x).astype(jnp.int32)
-                for x in (q_seg, kv_seg, query_seq_lengths, key_value_seq_lengths))
-        out, lse = _run(_static(opts, d, keep, query.dtype), query, key, value, zoh, *ints)
+        out, lse = _run(static, query, key, value, zoh, *ints)
     if layout == "BTNH":
         lse = jnp.swapaxes(lse, 1, 2)
     return (out, lse) if return_lse else out
@@ -152,6 +148,22 @@ def _check_zoh(zoh, d: _checks.Dims):
                             f"{tuple(zoh.shape)}")
 
 
+def prepare(opts: Options, keep_window_size, query, key, value, zoh, segment_ids=None, query_seq_lengths=None,
+            key_value_seq_lengths=None):
+    """The checks of a call (on shapes and dtypes only: jax arrays and torch tensors alike) and its
+    static problem: returns (static, dims, (q_seg, kv_seg, q_lengths, kv_lengths) as int32 jax
+    arrays or None). For the torch face, which converts its tensors afterwards, the integer
+    arrays are None when ``segment_ids`` and the lengths are not jax arrays (it passes its own)."""
+    keep = _checks.integer(keep_window_size, "keep_window_size", minimum=1)
+    d = _checks.check_attention(opts, query, key, value, None, None, segment_ids, query_seq_lengths,
+                                key_value_seq_lengths)[0]
+    _check_zoh(zoh, d)
+    q_seg, kv_seg = _checks.segment_pair(segment_ids, d)
+    ints = tuple(None if x is None or not isinstance(x, (jax.Array, np.ndarray)) else jnp.asarray(x).astype(jnp.int32)
+                 for x in (q_seg, kv_seg, query_seq_lengths, key_value_seq_lengths))
+    return _static(opts, d, keep, query.dtype), d, ints
+
+
 @dataclasses.dataclass(frozen=True)
 class _Static:
     dp: dma.DmaProblem
@@ -190,6 +202,29 @@ def _run(static: _Static, q, k, v, zoh, q_seg, kv_seg, q_lengths, kv_lengths):
     if not static.lowering.kernels:
         return _xla(static.dp, q, k, v, zoh, q_seg, kv_seg, q_lengths, kv_lengths)
     return _dma(static, q, k, v, zoh, q_seg, kv_seg, q_lengths, kv_lengths)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def forward(static: _Static, q, k, v, zoh, q_seg, kv_seg, q_lengths, kv_lengths):
+    """Forward alone, for frameworks with their own autograd (the torch face): (out, lse (B, N, T))."""
+    static = _with_sides(static, q_seg, q_lengths, kv_lengths)
+    if not static.lowering.kernels:
+        return _xla(static.dp, q, k, v, zoh, q_seg, kv_seg, q_lengths, kv_lengths)
+    return _dma_fwd(static, q, k, v, zoh, q_seg, kv_seg, q_lengths, kv_lengths)[0]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def backward(static: _Static, q, k, v, zoh, q_seg, kv_seg, q_lengths, kv_lengths, out, lse, d_out, d_lse):
+    """Gradients (dq, dk, dv, d_zoh) from the forward's results; the kernels' selection is run
+    again (it is a small part of the work) rather than kept between the two calls."""
+    static = _with_sides(static, q_seg, q_lengths, kv_lengths)
+    if not static.lowering.kernels:
+        _, vjp = jax.vjp(lambda q, k, v, z: _xla(static.dp, q, k, v, z, q_seg, kv_seg, q_lengths, kv_lengths),
+                         q, k, v, zoh)
+        return vjp((d_out, d_lse))
+    selection = _select_kernels(static, zoh, q_seg, kv_seg, kv_lengths)
+    residuals = (q, k, v, zoh, selection, q_seg, kv_seg, q_lengths, kv_lengths, out, lse)
+    return _dma_bwd(static, residuals, (d_out, d_lse))[:4]
 
 
 # ------------------------------------------------------------------------------------------------
