@@ -65,6 +65,8 @@ FORWARD_CASES = {
     "keep-1": Case(B=1, T=40, S=40, keep=1),
     "keep-over-s": Case(B=1, T=40, S=40, keep=64),
     "bfloat16": Case(B=1, T=40, S=40, keep=8, dtype="bfloat16"),
+    "decode-step": Case(B=2, T=1, S=37, keep=5, bottom_right=True, kv_lengths=True),
+    "tiny": Case(B=1, T=3, S=5, N=2, K=1, D=8, keep=2),
 }
 
 GRAD_CASES = {
@@ -325,8 +327,10 @@ def _errors():
 
     return {
         "keep-zero": (attend_with(keep_window_size=0), ArgumentError, "keep_window_size must be >= 1, got 0"),
-        "keep-float": (attend_with(keep_window_size=2.5), ArgumentTypeError, "keep_window_size must be an integer, got 2.5"),
-        "keep-bool": (attend_with(keep_window_size=True), ArgumentTypeError, "keep_window_size must be an integer, got True"),
+        "keep-float": (attend_with(keep_window_size=2.5), ArgumentTypeError,
+                       "keep_window_size must be an integer, got 2.5"),
+        "keep-bool": (attend_with(keep_window_size=True), ArgumentTypeError,
+                      "keep_window_size must be an integer, got True"),
         "zoh-shape": (attend_with(zoh=jnp.ones((1, 4, 32))), ArgumentError, "zoh must be (B, K, S) = (1, 2, 32)"),
         "zoh-dtype": (attend_with(zoh=jnp.ones((1, 2, 32), jnp.int32)), ArgumentTypeError,
                       "zoh must be float16, bfloat16 or float32, got int32"),

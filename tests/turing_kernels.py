@@ -139,7 +139,8 @@ def _dma(q, k, v, cfg, implementation, segments: bool):
 def _dma_shapes(head_dim, dtype, cfg):
     T = _seq_len(cfg)
     q, kv = _shapes(head_dim, dtype, T)
-    return T, q, kv, jax.ShapeDtypeStruct((BATCH, KV_HEADS, T), jnp.float32), jax.ShapeDtypeStruct((BATCH, T), jnp.int32)
+    zoh = jax.ShapeDtypeStruct((BATCH, KV_HEADS, T), jnp.float32)
+    return T, q, kv, zoh, jax.ShapeDtypeStruct((BATCH, T), jnp.int32)
 
 
 def dma_forward(head_dim, dtype, cfg, implementation="pallas", segments=False):

@@ -33,8 +33,12 @@ Two cases, decided statically (``DmaProblem.nested``):
   candidate of the prefix that beats the previous one (n included: two reductions over the
   list); otherwise n itself is excluded and the threshold stays. The attention kernels then
   gather K, V and zoh rows by the list's indices: work per query tile proportional to its
-  candidates, ~keep + block_q keys, not to S. (Random zoh scatters the kept keys over the whole prefix, so skipping whole key
-  blocks would save almost nothing: hence the gather.)
+  candidates, ~keep + block_q keys, not to S. (Random zoh scatters the kept keys over the whole
+  prefix, so skipping whole key blocks would save almost nothing: hence the gather.)
+  Cost of the selection: ~(33 + log2 S) counting passes over at most S keys per query tile and KV
+  head, i.e. ~50 T S / block_q comparisons per KV head (T S / 1.3 for block_q 64), beside the
+  attention's ~4 T (keep + block_q) D flops per query head. The walk holds the list as vectors
+  of ``list_capacity`` entries (4096 for keep 2048): for much larger keeps they spill registers.
 
 * **general** (segment ids): allowed sets are not nested across rows of different segments.
   ``mmfa_dma_select_rows`` runs the radix select for every row of the tile at once (a (block_q,
@@ -507,7 +511,8 @@ def forward(dp: DmaProblem, cfg: KernelConfig, q, k, v, zoh, cand, count, thr_ke
     plan = plans.DMA_FORWARD
     q_head = lambda n: n  # noqa: E731
     out_specs = [seq_spec(p, p.q_len, None, q_head), row_spec(p.q_len, None, q_head)]
-    out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((p.batch, p.q_heads, p.q_len), jnp.float32)]
+    out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype),
+                 jax.ShapeDtypeStruct((p.batch, p.q_heads, p.q_len), jnp.float32)]
     return pl.pallas_call(
         functools.partial(_forward_kernel, dp=dp), grid=(dp.num_q_blocks, p.q_heads, p.batch),
         in_specs=_attention_specs(dp), out_specs=out_specs, out_shape=out_shape,
