@@ -22,6 +22,7 @@ from mmfa_jax.attention import (
     pallas_available,
 )
 from mmfa_jax.block_sparse import BlockMask, block_sparse_attention
+from mmfa_jax import sparse_patterns  # noqa: F401  (mmfa_jax.sparse_patterns: block maps for block_sparse_attention)
 from mmfa_jax.decode import decode_attention
 from mmfa_jax.dynamic_mask import dynamic_mask_attention, zoh_states
 from mmfa_jax.importance import scorer_rows, sparsevlm_raters, visual_token_importance

@@ -83,12 +83,26 @@ def _sorted_lists(computed, full):
     return (jnp.sum(computed, axis=-1, dtype=jnp.int32), jnp.sum(full, axis=-1, dtype=jnp.int32), index)
 
 
-def _block_lists(blocks, block_size, seq_lens, causal: bool) -> BlockLists:
+def _block_extents(pos, block: int, length: int):
+    """(min, max) of the positions in each block, (B, n) each (a ragged last block: its rows only)."""
+    n = -(-length // block)
+    pad = n * block - length
+    big = jnp.iinfo(jnp.int32).max
+    lo = jnp.pad(pos, ((0, 0), (0, pad)), constant_values=big).reshape(pos.shape[0], n, block).min(-1)
+    hi = jnp.pad(pos, ((0, 0), (0, pad)), constant_values=-1).reshape(pos.shape[0], n, block).max(-1)
+    return lo, hi
+
+
+def _block_lists(blocks, block_size, seq_lens, causal: bool, positions=None) -> BlockLists:
     (bq, bk), (T, S) = block_size, seq_lens
     nq, nk = blocks.shape[-2:]
     qi, kj = np.arange(nq)[:, None], np.arange(nk)[None, :]
     whole = ((qi + 1) * bq <= T) & ((kj + 1) * bk <= S)  # static (nq, nk): no ragged edge
-    if causal:  # top-left: query i sees keys j <= i
+    if causal and positions is not None:  # key visible when its position is at most the query's
+        (q_lo, q_hi), (k_lo, k_hi) = _block_extents(positions[0], bq, T), _block_extents(positions[1], bk, S)
+        some = (k_lo[:, None, :] <= q_hi[:, :, None])[:, None]  # (B, 1, nq, nk)
+        every = (k_hi[:, None, :] <= q_lo[:, :, None])[:, None]
+    elif causal:  # top-left: query i sees keys j <= i
         some = kj * bk <= np.minimum((qi + 1) * bq, T) - 1  # the block's first key vs its last query
         every = (kj + 1) * bk - 1 <= qi * bq  # its last key vs its first query
     else:
@@ -119,23 +133,25 @@ class BlockMask:
     """
 
     def __init__(self, blocks, plain: BlockLists, causal: BlockLists, block_size: tuple[int, int],
-                 seq_lens: tuple[int, int]):
+                 seq_lens: tuple[int, int], positions=None):
         self.blocks, self.plain, self.causal = blocks, plain, causal
         self.block_size, self.seq_lens = tuple(block_size), tuple(seq_lens)
+        self.positions = positions
 
     def tree_flatten(self):
-        return (self.blocks, self.plain, self.causal), (self.block_size, self.seq_lens)
+        return (self.blocks, self.plain, self.causal, self.positions), (self.block_size, self.seq_lens)
 
     @classmethod
     def tree_unflatten(cls, aux, children):
-        return cls(*children, *aux)
+        blocks, plain, causal, positions = children
+        return cls(blocks, plain, causal, *aux, positions=positions)
 
     def __repr__(self):
         shape = getattr(self.blocks, "shape", None)
         return f"BlockMask(blocks {shape}, block_size={self.block_size}, seq_lens={self.seq_lens})"
 
     @classmethod
-    def from_dense(cls, blocks, block_size, *, seq_lens) -> "BlockMask":
+    def from_dense(cls, blocks, block_size, *, seq_lens, positions=None) -> "BlockMask":
         """From a boolean block map.
 
         Args:
@@ -145,9 +161,15 @@ class BlockMask:
           block_size: (block_q, block_k) positive ints (one int: both). The kernels need powers of
             two from 16 to 256 (their tiles are the blocks); the "xla" backend takes any.
           seq_lens: (T, S), the query and key lengths: nq = ceil(T / block_q), nk = ceil(S / block_k).
+          positions: optional (query positions (B, T), key positions (B, S)) integers: with
+            ``is_causal`` a key is visible to a query when its position is at most the query's,
+            rather than its index (the rows are in a permuted order, e.g. video tokens grouped by
+            spatial position, ``mmfa_jax.sparse_patterns.permuted_attention``; causality is the
+            original order's). The causal lists then have the positions' batch B.
         """
         block_size = _block_size(block_size)
         seq_lens = _seq_lens(seq_lens)
+        positions = _positions(positions, seq_lens)
         blocks = _array(blocks, "blocks")
         if _checks.dtype_name(blocks.dtype) != "bool":
             raise ArgumentTypeError(f"blocks must be a boolean block map, got dtype {_checks.dtype_name(blocks.dtype)}")
@@ -156,18 +178,21 @@ class BlockMask:
             raise ArgumentError(f"blocks must be (Bm, Nm, nq, nk) = (B or 1, Hq or 1, {want[0]}, {want[1]}) for "
                                 f"seq_lens={seq_lens} and block_size={block_size}, got shape {tuple(blocks.shape)}")
         blocks = blocks.reshape((1,) * (4 - blocks.ndim) + tuple(blocks.shape))
+        if positions is not None and blocks.shape[0] not in (1, positions[0].shape[0]):
+            raise ArgumentError(f"blocks has batch {blocks.shape[0]}: it must be 1 or the positions' batch "
+                                f"{positions[0].shape[0]}")
         return cls(blocks, _block_lists(blocks, block_size, seq_lens, False),
-                   _block_lists(blocks, block_size, seq_lens, True), block_size, seq_lens)
+                   _block_lists(blocks, block_size, seq_lens, True, positions), block_size, seq_lens, positions)
 
     @classmethod
-    def from_indices(cls, indices, counts, block_size, *, seq_lens) -> "BlockMask":
+    def from_indices(cls, indices, counts, block_size, *, seq_lens, positions=None) -> "BlockMask":
         """From per-query-block lists of key blocks.
 
         Args:
           indices: integers (Bm, Nm, nq, L): the key blocks of each query block, in any order (only
             the first ``counts`` entries count; repeats are harmless); rank 2 and 3 take leading 1s.
           counts: integers (Bm, Nm, nq), each in [0, L]: how many entries of each list are used.
-          block_size, seq_lens: as for ``from_dense``.
+          block_size, seq_lens, positions: as for ``from_dense``.
         Indices and counts are checked when concrete; under jit the caller vouches for them (an
         index outside [0, nk) is then dropped).
         """
@@ -205,7 +230,7 @@ class BlockMask:
         h = jnp.arange(nm)[None, :, None, None]
         qi = jnp.arange(nq)[None, None, :, None]
         blocks = jnp.zeros((bm, nm, nq, nk + 1), bool).at[b, h, qi, target].set(True)[..., :nk]
-        return cls.from_dense(blocks, block_size, seq_lens=seq_lens)
+        return cls.from_dense(blocks, block_size, seq_lens=seq_lens, positions=positions)
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -220,10 +245,15 @@ class BlockMask:
         own (Bm, Nm) (an int32 scalar array): its cost, in tiles."""
         return jnp.sum(self.lists(is_causal).kv_count)
 
-    def dense_mask(self):
-        """bool (Bm, Nm, T, S): the token-level mask of the map (without the causal mask)."""
+    def dense_mask(self, is_causal: bool = False):
+        """bool (Bm, Nm, T, S): the token-level mask of the map, without the causal mask, or with it
+        when there are positions and ``is_causal`` (then (B, Nm, T, S))."""
         (bq, bk), (T, S) = self.block_size, self.seq_lens
-        return jnp.repeat(jnp.repeat(self.blocks, bq, axis=2), bk, axis=3)[:, :, :T, :S]
+        mask = jnp.repeat(jnp.repeat(self.blocks, bq, axis=2), bk, axis=3)[:, :, :T, :S]
+        if is_causal and self.positions is not None:
+            q_pos, kv_pos = self.positions
+            mask = mask & (kv_pos[:, None, None, :] <= q_pos[:, None, :, None])
+        return mask
 
 
 def _array(x, name):
@@ -231,6 +261,24 @@ def _array(x, name):
         return jnp.asarray(x)
     except (TypeError, ValueError) as e:
         raise ArgumentTypeError(f"{name} must be an array, got {type(x).__name__} ({e})") from None
+
+
+def _positions(positions, seq_lens):
+    """The checked (query positions (B, T), key positions (B, S)) as int32, or None."""
+    if positions is None:
+        return None
+    if not isinstance(positions, (tuple, list)) or len(positions) != 2:
+        raise ArgumentTypeError(f"positions must be a pair (query positions (B, T), key positions (B, S)), got "
+                                f"{type(positions).__name__}")
+    q_pos, kv_pos = (_array(x, n) for x, n in zip(positions, ("positions[0]", "positions[1]")))
+    for name, x, n in (("positions[0]", q_pos, seq_lens[0]), ("positions[1]", kv_pos, seq_lens[1])):
+        if not jnp.issubdtype(x.dtype, jnp.integer):
+            raise ArgumentTypeError(f"{name} must be integers, got dtype {_checks.dtype_name(x.dtype)}")
+        if x.ndim != 2 or x.shape[1] != n:
+            raise ArgumentError(f"{name} must be (B, {n}), got shape {tuple(x.shape)}")
+    if q_pos.shape[0] != kv_pos.shape[0]:
+        raise ArgumentError(f"positions must share their batch, got {q_pos.shape[0]} and {kv_pos.shape[0]}")
+    return q_pos.astype(jnp.int32), kv_pos.astype(jnp.int32)
 
 
 def _int(value, name: str, minimum: int) -> int:
@@ -315,6 +363,10 @@ def block_sparse_attention(query, key, value, block_mask: BlockMask, *, scale: f
                                     f"{b}; implementation='xla' takes any block size")
     scale = _checks.checked_scale(scale)
     is_causal = bool(is_causal)
+    by_positions = is_causal and block_mask.positions is not None
+    if by_positions and block_mask.positions[0].shape[0] != d.batch:
+        raise ArgumentError(f"block_mask's positions have batch {block_mask.positions[0].shape[0]}, the query "
+                            f"{d.batch}")
     if d.empty:
         out = jnp.zeros(query.shape, query.dtype)
         lse = jnp.full((d.batch, d.q_len, d.q_heads), -jnp.inf, jnp.float32)
@@ -322,10 +374,11 @@ def block_sparse_attention(query, key, value, block_mask: BlockMask, *, scale: f
     problem = kernels.Problem(
         batch=d.batch, q_heads=d.q_heads, kv_heads=d.kv_heads, q_len=d.q_len, kv_len=d.kv_len, head_dim=d.head_dim,
         scale=scale if scale is not None else d.head_dim ** -0.5, softcap=None,
-        band=Band.make(d.q_len, d.kv_len, is_causal, (None, None), bottom_right=False), layout="BTNH",
+        band=Band.make(d.q_len, d.kv_len, is_causal and not by_positions, (None, None), bottom_right=False),
+        layout="BTNH",
         bias_shape=None, mask_shape=None, has_segments=False, has_q_lengths=False, has_kv_lengths=False,
         dot_precision="highest" if _checks.dtype_name(query.dtype) == "float32" else None)
-    sp = SparseProblem(problem, bq, bk, bm, nm)
+    sp = SparseProblem(problem, bq, bk, block_mask.lists(is_causal).kv_count.shape[0], nm, by_positions)
     config = None
     if lowering.kernels:
         config = _configs(sp, query.dtype, lowering)
@@ -381,21 +434,25 @@ def _run(static, q, k, v, block_mask: BlockMask):
     """(out, lse (B, Hq, T)); jitted, so that an eager call compiles once per shape."""
     sp, _, lowering = static
     p = sp.problem
+    causal = p.band.right is not None or sp.by_positions  # the band is the causal mask or nothing
     if not lowering.kernels:
-        dense = dataclasses.replace(p, mask_shape=(sp.map_batch, sp.map_heads))
-        return xla_attention(dense, q, k, v, None, block_mask.dense_mask(), None, None, None, None)
-    lists = block_mask.lists(p.band.right is not None)  # the band is the causal mask or nothing
-    return _sparse_flash(static, q, k, v, *lists.forward, *lists.transposed)
+        mask = block_mask.dense_mask(causal)
+        dense = dataclasses.replace(p, mask_shape=(mask.shape[0], sp.map_heads))
+        return xla_attention(dense, q, k, v, None, mask, None, None, None, None)
+    lists = block_mask.lists(causal)
+    positions = block_mask.positions if sp.by_positions else (None, None)
+    return _sparse_flash(static, q, k, v, *lists.forward, *lists.transposed, *positions)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _sparse_flash(static, q, k, v, kv_count, kv_full, kv_index, q_count, q_full, q_index):
-    return _sparse_flash_fwd(static, q, k, v, kv_count, kv_full, kv_index, q_count, q_full, q_index)[0]
+def _sparse_flash(static, q, k, v, kv_count, kv_full, kv_index, q_count, q_full, q_index, q_pos, kv_pos):
+    return _sparse_flash_fwd(static, q, k, v, kv_count, kv_full, kv_index, q_count, q_full, q_index, q_pos,
+                             kv_pos)[0]
 
 
-def _sparse_flash_fwd(static, q, k, v, kv_count, kv_full, kv_index, q_count, q_full, q_index):
-    out, lse = _forward_kernels(static, q, k, v, kv_count, kv_full, kv_index)
-    return (out, lse), (q, k, v, kv_count, kv_full, kv_index, q_count, q_full, q_index, out, lse)
+def _sparse_flash_fwd(static, q, k, v, kv_count, kv_full, kv_index, q_count, q_full, q_index, q_pos, kv_pos):
+    out, lse = _forward_kernels(static, q, k, v, kv_count, kv_full, kv_index, q_pos, kv_pos)
+    return (out, lse), (q, k, v, kv_count, kv_full, kv_index, q_count, q_full, q_index, q_pos, kv_pos, out, lse)
 
 
 def _sparse_flash_bwd(static, residuals, cotangents):
@@ -403,21 +460,24 @@ def _sparse_flash_bwd(static, residuals, cotangents):
     d_out, d_lse = cotangents
     delta = backward_delta(out, d_out, d_lse, static[0].problem.layout)
     dq, dk, dv = _backward_kernels(static, *args, d_out, lse, delta)
-    return dq, dk, dv, None, None, None, None, None, None
+    return (dq, dk, dv) + (None,) * 8
 
 
 _sparse_flash.defvjp(_sparse_flash_fwd, _sparse_flash_bwd)
 
 
 @_first_order_only
-def _forward_kernels(static, q, k, v, kv_count, kv_full, kv_index):
+def _forward_kernels(static, q, k, v, kv_count, kv_full, kv_index, q_pos, kv_pos):
     sp, config, lowering = static
-    return kernels.block_sparse_forward(sp, config.forward, q, k, v, kv_count, kv_full, kv_index, lowering=lowering)
+    return kernels.block_sparse_forward(sp, config.forward, q, k, v, kv_count, kv_full, kv_index, q_pos, kv_pos,
+                                        lowering=lowering)
 
 
 @_first_order_only
-def _backward_kernels(static, q, k, v, kv_count, kv_full, kv_index, q_count, q_full, q_index, d_out, lse, delta):
+def _backward_kernels(static, q, k, v, kv_count, kv_full, kv_index, q_count, q_full, q_index, q_pos, kv_pos, d_out,
+                      lse, delta):
     sp, config, lowering = static
     _check_fits(sp, config, ("dq", "dkv"), q.dtype, lowering)
     return kernels.block_sparse_backward(sp, config.backward_dq, config.backward_dkv, q, k, v, kv_count, kv_full,
-                                         kv_index, q_count, q_full, q_index, d_out, lse, delta, lowering=lowering)
+                                         kv_index, q_count, q_full, q_index, d_out, lse, delta, q_pos, kv_pos,
+                                         lowering=lowering)

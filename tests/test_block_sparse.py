@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import assert_close, normal, tolerance
-from reference import block_sparse_mask, block_sparse_reference, block_sparse_reference_grads
+from reference import (attention_reference, attention_reference_grads, block_sparse_mask, block_sparse_reference,
+                       block_sparse_reference_grads)
 
 import mmfa_jax
 from mmfa_jax import ArgumentError, ArgumentTypeError, BlockMask, compiles, kernels, tuning
@@ -150,6 +151,45 @@ def test_backward_tiles_smaller_than_the_blocks(rng, monkeypatch, causal):
     refs = block_sparse_reference_grads(q64, k64, v64, blocks, c.block, d_out64, d_lse64, is_causal=c.causal)
     for got, ref, what in zip(vjp((d_out, d_lse)), refs, ("dq", "dk", "dv")):
         assert_close(got, ref, tolerance(c.dtype, grad=True), what)
+
+
+def test_causal_by_positions_in_a_permuted_order(impl, rng):
+    """Rows in a permuted order with the causality of the original one: key j visible to query i
+    when positions[j] <= positions[i] (and its block is listed), forward and gradients, per-batch
+    permutations, GQA, ragged blocks, one empty query block."""
+    c = Case(B=2, T=150, S=150, N=4, K=2, D=16, block=(32, 32), density=0.6, causal=True)
+    blocks = random_map(rng, c)
+    (q, k, v), (q64, k64, v64) = inputs(rng, c)
+    perm = np.stack([rng.permutation(c.T) for _ in range(c.B)]).astype(np.int32)
+    mask = BlockMask.from_dense(jnp.asarray(blocks), c.block, seq_lens=(c.T, c.S), positions=(perm, perm))
+
+    def f(q, k, v):
+        return mmfa_jax.block_sparse_attention(q, k, v, mask, is_causal=True, implementation=impl, return_lse=True)
+
+    (out, lse), vjp = jax.vjp(f, q, k, v)
+    token_mask = block_sparse_mask(blocks, c.block, c.T, c.S) & (perm[:, None, None, :] <= perm[:, None, :, None])
+    ref_out, ref_lse = attention_reference(q64, k64, v64, mask=token_mask)
+    assert np.isinf(ref_lse).any()
+    assert_close(out, ref_out, tolerance(c.dtype), "out")
+    assert_close(lse, ref_lse, tolerance(c.dtype), "lse")
+    d_out, d_out64 = normal(rng, out.shape, c.dtype)
+    d_lse, d_lse64 = normal(rng, lse.shape, "float32")
+    refs = attention_reference_grads(q64, k64, v64, d_out64, d_lse64, mask=token_mask)[:3]
+    for got, ref, what in zip(vjp((d_out, d_lse)), refs, ("dq", "dk", "dv")):
+        assert_close(got, ref, tolerance(c.dtype, grad=True), what)
+    # Without is_causal the positions play no part.
+    plain = mmfa_jax.block_sparse_attention(q, k, v, mask, implementation=impl)
+    assert_close(plain, block_sparse_reference(q64, k64, v64, blocks, c.block)[0], tolerance(c.dtype), "plain")
+
+
+def test_bad_positions_are_refused():
+    blocks = jnp.ones((1, 1, 2, 2), bool)
+    good = np.arange(64, dtype=np.int32)[None]
+    for positions, match in (((good, good[:, :32]), r"positions\[1\] must be \(B, 64\)"),
+                             ((good.astype(np.float32), good), r"positions\[0\] must be integers"),
+                             (good, "positions must be a pair")):
+        with pytest.raises((ArgumentError, ArgumentTypeError), match=match):
+            BlockMask.from_dense(blocks, 32, seq_lens=(64, 64), positions=positions)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -479,11 +519,38 @@ def test_kernels_compile_for_hopper(tmp_path, monkeypatch):
         has_kv_lengths=False, dot_precision=None), *block, B, N)
     limit = triton_route.SHARED_MEMORY_PER_BLOCK[90]
     for (kernel, _, grid, operands, _), plan, want, name in zip(compiled, kernel_plans, grids, ("forward", "dq", "dkv")):
-        assert grid == want and operands == len(plan.operands), plan.name
+        present = [n for n in plan.operands if n not in ("q_pos", "kv_pos")]  # no positions in this call
+        assert grid == want and operands == len(present), plan.name
         assert len(kernel.cubin) > 0 and kernel.cc == 90
         tile = dataclasses.replace(tile_of[name], num_stages=kernel.num_stages)
         assert kernel.shared <= min(limit, shared_bytes(name, sp, tile, 2)), (name, kernel.shared)
     assert backends.resolve("triton", backends.Target.cuda(90)).backend == "triton-route"
+
+
+def test_kernels_with_positions_compile_for_hopper(tmp_path, monkeypatch):
+    """The kernels that take the causal mask from positions (a permuted order) lower and compile
+    for sm_90, with every operand of their plans."""
+    pytest.importorskip("triton")
+    from mmfa_jax import plans, triton_route
+
+    monkeypatch.setenv("MMFA_CACHE_DIR", str(tmp_path))
+    triton_route.clear_memory_cache()
+    B, T, N, K, D = 2, 200, 4, 2, 64
+    q = jax.ShapeDtypeStruct((B, T, N, D), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((B, T, K, D), jnp.bfloat16)
+
+    def fn(q, k, v, blocks, perm):
+        mask = BlockMask.from_dense(blocks, 64, seq_lens=(T, T), positions=(perm, perm))
+        loss = lambda q, k, v: mmfa_jax.block_sparse_attention(  # noqa: E731
+            q, k, v, mask, is_causal=True, implementation="triton").astype(jnp.float32).sum()
+        return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+    compiled = triton_route.lower_for(fn, q, kv, kv, jax.ShapeDtypeStruct((B, N, 4, 4), jnp.bool_),
+                                      jax.ShapeDtypeStruct((B, T), jnp.int32), device_kind="NVIDIA H100")
+    kernel_plans = plans.block_sparse_forward() + plans.block_sparse_backward()
+    assert [k.name for k, *_ in compiled] == [p.name for p in kernel_plans]
+    for (kernel, _, _, operands, _), plan in zip(compiled, kernel_plans):
+        assert operands == len(plan.operands) and len(kernel.cubin) > 0, plan.name
 
 
 def test_blocks_too_large_for_shared_memory_are_refused():

@@ -71,6 +71,7 @@ class SparseProblem:
     block_k: int
     map_batch: int  # Bm: 1 (broadcast) or B
     map_heads: int  # Nm: 1 (broadcast) or Hq
+    by_positions: bool = False  # causal by the rows' positions (q_pos, kv_pos operands), not by their indices
 
     @property
     def num_q_blocks(self) -> int:
@@ -151,6 +152,26 @@ def _entry(ref, head, *idx):
     return ref[idx] if idx else ref[...]
 
 
+def _position_specs(p: Problem, q_pos):
+    """Specs of the optional (B, T) and (B, S) positions: each program reads its batch row."""
+    if q_pos is None:
+        return [None, None]
+    return [pl.BlockSpec((None, p.q_len), lambda t, n, b: (b, 0)),
+            pl.BlockSpec((None, p.kv_len), lambda t, n, b: (b, 0))]
+
+
+def _visible(side: Side, qpos_ref, kvpos_ref, q_rows, k_rows, q_pos, k_pos):
+    """Which logits of a masked tile count: the side's rules (keys inside the sequence, the causal
+    band on the rows' indices), or with positions the causal mask on the positions the rows hold
+    (the problem then has no band)."""
+    if qpos_ref is None:
+        return side.visible(q_rows, k_rows, q_pos, k_pos)
+    p = side.p
+    qp = plgpu.load(qpos_ref.at[q_rows], mask=q_pos < p.q_len, other=-1)
+    kp = plgpu.load(kvpos_ref.at[k_rows], mask=k_pos < p.kv_len, other=jnp.iinfo(jnp.int32).max)
+    return (k_pos[None, :] < p.kv_len) & (kp[None, :] <= qp[:, None])
+
+
 def _entry_and_tile(i, tiles_per_block: int):
     """(list entry, tile within its block) of loop step ``i`` of ``_two_loops``."""
     if tiles_per_block == 1:  # static: no division (Triton's lowering of ``i % 1`` mistypes the 1)
@@ -176,7 +197,8 @@ def _two_loops(body, n_full, n_all, carry, *, any_full: bool, tiles_per_block: i
 # Forward.
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, count_ref, full_ref, index_ref, o_ref, lse_ref, *, sp: SparseProblem):
+def _forward_kernel(q_ref, k_ref, v_ref, count_ref, full_ref, index_ref, qpos_ref, kvpos_ref, o_ref, lse_ref, *,
+                    sp: SparseProblem):
     p, block_q, block_k = sp.problem, sp.block_q, sp.block_k
     q_start = pl.program_id(0) * block_q
     q_pos = q_start + jnp.arange(block_q)
@@ -199,7 +221,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, count_ref, full_ref, index_ref, o_ref, 
         v = load(v_ref, k_rows, row_ok, cols)
         s, _ = logits(p, dot(p, q, k, trans_b=True), None)
         if masked:
-            s = jnp.where(side.visible(q_rows, k_rows, q_pos, k_pos), s, -jnp.inf)
+            s = jnp.where(_visible(side, qpos_ref, kvpos_ref, q_rows, k_rows, q_pos, k_pos), s, -jnp.inf)
         return online_softmax_step(p, (acc, m, l), s, v)
 
     init = (jnp.zeros((block_q, hp), jnp.float32),
@@ -216,12 +238,16 @@ def _forward_kernel(q_ref, k_ref, v_ref, count_ref, full_ref, index_ref, o_ref, 
     plgpu.store(lse_ref.at[q_rows], lse, mask=in_q)
 
 
-def forward(sp: SparseProblem, cfg: KernelConfig, q, k, v, kv_count, kv_full, kv_index, *, lowering: Lowering):
-    """(out like q, lse (B, Hq, T) float32 in natural log; -inf for rows that see nothing)."""
+def forward(sp: SparseProblem, cfg: KernelConfig, q, k, v, kv_count, kv_full, kv_index, q_pos=None, kv_pos=None, *,
+            lowering: Lowering):
+    """(out like q, lse (B, Hq, T) float32 in natural log; -inf for rows that see nothing).
+    ``q_pos`` (B, T) / ``kv_pos`` (B, S) int32, both or neither: the causal mask compares them
+    (key visible when its position is at most the query's) instead of the rows' indices."""
     p = sp.problem
     q_head, kv_head = (lambda n: n), (lambda n: n // p.group)
     in_specs = [seq_spec(p, p.q_len, None, q_head), seq_spec(p, p.kv_len, None, kv_head),
-                seq_spec(p, p.kv_len, None, kv_head), *_list_specs(sp, sp.num_k_blocks)]
+                seq_spec(p, p.kv_len, None, kv_head), *_list_specs(sp, sp.num_k_blocks),
+                *_position_specs(p, q_pos)]
     out_specs = [seq_spec(p, p.q_len, None, q_head), row_spec(p.q_len, None, q_head)]
     out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct((p.batch, p.q_heads, p.q_len), jnp.float32)]
@@ -229,15 +255,16 @@ def forward(sp: SparseProblem, cfg: KernelConfig, q, k, v, kv_count, kv_full, kv
         functools.partial(_forward_kernel, sp=sp), grid=(sp.num_q_blocks, p.q_heads, p.batch),
         in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
         **lowering.pallas_args(cfg), name=plans.BLOCK_SPARSE_FORWARD.name,
-    )(*plans.BLOCK_SPARSE_FORWARD.ordered(q=q, k=k, v=v, kv_count=kv_count, kv_full=kv_full, kv_index=kv_index))
+    )(*plans.BLOCK_SPARSE_FORWARD.ordered(q=q, k=k, v=v, kv_count=kv_count, kv_full=kv_full, kv_index=kv_index,
+                                          q_pos=q_pos, kv_pos=kv_pos))
 
 
 # --------------------------------------------------------------------------------------------
 # Backward: as ``mmfa_jax.kernels.backward`` (p = exp(s - lse), ds = p (dp - delta)), over the lists.
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, count_ref, full_ref, index_ref, do_ref, lse_ref, delta_ref, dq_ref, *,
-               sp: SparseProblem, tile_q: int, tile_k: int):
+def _dq_kernel(q_ref, k_ref, v_ref, count_ref, full_ref, index_ref, qpos_ref, kvpos_ref, do_ref, lse_ref, delta_ref,
+               dq_ref, *, sp: SparseProblem, tile_q: int, tile_k: int):
     p = sp.problem
     per_block = sp.block_k // tile_k  # key tiles per listed key block
     q_start = pl.program_id(0) * tile_q
@@ -261,7 +288,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, count_ref, full_ref, index_ref, do_ref, lse_
         v = load(v_ref, k_rows, row_ok, cols)
         s, tanh = logits(p, dot(p, q, k, trans_b=True), None)
         if masked:
-            s = jnp.where(side.visible(q_rows, k_rows, q_pos, k_pos), s, -jnp.inf)
+            s = jnp.where(_visible(side, qpos_ref, kvpos_ref, q_rows, k_rows, q_pos, k_pos), s, -jnp.inf)
         probs = jnp.exp2(s - lse[:, None])
         _, dqk = _grad_logits(p, probs, dot(p, do, v, trans_b=True), delta, tanh)
         return dq + dot(p, dqk.astype(k.dtype), k)
@@ -271,8 +298,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, count_ref, full_ref, index_ref, do_ref, lse_
     plgpu.store(dq_ref.at[q_rows, :], dq.astype(dq_ref.dtype), mask=combine(in_q[:, None], cols))
 
 
-def _dkv_kernel(q_ref, k_ref, v_ref, count_ref, full_ref, index_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *,
-                sp: SparseProblem, tile_q: int, tile_k: int):
+def _dkv_kernel(q_ref, k_ref, v_ref, count_ref, full_ref, index_ref, qpos_ref, kvpos_ref, do_ref, lse_ref, delta_ref,
+                dk_ref, dv_ref, *, sp: SparseProblem, tile_q: int, tile_k: int):
     p = sp.problem
     per_block = sp.block_q // tile_q  # query tiles per listed query block
     k_start = pl.program_id(0) * tile_k
@@ -305,7 +332,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, count_ref, full_ref, index_ref, do_ref, lse
             delta = delta_g.load(q_rows, mask=in_q, other=0.0)
             s, tanh = logits(p, dot(p, q, k, trans_b=True), None)
             if masked:
-                s = jnp.where(side.visible(q_rows, k_rows, q_pos, k_pos), s, -jnp.inf)
+                s = jnp.where(_visible(side, qpos_ref, kvpos_ref, q_rows, k_rows, q_pos, k_pos), s, -jnp.inf)
             probs = jnp.exp2(s - lse[:, None])
             dv = dv + dot(p, probs.astype(do.dtype), do, trans_a=True)
             _, dqk = _grad_logits(p, probs, dot(p, do, v, trans_b=True), delta, tanh)
@@ -322,7 +349,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, count_ref, full_ref, index_ref, do_ref, lse
 
 
 def backward(sp: SparseProblem, dq_cfg: KernelConfig, dkv_cfg: KernelConfig, q, k, v, kv_count, kv_full, kv_index,
-             q_count, q_full, q_index, do, lse, delta, *, lowering: Lowering):
+             q_count, q_full, q_index, do, lse, delta, q_pos=None, kv_pos=None, *, lowering: Lowering):
     """(dq, dk, dv) from the forward's LSE and ``delta`` (``mmfa_jax._autodiff.backward_delta``),
     both (B, Hq, T) float32. The configs' tiles may be smaller than the map's blocks (each dividing
     its block): a program then takes one tile of its block, and walks the tiles of each listed
@@ -331,11 +358,11 @@ def backward(sp: SparseProblem, dq_cfg: KernelConfig, dkv_cfg: KernelConfig, q, 
     for cfg in (dq_cfg, dkv_cfg):
         assert sp.block_q % cfg.block_q == 0 and sp.block_k % cfg.block_k == 0, (sp, cfg)
     operands = dict(q=q, k=k, v=v, kv_count=kv_count, kv_full=kv_full, kv_index=kv_index, q_count=q_count,
-                    q_full=q_full, q_index=q_index, d_out=do, lse=lse, delta=delta)
+                    q_full=q_full, q_index=q_index, d_out=do, lse=lse, delta=delta, q_pos=q_pos, kv_pos=kv_pos)
     q_head, kv_head = (lambda n: n), (lambda n: n // p.group)
     in_specs = [seq_spec(p, p.q_len, None, q_head), seq_spec(p, p.kv_len, None, kv_head),
                 seq_spec(p, p.kv_len, None, kv_head), *_list_specs(sp, sp.num_k_blocks, sp.block_q // dq_cfg.block_q),
-                seq_spec(p, p.q_len, None, q_head), row_spec(p.q_len, None, q_head),
+                *_position_specs(p, q_pos), seq_spec(p, p.q_len, None, q_head), row_spec(p.q_len, None, q_head),
                 row_spec(p.q_len, None, q_head)]
     (dq,) = pl.pallas_call(
         functools.partial(_dq_kernel, sp=sp, tile_q=dq_cfg.block_q, tile_k=dq_cfg.block_k),
@@ -348,7 +375,7 @@ def backward(sp: SparseProblem, dq_cfg: KernelConfig, dkv_cfg: KernelConfig, q, 
     g, group_of = p.group, (lambda h: h)  # grid axis 1 runs over K/V heads
     in_specs = [seq_spec(p, p.q_len, g, group_of), seq_spec(p, p.kv_len, None, group_of),
                 seq_spec(p, p.kv_len, None, group_of),
-                *_group_list_specs(sp, sp.num_q_blocks, sp.block_k // dkv_cfg.block_k),
+                *_group_list_specs(sp, sp.num_q_blocks, sp.block_k // dkv_cfg.block_k), *_position_specs(p, q_pos),
                 seq_spec(p, p.q_len, g, group_of), row_spec(p.q_len, g, group_of), row_spec(p.q_len, g, group_of)]
     kv_spec = seq_spec(p, p.kv_len, None, group_of)
     dk, dv = pl.pallas_call(

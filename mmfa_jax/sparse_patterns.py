@@ -1,0 +1,227 @@
+"""Sparse-attention patterns (MInference, MMInference): cheap functions that build block maps.
+
+Each pattern returns a boolean block map (B or 1, N or 1, nq, nk) for ``BlockMask.from_dense``,
+for causal self-attention over one sequence of T tokens in square blocks of ``block`` rows;
+``mmfa_jax.block_sparse_attention(..., is_causal=True)`` then computes only those blocks.
+
+  a_shape           attention sinks (the first blocks) + a local window along the diagonal
+  vertical_slash    the columns and diagonals that the last query rows attend to most (MInference)
+  block_topk        per query block, the key blocks whose pooled scores are highest
+  with_boundaries   modality boundaries (MMInference): text query rows see every earlier block
+                    (Q-boundary), and every query sees the text key blocks (2D-boundary)
+
+Video is frame-periodic: a token attends to the same place in other frames, a stripe every
+``tokens_per_frame`` keys, which no block map of the frame order captures sparsely.
+``video_permutation`` reorders the visual tokens position-major (each spatial position's tokens
+of all frames next to each other), where those stripes become dense blocks near the diagonal;
+``permuted_attention`` attends in that order with the causality of the original one (the block
+mask's ``positions``) and puts the rows back.
+
+``recall`` measures a map: the share of each query's softmax mass that its kept keys carry,
+exp(LSE_sparse - LSE_dense), from the kernels' own log-sum-exps, so it needs no T x S memory.
+
+The estimations run as jax ops over (last rows x S) scores per head (``vertical_slash``) or over
+pooled (nq x nk) block scores (``block_topk``); they are not yet Pallas kernels.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mmfa_jax import _checks
+from mmfa_jax._checks import ArgumentError
+from mmfa_jax.block_sparse import BlockMask, block_sparse_attention
+
+_NEG = -jnp.inf
+
+
+def _blocks_of(T: int, block: int) -> int:
+    _checks.integer(block, "block", minimum=1)
+    return -(-T // block)
+
+
+def _causal_blocks(n: int) -> np.ndarray:
+    return np.tril(np.ones((n, n), bool))
+
+
+def a_shape(seq_len: int, *, block: int = 128, sink_blocks: int = 1, local_blocks: int = 4) -> jax.Array:
+    """(1, 1, n, n) bool: the first ``sink_blocks`` key blocks and the ``local_blocks`` blocks on and
+    left of the diagonal, for every query block (n = ceil(seq_len / block))."""
+    n = _blocks_of(_checks.integer(seq_len, "seq_len", minimum=1), block)
+    _checks.integer(sink_blocks, "sink_blocks", minimum=0)
+    _checks.integer(local_blocks, "local_blocks", minimum=1)
+    i, j = np.arange(n)[:, None], np.arange(n)[None, :]
+    blocks = ((j < sink_blocks) | ((i - j >= 0) & (i - j < local_blocks))) & (j <= i)
+    return jnp.asarray(blocks[None, None])
+
+
+def _group(query, key):
+    """(B, T, N, D) query and (B, S, K, D) key -> key repeated to N heads' view (for estimation only:
+    a gather of the K/V head each query head reads)."""
+    N, K = query.shape[2], key.shape[2]
+    if N % K:
+        raise ArgumentError(f"key's heads {K} must divide query's heads {N}")
+    return jnp.repeat(key, N // K, axis=2)
+
+
+@functools.partial(jax.jit, static_argnames=("vertical", "slash", "last_q", "block", "scale"))
+def vertical_slash(query, key, *, vertical: int, slash: int, last_q: int = 64, block: int = 128,
+                   scale: float | None = None) -> jax.Array:
+    """(B, N, n, n) bool, MInference's vertical-slash pattern at block granularity.
+
+    The last ``last_q`` query rows' causal softmax over all keys (query (B, T, N, D), key
+    (B, T, K, D)) rates every key column (its summed probability) and every diagonal (offset
+    q - k, its summed probability along the diagonal); the ``vertical`` best columns and ``slash``
+    best diagonals are kept, and a block is computed when it holds a kept column or a kept
+    diagonal crosses it. The first block column and the diagonal blocks are always kept."""
+    B, T, N, D = query.shape
+    n = _blocks_of(T, block)
+    last_q = min(last_q, T)
+    vertical, slash = min(vertical, T), min(slash, T)
+    scale = D ** -0.5 if scale is None else scale
+    k = _group(query, key)
+    q_last = query[:, T - last_q:].astype(jnp.float32)
+    rows = jnp.arange(T - last_q, T)
+    cols = jnp.arange(T)
+
+    def per_head(qh, kh):  # (B, last_q, D), (B, T, D)
+        s = jnp.einsum("bqd,bkd->bqk", qh, kh.astype(jnp.float32)) * scale
+        s = jnp.where(cols[None, None, :] <= rows[None, :, None], s, _NEG)
+        p = jax.nn.softmax(s, axis=-1)
+        column = p.sum(1)  # (B, T)
+        offsets = rows[:, None] - cols[None, :]  # (last_q, T): >= 0 where visible
+        diagonal = jax.vmap(lambda pb: jnp.zeros(T).at[jnp.clip(offsets, 0, T - 1)].add(
+            jnp.where(offsets >= 0, pb, 0.0)))(p)  # (B, T) by offset
+        return column, diagonal
+
+    column, diagonal = jax.lax.map(lambda x: per_head(*x), (jnp.moveaxis(q_last, 2, 0), jnp.moveaxis(k, 2, 0)))
+    column, diagonal = jnp.moveaxis(column, 0, 1), jnp.moveaxis(diagonal, 0, 1)  # (B, N, T)
+    kept_cols = jax.lax.top_k(column, vertical)[1]  # (B, N, vertical)
+    kept_offsets = jax.lax.top_k(diagonal, slash)[1]
+    col_blocks = jnp.zeros((B, N, n), bool).at[
+        jnp.arange(B)[:, None, None], jnp.arange(N)[None, :, None], kept_cols // block].set(True)
+    # A diagonal of offset d crosses the block diagonals floor(d / block) and ceil(d / block).
+    diag_blocks = jnp.zeros((B, N, n + 1), bool)
+    for part in (kept_offsets // block, -(-kept_offsets // block)):
+        diag_blocks = diag_blocks.at[jnp.arange(B)[:, None, None], jnp.arange(N)[None, :, None],
+                                     jnp.minimum(part, n)].set(True)
+    i, j = jnp.arange(n)[:, None], jnp.arange(n)[None, :]
+    blocks = col_blocks[:, :, None, :] | diag_blocks[:, :, jnp.clip(i - j, 0, n)]
+    blocks = blocks | (j == 0) | (i == j)
+    return blocks & (j <= i)
+
+
+@functools.partial(jax.jit, static_argnames=("keep", "block", "scale"))
+def block_topk(query, key, *, keep: int, block: int = 128, scale: float | None = None) -> jax.Array:
+    """(B, N, n, n) bool: per query block, the ``keep`` earlier key blocks with the highest
+    score between the block-mean query and block-mean key (query (B, T, N, D), key (B, T, K, D)),
+    plus the diagonal block and the first block (attention sinks)."""
+    B, T, N, D = query.shape
+    n = _blocks_of(T, block)
+    keep = _checks.integer(keep, "keep", minimum=1)
+    scale = D ** -0.5 if scale is None else scale
+    k = _group(query, key)
+
+    def pooled(x):  # (B, T, N, D) -> (B, N, n, D), mean over each block's rows
+        pad = n * block - T
+        x = jnp.pad(x.astype(jnp.float32), ((0, 0), (0, pad), (0, 0), (0, 0)))
+        counts = jnp.minimum(block, T - jnp.arange(n) * block).astype(jnp.float32)
+        return jnp.moveaxis(x.reshape(B, n, block, N, D).sum(2) / counts[None, :, None, None], 2, 1)
+
+    scores = jnp.einsum("bnid,bnjd->bnij", pooled(query), pooled(k)) * scale
+    i, j = jnp.arange(n)[:, None], jnp.arange(n)[None, :]
+    scores = jnp.where(j <= i, scores, _NEG)
+    top = jax.lax.top_k(scores, min(keep, n))[1]
+    blocks = jnp.zeros((B, N, n, n), bool).at[
+        jnp.arange(B)[:, None, None, None], jnp.arange(N)[None, :, None, None], i[None, None], top].set(True)
+    return (blocks | (i == j) | (j == 0)) & (j <= i)
+
+
+def with_boundaries(blocks, visual_mask, *, block: int = 128, rows: bool = True, columns: bool = True) -> jax.Array:
+    """MMInference's modality boundaries on a block map (B or 1, N or 1, n, n) of one sequence whose
+    visual tokens ``visual_mask`` (B, T) marks: ``rows`` (Q-boundary) keeps every earlier block for
+    the query blocks that hold a text token (text rows keep their attention to the whole video);
+    ``columns`` (2D-boundary) keeps the key blocks that hold a text token for every query block.
+    Returns (B, N or 1, n, n) bool, causal."""
+    visual_mask = jnp.asarray(visual_mask)
+    if visual_mask.ndim != 2 or visual_mask.dtype != jnp.bool_:
+        raise ArgumentError(f"visual_mask must be a boolean (B, T) array, got {visual_mask.dtype} {visual_mask.shape}")
+    B, T = visual_mask.shape
+    n = _blocks_of(T, block)
+    if blocks.shape[-2:] != (n, n):
+        raise ArgumentError(f"blocks must end in ({n}, {n}) for T={T} and block={block}, got {tuple(blocks.shape)}")
+    text = jnp.pad(~visual_mask, ((0, 0), (0, n * block - T))).reshape(B, n, block).any(-1)  # (B, n)
+    i, j = jnp.arange(n)[:, None], jnp.arange(n)[None, :]
+    out = jnp.asarray(blocks, bool)
+    if rows:
+        out = out | text[:, None, :, None]
+    if columns:
+        out = out | text[:, None, None, :]
+    return out & (j <= i)
+
+
+def video_permutation(visual_mask, frames: int, tokens_per_frame: int) -> jax.Array:
+    """(B, T) int32 ``perm``: the order in which ``x[b, perm[b]]`` holds the sequence with each
+    example's visual tokens position-major (spatial position p of frames 0..F-1, then p + 1, ...),
+    in the slots the visual tokens held; text tokens stay where they are. ``visual_mask`` (B, T)
+    bool marks frames x tokens_per_frame visual tokens per example, frame-major as VLMs lay them."""
+    visual_mask = jnp.asarray(visual_mask)
+    F, P = (_checks.integer(frames, "frames", minimum=1), _checks.integer(tokens_per_frame, "tokens_per_frame",
+                                                                          minimum=1))
+    try:
+        counts = np.asarray(visual_mask.sum(1))
+    except jax.errors.ConcretizationTypeError:
+        counts = None
+    if counts is not None and np.any(counts != F * P):
+        raise ArgumentError(f"visual_mask must mark frames * tokens_per_frame = {F * P} tokens per example, got "
+                            f"{counts.tolist()}")
+    B, T = visual_mask.shape
+    slots = jnp.argsort(~visual_mask, axis=1, stable=True)[:, :F * P]  # the visual tokens' positions, in order
+    rank = jnp.arange(F * P)
+    position_major = (rank % F) * P + rank // F  # frame-major index of the r-th token in position-major order
+    perm = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    return perm.at[jnp.arange(B)[:, None], slots].set(slots[:, position_major].astype(jnp.int32))
+
+
+def permuted_attention(query, key, value, perm, blocks, *, block: int = 128, implementation=None,
+                       return_lse: bool = False):
+    """Causal block-sparse self-attention computed in the order ``perm`` (B, T) (rows
+    ``x[b, perm[b]]``), with the original order's causality, the output back in the original
+    order. ``blocks``: the map in the permuted order (B or 1, N or 1, n, n). Shapes as
+    ``block_sparse_attention`` (query (B, T, N, D), key/value (B, T, K, D))."""
+    perm = jnp.asarray(perm, jnp.int32)
+    take = lambda x: jnp.take_along_axis(x, perm[:, :, None, None], axis=1)  # noqa: E731
+    T = query.shape[1]
+    mask = BlockMask.from_dense(blocks, block, seq_lens=(T, T), positions=(perm, perm))
+    out, lse = block_sparse_attention(take(query), take(key), take(value), mask, is_causal=True,
+                                      implementation=implementation, return_lse=True)
+    inverse = jnp.argsort(perm, axis=1)
+    out = jnp.take_along_axis(out, inverse[:, :, None, None], axis=1)
+    lse = jnp.take_along_axis(lse, inverse[:, :, None], axis=1)
+    return (out, lse) if return_lse else out
+
+
+def recall(query, key, value, block_mask: BlockMask, *, implementation=None, perm=None) -> jax.Array:
+    """(B, T, N) float32: the share of each query's causal softmax mass that the map's keys carry,
+    exp(LSE over the map - LSE over all earlier keys), exactly (1 for a dense map), from the
+    kernels' log-sum-exps: memory linear in T. ``perm``: the map is in that order
+    (``permuted_attention``); ``block_mask`` then carries the positions."""
+    from mmfa_jax.attention import attention
+
+    _, dense = attention(query, key, value, is_causal=True, implementation=implementation, return_lse=True)
+    if perm is not None:
+        take = lambda x: jnp.take_along_axis(x, jnp.asarray(perm)[:, :, None, None], axis=1)  # noqa: E731
+        query, key, value = take(query), take(key), take(value)
+    _, sparse = block_sparse_attention(query, key, value, block_mask, is_causal=True, implementation=implementation,
+                                       return_lse=True)
+    if perm is not None:
+        sparse = jnp.take_along_axis(sparse, jnp.argsort(jnp.asarray(perm), axis=1)[:, :, None], axis=1)
+    return jnp.where(jnp.isneginf(dense), 1.0, jnp.exp(sparse - dense))
+
+
+__all__ = ["a_shape", "block_topk", "permuted_attention", "recall", "vertical_slash", "video_permutation",
+           "with_boundaries"]

@@ -1,0 +1,155 @@
+"""mmfa_jax.sparse_patterns: the patterns' block maps against NumPy re-derivations, the video
+permutation, permuted attention and recall against the float64 reference."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import assert_close, normal, tolerance
+from reference import attention_reference, block_sparse_mask
+
+import mmfa_jax
+from mmfa_jax import BlockMask, sparse_patterns as sp
+from mmfa_jax._checks import ArgumentError
+
+
+def _qk(rng, B=1, T=200, N=4, K=2, D=16):
+    (q, q64), (k, k64), (v, v64) = (normal(rng, (B, T, n, D)) for n in (N, K, K))
+    return (q, k, v), (q64, k64, v64)
+
+
+def test_a_shape():
+    blocks = np.asarray(sp.a_shape(300, block=32, sink_blocks=2, local_blocks=3))[0, 0]
+    n = 10
+    i, j = np.indices((n, n))
+    assert np.array_equal(blocks, (j <= i) & ((j < 2) | (i - j < 3)))
+
+
+def _vertical_slash_numpy(q, k, vertical, slash, last_q, block):
+    B, T, N, D = q.shape
+    G = N // k.shape[2]
+    n = -(-T // block)
+    out = np.zeros((B, N, n, n), bool)
+    rows = np.arange(T - last_q, T)
+    for b in range(B):
+        for h in range(N):
+            s = q[b, T - last_q:, h] @ k[b, :, h // G].T / np.sqrt(D)
+            s = np.where(np.arange(T)[None] <= rows[:, None], s, -np.inf)
+            p = np.exp(s - s.max(1, keepdims=True))
+            p /= p.sum(1, keepdims=True)
+            columns = np.argsort(-p.sum(0), kind="stable")[:vertical]
+            diag = np.zeros(T)
+            for r, t in enumerate(rows):
+                diag[t - np.arange(t + 1)] += p[r, : t + 1]
+            offsets = np.argsort(-diag, kind="stable")[:slash]
+            i, j = np.indices((n, n))
+            keep = np.isin(j, columns // block) | (j == 0) | (i == j)
+            for d in offsets:
+                keep |= (i - j == d // block) | (i - j == -(-d // block))
+            out[b, h] = keep & (j <= i)
+    return out
+
+
+def test_vertical_slash_matches_numpy(rng):
+    (q, k, _), (q64, k64, _) = _qk(rng, B=2, T=200)
+    got = np.asarray(sp.vertical_slash(q, k, vertical=12, slash=6, last_q=16, block=32))
+    want = _vertical_slash_numpy(q64, k64, 12, 6, 16, 32)
+    assert got.shape == want.shape == (2, 4, 7, 7)
+    assert np.array_equal(got, want)
+    assert 0 < got.sum() < np.tril(np.ones((7, 7))).sum() * 8, "neither empty nor dense"
+
+
+def test_vertical_slash_finds_a_planted_column(rng):
+    """A key every query loves (aligned with all queries) lands in the kept columns."""
+    (q, k, _), _ = _qk(rng, T=256, N=2, K=1)
+    direction = rng.standard_normal(16)
+    q = q + jnp.asarray(2.0 * direction)[None, None, None]
+    k = k.at[:, 77, 0].set(jnp.asarray(6.0 * direction))
+    blocks = np.asarray(sp.vertical_slash(q, k, vertical=1, slash=1, last_q=16, block=32))
+    assert blocks[0, :, 77 // 32 + 1:, 77 // 32].all(), "the planted column's block is kept below it"
+
+
+def test_block_topk_matches_numpy(rng):
+    (q, k, _), (q64, k64, _) = _qk(rng, T=150)
+    block, keep = 32, 2
+    got = np.asarray(sp.block_topk(q, k, keep=keep, block=block))
+    n = 5
+    pad = lambda x: np.concatenate([x, np.full((x.shape[0], n * block - x.shape[1], *x.shape[2:]), np.nan)], 1)  # noqa
+    pq, pk = (np.nanmean(pad(x).reshape(1, n, block, *x.shape[2:]), axis=2) for x in (q64, np.repeat(k64, 2, 2)))
+    i, j = np.indices((n, n))
+    for h in range(4):
+        scores = np.where(j <= i, pq[0, :, h] @ pk[0, :, h].T, -np.inf)
+        top = np.argsort(-scores, axis=1, kind="stable")[:, :keep]
+        want = np.zeros((n, n), bool)
+        want[i[:, :keep], top] = True
+        want = (want | (i == j) | (j == 0)) & (j <= i)
+        assert np.array_equal(got[0, h], want), h
+
+
+def test_with_boundaries():
+    T, block = 128, 32
+    visual = np.ones((1, T), bool)
+    visual[0, 40:50] = False  # text inside block 1
+    blocks = np.asarray(sp.with_boundaries(sp.a_shape(T, block=block, sink_blocks=0, local_blocks=1), visual,
+                                           block=block))[0, 0]
+    i, j = np.indices((4, 4))
+    want = ((i == j) | (i == 1) | (j == 1)) & (j <= i)
+    assert np.array_equal(blocks, want)
+    with pytest.raises(ArgumentError, match="visual_mask"):
+        sp.with_boundaries(blocks[None, None], visual.astype(np.int32), block=block)
+
+
+def test_video_permutation():
+    F, P, text = 3, 4, 5
+    visual = np.zeros((2, text + F * P + 2), bool)
+    visual[0, text:text + F * P] = True
+    visual[1, 1:1 + F * P] = True
+    perm = np.asarray(sp.video_permutation(visual, F, P))
+    for b in range(2):
+        assert sorted(perm[b]) == list(range(visual.shape[1]))
+        slots = np.flatnonzero(visual[b])
+        assert np.array_equal(perm[b, ~visual[b]], np.flatnonzero(~visual[b])), "text stays"
+        frame, place = (perm[b, slots] - slots[0]) // P, (perm[b, slots] - slots[0]) % P
+        assert np.array_equal(place, np.repeat(np.arange(P), F)) and np.array_equal(frame, np.tile(np.arange(F), P))
+    with pytest.raises(ArgumentError, match="frames \\* tokens_per_frame"):
+        sp.video_permutation(visual, F, P + 1)
+
+
+def test_permuted_attention_matches_reference(impl, rng):
+    """Attention in the position-major order with the original causality, put back: equals the
+    reference with the map carried back to the original order."""
+    F, P, text, block = 4, 16, 24, 32
+    T = text + F * P + 8
+    visual = np.zeros((1, T), bool)
+    visual[0, text:text + F * P] = True
+    (q, k, v), (q64, k64, v64) = _qk(rng, T=T)
+    perm = np.asarray(sp.video_permutation(visual, F, P))
+    blocks = np.asarray(sp.a_shape(T, block=block, sink_blocks=1, local_blocks=1))
+    out = sp.permuted_attention(q, k, v, perm, blocks, block=block, implementation=impl)
+    inverse = np.argsort(perm[0])
+    in_perm = block_sparse_mask(blocks, block, T, T)[0, 0]
+    mask = in_perm[inverse][:, inverse] & np.tril(np.ones((T, T), bool))
+    ref, _ = attention_reference(q64, k64, v64, mask=mask[None, None])
+    assert_close(out, ref, tolerance("float32"), "out")
+
+
+def test_recall(impl, rng):
+    """exp(LSE_sparse - LSE_dense) equals the kept share of each row's softmax mass; 1 for a map
+    of every block."""
+    T, block = 130, 32
+    (q, k, v), (q64, k64, v64) = _qk(rng, T=T)
+    blocks = np.asarray(sp.a_shape(T, block=block, sink_blocks=1, local_blocks=1))
+    mask = BlockMask.from_dense(blocks, block, seq_lens=(T, T))
+    got = sp.recall(q, k, v, mask, implementation=impl)
+    causal = np.tril(np.ones((T, T), bool))
+    s = np.einsum("bqnd,bknd->bnqk", q64, np.repeat(k64, 2, 2)) / 4.0
+    s = np.where(causal, s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    want = np.swapaxes((p * block_sparse_mask(blocks, block, T, T)).sum(-1), 1, 2)
+    assert_close(got, want, 1e-5, "recall")
+    assert 0.05 < float(np.min(want)) < 0.999, "a real partial recall"
+    full = BlockMask.from_dense(np.ones((1, 1, 5, 5), bool), block, seq_lens=(T, T))
+    assert_close(sp.recall(q, k, v, full, implementation=impl), np.ones((1, T, 4)), 1e-5, "dense recall")
+    assert mmfa_jax.sparse_patterns is sp
