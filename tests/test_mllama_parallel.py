@@ -80,8 +80,6 @@ def test_errors():
     if not torch.distributed.is_initialized():
         with pytest.raises(ValueError, match="needs an initialised torch.distributed process group"):
             mllama.parallelize_cross_attention(model)
-    with pytest.raises(ValueError, match=r"(?s)has no MllamaTextCrossAttention layers|process group"):
-        mllama.parallelize_cross_attention(torch.nn.Linear(2, 2))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -272,6 +270,21 @@ def _case_remove(seed, rank, world):
         m.register_forward_hook(lambda *a: calls.append(1))
     with torch.no_grad():
         _close(model(**inputs).logits, want, "logits, patched twice")
+    # What the patch refuses, on every rank alike (so no rank waits in a collective).
+    layer = again.modules[0]
+    hidden, feats = torch.randn(2, 3, 32), torch.randn(2, 4, 32)
+    with pytest.raises(ValueError, match="must hold only 0 and finfo"):
+        layer(hidden, cross_attention_states=feats, attention_mask=torch.full((2, 1, 3, 4), -1.0))
+    with pytest.raises(ValueError, match=r"must have shape \(2 or 1, 1 or 4, 3, 4\)"):
+        layer(hidden, cross_attention_states=feats, attention_mask=torch.zeros(2, 1, 3, 5))
+    layer.dropout = 0.1
+    layer.train()
+    with pytest.raises(ValueError, match="no attention dropout; the text config's dropout is 0.1"):
+        layer(hidden, cross_attention_states=feats)
+    layer.dropout = 0.0
+    layer.eval()
+    with pytest.raises(ValueError, match="has no MllamaTextCrossAttention layers"):
+        mllama.parallelize_cross_attention(torch.nn.Linear(2, 2))
     patched = list(again.modules)
     again.remove()
     assert again.modules == [] and all("forward" not in m.__dict__ for m in patched)

@@ -121,7 +121,8 @@ def parallelize_cross_attention(model: torch.nn.Module, *, group=None, strategy:
         ``pixel_values``) or "sharded" (each rank passes its shard of the visual sequence as
         ``cross_attention_states``, (B, s, C) with C the text hidden size, rank r holding positions
         [r·s, (r+1)·s) of the (image, tile, patch) order, zero-padded past the end; the
-        ``cross_attention_mask`` describes the whole sequence).
+        ``cross_attention_mask`` describes the whole sequence, and its length S tells the padding
+        apart: without a mask all P·s tokens count as real).
       recompute_kv: keep no K/V shards for the backward; recompute them from the visual features.
       implementation: the kernels, as in ``mmfa_torch.scaled_dot_product_attention`` (None:
         mmfa's choice for the device).
