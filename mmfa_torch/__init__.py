@@ -16,3 +16,6 @@ from mmfa_torch.pruning import gather_tokens, multimodal_attention, select_visua
 __all__ = ["attention", "decode_attention", "gather_tokens", "multimodal_attention", "scaled_dot_product_attention",
            "select_visual_tokens", "visual_token_importance"]
 __all__ += ["dynamic_mask_attention", "zoh_states"]
+from mmfa_torch.sparse import BlockMask, block_sparse_attention  # noqa: E402
+
+__all__ += ["BlockMask", "block_sparse_attention"]
