@@ -421,3 +421,70 @@ def test_kernels_compile_for_hopper(tmp_path, monkeypatch, kernel):
     for k, *_ in compiled:
         assert k.cc == 90 and len(k.cubin) > 0, k.name
         assert k.shared <= triton_route.SHARED_MEMORY_PER_BLOCK[90], (k.name, k.shared)
+
+
+# ------------------------------------------------------------------------------------------------
+# The selection's internals: order keys, thresholds and candidate lists.
+
+
+def test_order_key_preserves_the_order_of_floats(rng):
+    """Larger floats get larger int32 keys (subnormals, infinities included); -0 and +0 share a key;
+    NaN of either sign gets the largest key."""
+    from mmfa_jax.kernels.dynamic_mask import INT32_MAX, order_key
+
+    x = np.concatenate([rng.standard_normal(500) * 10.0 ** rng.integers(-40, 38, 500),
+                        [np.inf, -np.inf, 1e-45, -1e-45, 0.0, -0.0, 3.4e38, -3.4e38]]).astype(np.float32)
+    x = np.sort(x)
+    keys = np.asarray(order_key(jnp.asarray(x)))
+    assert (np.diff(keys.astype(np.int64)) >= 0).all()
+    assert ((np.diff(keys.astype(np.int64)) > 0) == (np.diff(x) > 0)).all()
+    assert np.asarray(order_key(jnp.asarray([0.0, -0.0], jnp.float32))).tolist() == [0, 0]
+    nans = jnp.asarray(np.array([np.nan, -np.nan], np.float32))
+    assert np.asarray(order_key(nans)).tolist() == [INT32_MAX, INT32_MAX]
+    assert int(order_key(jnp.float32(np.inf))) < INT32_MAX
+
+
+@pytest.mark.parametrize("alignment", ["top_left", "bottom_right"])
+def test_thresholds_and_candidate_lists(rng, alignment):
+    """The selection kernels (interpreted) against the reference's kept sets: each row's threshold
+    is its best excluded allowed key (or the sentinel), and each query tile's list holds every key
+    some row of the tile keeps, within the bound min(keep, e_t0) + (e_last - e_t0)."""
+    from mmfa_jax import dynamic_mask as jax_dma
+    from mmfa_jax.kernels import dynamic_mask as dma
+
+    B, T, S, K, keep = 2, 40, 70, 2, 6
+    bottom = alignment == "bottom_right"
+    zoh = jnp.asarray(np.round(rng.standard_normal((B, K, S)), 1), jnp.float32)
+    q = jnp.zeros((B, T, 2 * K, 16), jnp.float32)
+    kv = jnp.zeros((B, S, K, 16), jnp.float32)
+    kv_lengths = np.array([S - 9, S], np.int32)
+    opts = mmfa_jax._checks.Options.make(is_causal=True, implementation="interpret", config=CONFIG,
+                                         causal_alignment=alignment)
+    static, _, _ = jax_dma.prepare(opts, keep, q, kv, kv, zoh, None, None, jnp.asarray(kv_lengths))
+    static = jax_dma._with_sides(static, None, None, kv_lengths)
+    dp = static.dp
+    cand, count, thr_key, thr_idx = dma.select(dp, static.config.forward, zoh, None, None, jnp.asarray(kv_lengths),
+                                               lowering=static.lowering)
+    cand, count, thr_key, thr_idx = (np.asarray(x) for x in (cand, count, thr_key, thr_idx))
+    kept = dynamic_mask_kept(np.asarray(zoh, np.float64), keep, T, bottom_right=bottom, kv_lengths=kv_lengths)
+    keys = np.asarray(dma.order_key(zoh)).astype(np.int64)
+    offset = S - T if bottom else 0
+    for b in range(B):
+        for h in range(K):
+            for t in range(T):
+                allowed = np.flatnonzero(np.arange(S) < min(t + offset + 1, kv_lengths[b]))
+                excluded = [s for s in allowed if not kept[b, h, t, s]]
+                if excluded:
+                    best = max(excluded, key=lambda s: (keys[b, h, s], -s))
+                    assert (thr_key[b, h, t], thr_idx[b, h, t]) == (keys[b, h, best], best), (b, h, t)
+                else:
+                    assert thr_key[b, h, t] == dma.INT32_MIN, (b, h, t)
+            for tile in range(dp.num_q_blocks):
+                rows = range(tile * dp.block_q, min((tile + 1) * dp.block_q, T))
+                listed = cand[b, h, tile, :count[b, h, tile]]
+                assert len(set(listed.tolist())) == len(listed), "a key listed twice"
+                union = np.flatnonzero(kept[b, h, list(rows)].any(axis=0))
+                assert set(union.tolist()) <= set(listed.tolist()), (b, h, tile)
+                ends = [int(np.clip(t + offset + 1, 0, kv_lengths[b])) for t in (rows[0], rows[-1])]
+                assert count[b, h, tile] <= min(keep, ends[0]) + ends[1] - ends[0]
+                assert not cand[b, h, tile, count[b, h, tile]:dp.list_capacity].any(), "unused entries are 0"

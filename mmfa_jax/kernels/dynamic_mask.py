@@ -104,14 +104,17 @@ INT32_MAX = 2 ** 31 - 1
 
 
 def order_key(z):
-    """int32 keys of float values, in the same order: larger value, larger key; -0 and +0 equal;
-    NaN (of either sign) the largest of all (as torch.topk orders NaN). Any float dtype; jnp ops
-    only, so the kernels and the XLA path share it."""
-    z = z.astype(jnp.float32)
-    z = jnp.where(z == 0, jnp.zeros_like(z), z)
-    bits = lax.bitcast_convert_type(z, jnp.int32)
+    """int32 keys of float values, in the same order: larger value, larger key (subnormals
+    included); -0 and +0 equal; NaN (of either sign) the largest of all (as torch.topk orders NaN).
+    Any float dtype (converted to float32, which keeps the order); jnp ops only, so the kernels and
+    the XLA path share it."""
+    # On the bits alone: float comparisons would flush subnormals to zero where the hardware does
+    # (XLA:CPU does), merging them with 0.
+    bits = lax.bitcast_convert_type(z.astype(jnp.float32), jnp.int32)
+    bits = jnp.where(bits == jnp.int32(INT32_MIN), jnp.int32(0), bits)  # -0 reads as +0
     key = jnp.where(bits < 0, bits ^ jnp.int32(INT32_MAX), bits)
-    return jnp.where(jnp.isnan(z), jnp.int32(INT32_MAX), key)
+    nan = (bits & jnp.int32(INT32_MAX)) > jnp.int32(0x7F800000)
+    return jnp.where(nan, jnp.int32(INT32_MAX), key)
 
 
 def beats(key, index, thr_key, thr_index):
