@@ -50,6 +50,7 @@ class Case:
     kv_lengths: bool = False
     ties: bool = True  # zoh rounded to one decimal
     dtype: str = "float32"
+    zoh_dtype: str = "float32"
 
 
 FORWARD_CASES = {
@@ -75,6 +76,7 @@ GRAD_CASES = {
     "segments-causal": Case(B=1, T=40, S=40, keep=5, segments=True),
     "full-mqa": Case(B=1, T=33, S=47, N=2, K=1, keep=10, causal=False),
     "bfloat16": Case(B=1, T=40, S=40, keep=8, dtype="bfloat16"),
+    "float16-zoh-bfloat16": Case(B=1, T=40, S=40, keep=8, dtype="float16", zoh_dtype="bfloat16", ties=False),
 }
 
 
@@ -85,8 +87,8 @@ def inputs(rng, c: Case):
     v, v64 = normal(rng, (c.B, c.S, c.K, c.D), c.dtype)
     z = rng.standard_normal((c.B, c.K, c.S))
     z = np.round(z, 1) if c.ties else z
-    zoh = jnp.asarray(z, jnp.float32)
-    z64 = np.asarray(zoh, np.float64)
+    zoh = jnp.asarray(z, c.zoh_dtype)
+    z64 = np.asarray(zoh.astype(jnp.float32), np.float64)
     ours, ref = dict(keep_window_size=c.keep, is_causal=c.causal), dict(keep_window_size=c.keep, is_causal=c.causal)
     if c.bottom_right:
         ours["causal_alignment"], ref["bottom_right"] = "bottom_right", True
