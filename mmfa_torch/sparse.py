@@ -646,6 +646,9 @@ def block_sparse_attention(query: Tensor, key: Tensor, value: Tensor, block_mask
             raise ArgumentTypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
             raise ArgumentError(f"{name} must have rank 4 (B, H, L, D), got shape {tuple(t.shape)}")
+        # Checked here too: JAX (without x64) would read a float64 description as float32.
+        if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise ArgumentTypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
     if not (query.device == key.device == value.device):
         raise ArgumentError(f"query, key and value must be on one device, got {query.device}, {key.device}, "
                             f"{value.device}")
