@@ -142,7 +142,9 @@ def test_gradients_match_reference(impl, rng, name):
     refs = dynamic_mask_reference_grads(*arrays64, d_out64, d_lse64, **ref)
     for got, want, x, what in zip(grads, refs, arrays, ("dq", "dk", "dv", "d_zoh")):
         assert got.dtype == x.dtype and got.shape == x.shape, what
-        assert_close(got, want, tolerance(c.dtype, grad=True), f"{name}: {what}")
+        # d_zoh comes in zoh's dtype: rounded to it once more (bfloat16: 2^-9 of the value)
+        tol = max(tolerance(c.dtype, grad=True), tolerance(x.dtype) if what == "d_zoh" else 0.0)
+        assert_close(got, want, tol, f"{name}: {what}")
 
 
 def test_keep_of_s_or_more_is_attention_with_zoh_as_bias(impl, rng):
