@@ -174,8 +174,8 @@ def video_permutation(visual_mask, frames: int, tokens_per_frame: int) -> jax.Ar
                                                                           minimum=1))
     try:
         counts = np.asarray(visual_mask.sum(1))
-    except jax.errors.ConcretizationTypeError:
-        counts = None
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+        counts = None  # under jit: the caller vouches
     if counts is not None and np.any(counts != F * P):
         raise ArgumentError(f"visual_mask must mark frames * tokens_per_frame = {F * P} tokens per example, got "
                             f"{counts.tolist()}")
