@@ -56,7 +56,7 @@ runs only the dQ and dK/dV kernels on the saved output and LSE.
 from __future__ import annotations
 
 import functools
-import numbers
+import re
 from typing import Optional, Sequence
 
 import jax
@@ -97,23 +97,31 @@ def _structure(recipe: str):
     """The tree structure of the JAX ``BlockMask`` that ``recipe`` builds (its leaves' order, the
     static block size and lengths), from ``jax.eval_shape`` of the builder on the smallest inputs:
     it depends on how a mask is built, not on the map's batch and heads."""
-    kind, block, lens, positions = recipe.split(":")
-    block_size, seq_lens = (tuple(int(x) for x in part.split("=")[1].strip("()").split(", ")) for part in (block, lens))
-    nq, nk = (-(-n // b) for n, b in zip(seq_lens, block_size))
-    positions = ((jax.ShapeDtypeStruct((1, seq_lens[0]), jnp.int32), jax.ShapeDtypeStruct((1, seq_lens[1]), jnp.int32))
-                 if positions.endswith("1") else None)
+    parts = re.fullmatch(r"(dense|indices):block_size=\((\d+), (\d+)\):seq_lens=\((\d+), (\d+)\):positions=([01])",
+                         recipe)
+    if parts is None:
+        raise ArgumentError(f"block_mask's structure must be a recipe of mmfa_torch.sparse._recipe, got {recipe!r}")
+    kind, bq, bk, T, S, has_positions = parts.groups()
+    block_size, seq_lens = (int(bq), int(bk)), (int(T), int(S))
+    nq, nk = -(-seq_lens[0] // block_size[0]), -(-seq_lens[1] // block_size[1])
+    positions = None
+    if has_positions == "1":
+        positions = (jax.ShapeDtypeStruct((1, seq_lens[0]), jnp.int32), jax.ShapeDtypeStruct((1, seq_lens[1]), jnp.int32))
     if kind == "dense":
         inputs = (jax.ShapeDtypeStruct((1, 1, nq, nk), jnp.bool_),)
     else:
         inputs = (jax.ShapeDtypeStruct((1, 1, nq, 1), jnp.int32), jax.ShapeDtypeStruct((1, 1, nq), jnp.int32))
-
-    def build(inputs, positions):
-        extra = {} if positions is None else {"positions": positions}
-        if kind == "dense":
-            return JaxBlockMask.from_dense(*inputs, block_size, seq_lens=seq_lens, **extra)
-        return JaxBlockMask.from_indices(*inputs, block_size, seq_lens=seq_lens, **extra)
-
+    build = functools.partial(_jax_build, kind, block_size=block_size, seq_lens=seq_lens)
     return jax.tree_util.tree_structure(jax.eval_shape(build, inputs, positions))
+
+
+def _jax_build(kind: str, inputs, positions, *, block_size, seq_lens) -> JaxBlockMask:
+    """The JAX face's builder ``kind`` ("dense": from_dense(blocks), "indices": from_indices(indices,
+    counts)) on ``inputs``, with ``positions`` (a pair) or without (None)."""
+    extra = {} if positions is None else {"positions": positions}
+    if kind == "dense":
+        return JaxBlockMask.from_dense(*inputs, block_size, seq_lens=seq_lens, **extra)
+    return JaxBlockMask.from_indices(*inputs, block_size, seq_lens=seq_lens, **extra)
 
 
 def _unflatten(recipe: str, leaves):
@@ -167,24 +175,22 @@ def _jax_side(t: Tensor | None) -> Tensor | None:
     return t
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3))
-def _jax_from_dense(blocks, positions, block_size, seq_lens):
-    extra = {} if positions is None else {"positions": positions}
-    return JaxBlockMask.from_dense(blocks, block_size, seq_lens=seq_lens, **extra)
+# Jitted: one dispatch for the few ops that build the lists (eager, each would be one).
+_jax_from_dense = jax.jit(functools.partial(_jax_build, "dense"), static_argnames=("block_size", "seq_lens"))
 
 
 def _from_dense_leaves(blocks: Tensor, positions, block_size, seq_lens) -> list[Tensor]:
     jp = None if positions is None else tuple(to_jax(_jax_side(p)) for p in positions)
-    mask = _jax_from_dense(to_jax(_jax_side(blocks)), jp, block_size, seq_lens)
+    mask = _jax_from_dense((to_jax(_jax_side(blocks)),), jp, block_size=block_size, seq_lens=seq_lens)
     return _flattened(mask, _recipe("dense", block_size, seq_lens, positions is not None), blocks.device,
                       [blocks, *(positions or ())])
 
 
 def _from_indices_leaves(indices: Tensor, counts: Tensor, positions, block_size, seq_lens) -> list[Tensor]:
     # Eager, not jitted: the JAX face checks concrete indices and counts (under jit it cannot).
-    extra = {} if positions is None else {"positions": tuple(to_jax(_jax_side(p)) for p in positions)}
-    mask = JaxBlockMask.from_indices(to_jax(_jax_side(indices)), to_jax(_jax_side(counts)), block_size,
-                                     seq_lens=seq_lens, **extra)
+    jp = None if positions is None else tuple(to_jax(_jax_side(p)) for p in positions)
+    mask = _jax_build("indices", (to_jax(_jax_side(indices)), to_jax(_jax_side(counts))), jp, block_size=block_size,
+                      seq_lens=seq_lens)
     return _flattened(mask, _recipe("indices", block_size, seq_lens, positions is not None), indices.device,
                       [indices, counts, *(positions or ())])
 
@@ -210,41 +216,51 @@ def _int32_tensor(t, name: str) -> Tensor:
     return t.contiguous()
 
 
-def _from_dense_impl(blocks: Tensor, block_q: int, block_k: int, T: int, S: int) -> list[Tensor]:
-    return _from_dense_leaves(blocks, None, (block_q, block_k), (T, S))
+def _pair_or_none(q_pos: Optional[Tensor], kv_pos: Optional[Tensor]):
+    return None if q_pos is None else (q_pos, kv_pos)
 
 
-def _from_indices_impl(indices: Tensor, counts: Tensor, block_q: int, block_k: int, T: int, S: int) -> list[Tensor]:
-    return _from_indices_leaves(indices, counts, None, (block_q, block_k), (T, S))
+def _from_dense_impl(blocks: Tensor, q_pos: Optional[Tensor], kv_pos: Optional[Tensor], block_q: int, block_k: int,
+                     T: int, S: int) -> list[Tensor]:
+    return _from_dense_leaves(blocks, _pair_or_none(q_pos, kv_pos), (block_q, block_k), (T, S))
 
 
-# Under torch.compile the builders are custom ops (positions are left to eager calls).
+def _from_indices_impl(indices: Tensor, counts: Tensor, q_pos: Optional[Tensor], kv_pos: Optional[Tensor],
+                       block_q: int, block_k: int, T: int, S: int) -> list[Tensor]:
+    return _from_indices_leaves(indices, counts, _pair_or_none(q_pos, kv_pos), (block_q, block_k), (T, S))
+
+
+# Under torch.compile the builders are custom ops.
 _from_dense_op = torch.library.custom_op("mmfa::block_mask_from_dense", _from_dense_impl, mutates_args=())
 _from_indices_op = torch.library.custom_op("mmfa::block_mask_from_indices", _from_indices_impl, mutates_args=())
 
 
 @functools.lru_cache(maxsize=256)
-def _abstract_leaves(kind: str, signature: tuple, block_size, seq_lens) -> tuple:
-    """The leaves' ShapeDtypeStructs of the JAX builder ``kind`` on inputs of ``signature``: the
-    fake kernels' shapes, from the JAX face itself (its shape checks included)."""
-    if kind == "dense":
-        mask = jax.eval_shape(lambda b: JaxBlockMask.from_dense(b, block_size, seq_lens=seq_lens), *_structs(signature))
-    else:
-        mask = jax.eval_shape(lambda i, c: JaxBlockMask.from_indices(i, c, block_size, seq_lens=seq_lens),
-                              *_structs(signature))
+def _abstract_leaves(kind: str, signature: tuple, positions: tuple | None, block_size, seq_lens) -> tuple:
+    """The leaves' ShapeDtypeStructs of the JAX builder ``kind`` on inputs of ``signature`` (and
+    positions of that signature, or None): the fake kernels' shapes, from the JAX face itself (its
+    shape checks included)."""
+    build = functools.partial(_jax_build, kind, block_size=block_size, seq_lens=seq_lens)
+    mask = jax.eval_shape(build, _structs(signature), None if positions is None else tuple(_structs(positions)))
     return tuple(jax.tree_util.tree_leaves(mask))
 
 
+def _positions_signature(q_pos, kv_pos):
+    return None if q_pos is None else _signature([q_pos, kv_pos])
+
+
 @_from_dense_op.register_fake
-def _(blocks, block_q, block_k, T, S):
-    return _empty_like_structs(_abstract_leaves("dense", _signature([blocks]), (block_q, block_k), (T, S)),
-                               blocks.device)
+def _(blocks, q_pos, kv_pos, block_q, block_k, T, S):
+    leaves = _abstract_leaves("dense", _signature([blocks]), _positions_signature(q_pos, kv_pos), (block_q, block_k),
+                              (T, S))
+    return _empty_like_structs(leaves, blocks.device)
 
 
 @_from_indices_op.register_fake
-def _(indices, counts, block_q, block_k, T, S):
-    return _empty_like_structs(_abstract_leaves("indices", _signature([indices, counts]), (block_q, block_k), (T, S)),
-                               indices.device)
+def _(indices, counts, q_pos, kv_pos, block_q, block_k, T, S):
+    leaves = _abstract_leaves("indices", _signature([indices, counts]), _positions_signature(q_pos, kv_pos),
+                              (block_q, block_k), (T, S))
+    return _empty_like_structs(leaves, indices.device)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -301,8 +317,7 @@ class BlockMask:
         block_size, seq_lens = _static_sizes(block_size, seq_lens)
         positions = _positions_pair(positions)
         if torch.compiler.is_compiling():
-            _no_positions_when_compiling(positions)
-            leaves = _from_dense_op(blocks, *block_size, *seq_lens)
+            leaves = _from_dense_op(blocks, *(positions or (None, None)), *block_size, *seq_lens)
         else:  # eager: the function the op runs, without the op's dispatch
             leaves = _from_dense_leaves(blocks, positions, block_size, seq_lens)
         return cls(leaves, _recipe("dense", block_size, seq_lens, positions is not None), block_size, seq_lens)
@@ -326,8 +341,7 @@ class BlockMask:
         block_size, seq_lens = _static_sizes(block_size, seq_lens)
         positions = _positions_pair(positions)
         if torch.compiler.is_compiling():
-            _no_positions_when_compiling(positions)
-            leaves = _from_indices_op(indices, counts, *block_size, *seq_lens)
+            leaves = _from_indices_op(indices, counts, *(positions or (None, None)), *block_size, *seq_lens)
         else:
             leaves = _from_indices_leaves(indices, counts, positions, block_size, seq_lens)
         return cls(leaves, _recipe("indices", block_size, seq_lens, positions is not None), block_size, seq_lens)
@@ -402,12 +416,6 @@ class BlockMask:
     def __repr__(self):
         return (f"mmfa_torch.BlockMask(blocks {tuple(self.leaves[0].shape)}, block_size={self.block_size}, "
                 f"seq_lens={self.seq_lens}, device={self.device})")
-
-
-def _no_positions_when_compiling(positions):
-    if positions is not None:
-        raise ArgumentError("positions are not supported when building a BlockMask under torch.compile; build the "
-                            "mask outside the compiled function and pass it in")
 
 
 def _static_sizes(block_size, seq_lens):

@@ -20,7 +20,13 @@ torch = pytest.importorskip("torch")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from conftest import DEVICE, assert_close, to_numpy, tolerance  # noqa: E402
-from reference import block_sparse_reference, block_sparse_reference_grads  # noqa: E402
+from reference import (  # noqa: E402
+    attention_reference,
+    attention_reference_grads,
+    block_sparse_mask,
+    block_sparse_reference,
+    block_sparse_reference_grads,
+)
 
 import mmfa_jax  # noqa: E402
 import mmfa_torch  # noqa: E402
@@ -192,6 +198,7 @@ def test_a_map_of_every_block_is_dense_attention(impl, rng, causal):
     assert_close(out, to_numpy(torch_sdpa), tol, "out vs torch SDPA")
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")  # its unfused reference path
 def test_matches_flex_attention_on_its_block_mask(rng):
     """``BlockMask.from_flex`` of a FlexAttention mask whose mask_mod is causal within block-aligned
     stripes: the map is FlexAttention's (partial and full blocks), and with is_causal the output
@@ -231,6 +238,40 @@ def test_empty_sequences(impl, rng):
     assert (out == 0).all() and torch.isneginf(lse).all() and out.shape == q.shape
     out.sum().backward()
     assert (q.grad == 0).all() and k.grad.shape == k.shape
+
+
+def test_causal_by_positions_in_a_permuted_order(impl, rng):
+    """A mask with positions (rows in a permuted order, the causality of the original one): with
+    is_causal key j is visible to query i when positions[j] <= positions[i] and its block is
+    listed; forward and gradients, per-batch permutations as int64 tensors, GQA, ragged blocks, an
+    empty query block. from_indices with the same positions builds the same mask; without
+    is_causal the positions play no part."""
+    c = Case(B=2, T=40, S=40, Hq=2, Hkv=1, block=(16, 16), density=0.6, causal=True)
+    blocks = random_map(rng, c)
+    perm = np.stack([rng.permutation(c.T) for _ in range(c.B)])
+    positions = (torch.from_numpy(perm).to(DEVICE[0]),) * 2
+    mask = BlockMask.from_dense(torch.from_numpy(blocks).to(DEVICE[0]), c.block, seq_lens=(c.T, c.S),
+                                positions=positions)
+    counts = blocks.sum(-1)
+    order = np.argsort(~blocks, axis=-1, kind="stable")
+    same = BlockMask.from_indices(torch.from_numpy(order).to(DEVICE[0]), torch.from_numpy(counts).to(DEVICE[0]),
+                                  c.block, seq_lens=(c.T, c.S), positions=positions)
+    assert len(same.leaves) == len(mask.leaves) and all(torch.equal(a, b) for a, b in zip(same.leaves, mask.leaves))
+    (q, k, v), (q64, k64, v64) = inputs(rng, c, requires_grad=True)
+    out, lse = mmfa_torch.block_sparse_attention(q, k, v, mask, is_causal=True, implementation=impl, return_lse=True)
+    token_mask = block_sparse_mask(blocks, c.block, c.T, c.S) & (perm[:, None, None, :] <= perm[:, None, :, None])
+    ref_out, ref_lse = attention_reference(q64, k64, v64, mask=token_mask)
+    assert np.isinf(ref_lse).any()
+    assert_close(btnh(to_numpy(out)), ref_out, tolerance(c.dtype), "out")
+    assert_close(btnh(to_numpy(lse)), ref_lse, tolerance(c.dtype), "lse")
+    d_out, d_out64 = tensor(rng, tuple(out.shape))
+    torch.autograd.backward(out, d_out)
+    want = attention_reference_grads(q64, k64, v64, d_out64, mask=token_mask)[:3]
+    for what, t, w in zip(("dq", "dk", "dv"), (q, k, v), want):
+        assert_close(btnh(to_numpy(t.grad)), w, tolerance(c.dtype, grad=True), what)
+    plain = mmfa_torch.block_sparse_attention(q, k, v, mask, implementation=impl)
+    assert_close(btnh(to_numpy(plain)), block_sparse_reference(q64, k64, v64, blocks, c.block)[0], tolerance(c.dtype),
+                 "without is_causal")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -307,14 +348,16 @@ def test_warm_calls_compile_nothing(impl, rng):
 # torch.compile.
 
 
-@pytest.mark.parametrize("where", ["mask-passed-in", "mask-built-inside"])
+@pytest.mark.parametrize("where", ["mask-passed-in", "mask-built-inside", "indices-and-positions-inside"])
 def test_torch_compile_fullgraph_forward_and_backward(rng, where):
-    """One graph (fullgraph=True): the map built inside (the builder's custom op) or a mask passed
-    in, the attention's forward and backward custom ops; against the reference."""
+    """One graph (fullgraph=True): the map built inside (the builders' custom ops, from a block
+    map, or from index lists with positions) or a mask passed in, the attention's forward and
+    backward custom ops; against the reference."""
     impl = "interpret" if where == "mask-passed-in" else "xla"
     c = Case(B=1, T=40, S=48, Hq=4, Hkv=2, block=(16, 16), causal=True)
     blocks = random_map(rng, c)
     (q, k, v), (q64, k64, v64) = inputs(rng, c, requires_grad=True)
+    positions = None
 
     def loss_of(out, lse):
         return (out * out).sum() + torch.where(torch.isfinite(lse), lse, 0.0).sum() * 0.5
@@ -332,14 +375,33 @@ def test_torch_compile_fullgraph_forward_and_backward(rng, where):
                                                          return_lse=True)
             return loss_of(out, lse), out
         arg = torch.from_numpy(blocks)
+    if where == "indices-and-positions-inside":
+        # Query positions reversed inside each query block, keys in order: the causal mask then
+        # differs from the index order's, inside the diagonal blocks.
+        q_pos = np.concatenate([np.arange(i, min(i + 16, c.T))[::-1] for i in range(0, c.T, 16)])[None]
+        positions = (q_pos, np.arange(c.S)[None])
+
+        def f(q, k, v, lists):
+            indices, counts, q_pos, kv_pos = lists
+            mask = BlockMask.from_indices(indices, counts, c.block, seq_lens=(c.T, c.S), positions=(q_pos, kv_pos))
+            out, lse = mmfa_torch.block_sparse_attention(q, k, v, mask, is_causal=True, implementation=impl,
+                                                         return_lse=True)
+            return loss_of(out, lse), out
+        arg = (torch.from_numpy(np.argsort(~blocks, axis=-1, kind="stable")), torch.from_numpy(blocks.sum(-1)),
+               *(torch.from_numpy(p) for p in positions))
 
     torch._dynamo.reset()
     loss, out = torch.compile(f, fullgraph=True)(q, k, v, arg)
     loss.backward()
-    ref_out, ref_lse = block_sparse_reference(q64, k64, v64, blocks, c.block, is_causal=True)
+    token_mask = block_sparse_mask(blocks, c.block, c.T, c.S)
+    if positions is None:
+        token_mask = token_mask & np.tril(np.ones((c.T, c.S), bool))
+    else:
+        token_mask = token_mask & (positions[1][:, None, None, :] <= positions[0][:, None, :, None])
+    ref_out, ref_lse = attention_reference(q64, k64, v64, mask=token_mask)
     assert_close(btnh(to_numpy(out)), ref_out, tolerance(c.dtype), "compiled out")
-    want = block_sparse_reference_grads(q64, k64, v64, blocks, c.block, 2 * ref_out,
-                                        np.where(np.isfinite(ref_lse), 0.5, 0.0), is_causal=True)
+    want = attention_reference_grads(q64, k64, v64, 2 * ref_out, np.where(np.isfinite(ref_lse), 0.5, 0.0),
+                                     mask=token_mask)
     for what, t, w in zip(("dq", "dk", "dv"), (q, k, v), want):
         assert_close(btnh(to_numpy(t.grad)), w, tolerance(c.dtype, grad=True), f"compiled {what}")
 
@@ -382,6 +444,14 @@ def _errors():
                          "counts must lie in [0, 2]"),
         "indices-range": (indices(i=idx.clone().index_fill_(2, torch.tensor([1]), 4)), ArgumentError,
                           "indices must lie in [0, 4)"),
+        "positions-not-pair": (lambda: BlockMask.from_dense(blocks, 16, seq_lens=(64, 64), positions=torch.arange(64)),
+                               ArgumentTypeError, "positions must be a pair"),
+        "positions-dtype": (lambda: BlockMask.from_dense(blocks, 16, seq_lens=(64, 64),
+                                                         positions=(torch.ones(1, 64), torch.arange(64)[None])),
+                            ArgumentTypeError, "positions[0] must be integers, got dtype torch.float32"),
+        "positions-shape": (lambda: BlockMask.from_dense(blocks, 16, seq_lens=(64, 64),
+                                                         positions=(torch.arange(64)[None], torch.arange(32)[None])),
+                            ArgumentError, "positions[1] must be (B, 64), got shape (1, 32)"),
         "flex-type": (lambda: BlockMask.from_flex(blocks), ArgumentTypeError, "flex_mask must be a FlexAttention"),
         "not-a-mask": (attend(mask=blocks), ArgumentTypeError, "block_mask must be a mmfa_torch.BlockMask"),
         "jax-mask": (attend(mask=good.to_jax()), ArgumentTypeError, "got BlockMask"),
@@ -405,7 +475,8 @@ def _errors():
 
 
 ERRORS = ["blocks-numpy", "blocks-dtype", "blocks-shape", "block-size-zero", "block-size-float", "seq-lens-int",
-          "indices-dtype", "counts-range", "indices-range", "flex-type", "not-a-mask", "jax-mask", "seq-lens-mismatch",
+          "indices-dtype", "counts-range", "indices-range", "positions-not-pair", "positions-dtype", "positions-shape",
+          "flex-type", "not-a-mask", "jax-mask", "seq-lens-mismatch",
           "map-heads", "map-batch", "kernel-block", "query-dtype", "query-type", "query-rank", "dtypes-differ", "gqa",
           "scale", "implementation", "pallas-on-cpu"]
 
@@ -436,8 +507,9 @@ def test_double_backward_is_refused(rng):
 # CUDA tensors: the direct launch's plumbing without a GPU, and the numbers on one.
 
 
-@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_direct_launch_names_every_kernel_operand(causal):
+@pytest.mark.parametrize("causal, by_positions", [(False, False), (True, False), (True, True)],
+                         ids=["full", "causal", "causal-positions"])
+def test_direct_launch_names_every_kernel_operand(causal, by_positions):
     """For CUDA tensors mmfa_torch launches the kernels the JAX face lowers (official triton, here
     for an abstract H100, no GPU needed): forward, dQ and dK/dV, in the plans' order, each given
     exactly the operands its plan names from the tensors and the mask's lists (the launcher checks
@@ -447,21 +519,24 @@ def test_direct_launch_names_every_kernel_operand(causal):
     from mmfa_torch import sparse
 
     B, Hq, Hkv, T, S, D = 1, 4, 2, 200, 130, 64
-    mask = BlockMask.from_dense(torch.rand(1, Hq, 4, 3) < 0.6, (64, 64), seq_lens=(T, S))
+    positions = (torch.randperm(T)[None], torch.randperm(S)[None]) if by_positions else None
+    mask = BlockMask.from_dense(torch.rand(1, Hq, 4, 3) < 0.6, (64, 64), seq_lens=(T, S), positions=positions)
     q, k = torch.empty(B, T, Hq, D, dtype=torch.bfloat16), torch.empty(B, S, Hkv, D, dtype=torch.bfloat16)
     fwd, dq, dkv = sparse._launch_kernels(sparse._signature([q, k, k, *mask.leaves]), mask.structure, None, causal,
                                           backends.Lowering("xla-triton", 90, "sm90"), 90)
     lists = mask.lists(causal)
     named = dict(q=q, k=k, v=k, **sparse._kernel_operands(mask._view(), causal), d_out=q,
                  lse=torch.empty(B, Hq, T), delta=torch.empty(B, Hq, T))
-    expect = {"mmfa_block_sparse_forward": (q, k, k, lists.kv_count, lists.kv_full, lists.kv_index),
-              "mmfa_block_sparse_dq": (q, k, k, lists.kv_count, lists.kv_full, lists.kv_index, q, named["lse"],
+    pos = tuple(mask._view().positions) if by_positions else ()  # the mask's own int32 positions
+    assert len(pos) == 2 or not by_positions
+    expect = {"mmfa_block_sparse_forward": (q, k, k, lists.kv_count, lists.kv_full, lists.kv_index, *pos),
+              "mmfa_block_sparse_dq": (q, k, k, lists.kv_count, lists.kv_full, lists.kv_index, *pos, q, named["lse"],
                                        named["delta"]),
-              "mmfa_block_sparse_dkv": (q, k, k, lists.q_count, lists.q_full, lists.q_index, q, named["lse"],
+              "mmfa_block_sparse_dkv": (q, k, k, lists.q_count, lists.q_full, lists.q_index, *pos, q, named["lse"],
                                         named["delta"])}
     for kernel, grid in zip((fwd, dq, dkv), ((4, Hq, B), (4, Hq, B), (3, Hkv, B))):
         operands = kernel.plan.arguments(named)
-        assert kernel.launch.operands == len(operands), kernel.plan.name
+        assert kernel.launch.operands == len(operands) == len(expect[kernel.plan.name]), kernel.plan.name
         assert all(a is b for a, b in zip(operands, expect[kernel.plan.name])), kernel.plan.name
         assert kernel.launch.grid == grid, kernel.plan.name
     assert [shape for shape, _ in fwd.launch.results] == [(B, T, Hq, D), (B, Hq, T)]
