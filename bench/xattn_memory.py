@@ -160,6 +160,9 @@ def jax_rows(args, visual: int) -> dict[str, int]:
                 out = attend(q, *project(feats, w_k, g_k, w_v))
             elif variant == "recompute_kv":
                 out = attend(q, *parallel.recompute_kv(feats, project, w_k, g_k, w_v))
+            elif variant == "from_features":
+                out = parallel.cross_attention_from_features(q, feats, project, w_k, g_k, w_v, axis_name="x",
+                                                             implementation=args.implementation)
             else:
                 out = jax.checkpoint(lambda q, f, *w: attend(q, *project(f, *w)),
                                      policy=jax.checkpoint_policies.nothing_saveable)(q, feats, w_k, g_k, w_v)
@@ -174,6 +177,7 @@ def jax_rows(args, visual: int) -> dict[str, int]:
     skip = {a.unsafe_buffer_pointer() for a in inputs}
     rows = {}
     for name, variant in (("mmfa lv_xattn, K/V kept", "kept"), ("mmfa lv_xattn, recompute_kv", "recompute_kv"),
+                          ("mmfa lv_xattn, cross_attention_from_features", "from_features"),
                           ("mmfa lv_xattn, checkpoint(projection + attention)", "all")):
         _, vjp_fn = jax.vjp(layer(variant), *inputs)
         seen = {}
@@ -214,7 +218,7 @@ def main(argv=None):
 
     print(f"Activations kept per cross-attention layer for the backward (MiB), weights and the layer's inputs "
           f"excluded; {args.dtype}, batch {args.batch}, {args.text} text tokens, C={args.hidden}, {args.heads} query / "
-          f"{args.kv_heads} KV heads of {args.head_dim}, one rank. ratio: K/V kept / recompute_kv.")
+          f"{args.kv_heads} KV heads of {args.head_dim}, one rank. ratio: K/V kept / the recomputing variant.")
     head = f"{'face':>5} {'visual':>7} | {'variant':<48} {'MiB':>9} {'ratio':>7}"
     print(head)
     print("-" * len(head))
@@ -224,7 +228,7 @@ def main(argv=None):
             rows = torch_rows(args, visual) if face == "torch" else jax_rows(args, visual)
             base = rows["mmfa lv_xattn, K/V kept"]
             for name, n in rows.items():
-                ratio = f"{base / n:6.2f}x" if "recompute_kv" in name and n else ""
+                ratio = f"{base / n:6.2f}x" if ("recompute_kv" in name or "from_features" in name) and n else ""
                 print(f"{face:>5} {visual:>7} | {name:<48} {n / mib:9.2f} {ratio:>7}", flush=True)
         print()
     if "torch" in faces:

@@ -49,7 +49,7 @@ from mmfa_jax._checks import ArgumentError, ArgumentTypeError, Options
 STRATEGIES = ("lv_xattn", "ring")
 F32 = jnp.float32
 
-__all__ = ["STRATEGIES", "cross_attention", "recompute_kv", "ring_self_attention", "shard_map", "unzigzag",
+__all__ = ["STRATEGIES", "cross_attention", "cross_attention_from_features", "recompute_kv", "ring_self_attention", "shard_map", "unzigzag",
            "zigzag"]
 
 
@@ -114,6 +114,48 @@ def cross_attention(query, key, value, *, axis_name: Hashable, strategy: str = "
     return (out, jnp.swapaxes(lse, 1, 2)) if return_lse else out
 
 
+def cross_attention_from_features(query, features, project: Callable, *project_args, axis_name: Hashable,
+                                  strategy: str = "lv_xattn", kv_seq_lengths=None, scale: float | None = None,
+                                  implementation: str | None = None, return_lse: bool = False):
+    """``cross_attention(query, *project(features, *project_args), ...)`` that keeps neither K nor V
+    for the backward: its residuals are the features and the projection's arguments, and the
+    backward projects K/V again (once) before the attention's own backward, then carries dK/dV
+    back through the projection. LV-XAttn's second idea, without recomputing the attention's
+    forward (``jax.checkpoint`` around projection and attention would).
+
+    Args:
+      query: the local query shard (B, Tq_local, Hq, D).
+      features: the local shard of the visual features, e.g. (B, Skv_local, C); any pytree of
+        arrays ``project`` takes.
+      project: ``project(features, *project_args) -> (key, value)``, each (B, Skv_local, Hkv, D);
+        a pure function (it runs twice: forward and backward). Hashable (a module-level function
+        or a ``functools.partial`` of one), as jax's static arguments are.
+      project_args: the projection's weights (differentiable).
+      axis_name, strategy, kv_seq_lengths, scale, implementation, return_lse: as ``cross_attention``.
+
+    Returns:
+      As ``cross_attention``; differentiable in query, features and project_args.
+    """
+    if not callable(project):
+        raise ArgumentTypeError(f"project must be a callable features -> (key, value), got {type(project).__name__}")
+    strategy = _checks.choice(strategy, "strategy", STRATEGIES)
+    opts = Options.make(scale, False, None, None, implementation, "BTNH", None)
+    query = _array(query, "query")
+    key_shape, value_shape = jax.eval_shape(project, features, *project_args)
+    d = _checks.attention_dims(query, key_shape, value_shape, "BTNH", xla=not opts.lowering.kernels)
+    if kv_seq_lengths is not None:
+        kv_seq_lengths = jnp.asarray(kv_seq_lengths)
+        _checks.per_example(kv_seq_lengths, "kv_seq_lengths", (d.batch,))
+        kv_seq_lengths = kv_seq_lengths.astype(jnp.int32)
+    if d.empty:
+        out, lse = _empty(query, d)
+    else:
+        ring = _Ring(axis_name, _axis_size(axis_name), opts, d.kv_len)
+        out, lse = _vma_hint(_from_features, ring, strategy, project, query, features, tuple(project_args),
+                             kv_seq_lengths)
+    return (out, jnp.swapaxes(lse, 1, 2)) if return_lse else out
+
+
 def ring_self_attention(query, key, value, *, axis_name: Hashable, is_causal: bool = True,
                         scale: float | None = None, implementation: str | None = None, return_lse: bool = False):
     """Ring self-attention for decoder layers, inside ``jax.shard_map``: K/V blocks travel, queries stay.
@@ -166,10 +208,9 @@ def recompute_kv(features, project: Callable, *args):
     is recomputed; gradients are unchanged.
 
     Note: an attention whose custom VJP keeps K/V as residuals (``cross_attention`` does: its
-    backward needs them) still holds them until the backward; to drop them too, put the attention
-    inside the checkpointed function: ``jax.checkpoint(lambda f, q: cross_attention(q,
-    *project(f), ...), policy=jax.checkpoint_policies.nothing_saveable)`` (which also recomputes
-    the attention's forward in the backward).
+    backward needs them) still holds them until the backward. To drop them too without running
+    the attention's forward again, use ``cross_attention_from_features(query, features, project,
+    *args, ...)``, whose VJP keeps the features and projects K/V again in the backward.
     """
     if not callable(project):
         raise ArgumentTypeError(f"project must be a callable features -> (key, value), got {type(project).__name__}")
@@ -380,6 +421,36 @@ def _lv_xattn_bwd(ring: _Ring, residuals, cotangents):
 
 
 _lv_xattn.defvjp(_lv_xattn_fwd, _lv_xattn_bwd)
+
+
+# ------------------------------------------------------------------------------------------------
+# K/V projected inside the attention's VJP: kept as features, projected again in the backward.
+
+
+def _strategy_vjp(strategy: str):
+    return (_lv_xattn_fwd, _lv_xattn_bwd) if strategy == "lv_xattn" else (_ring_cross_fwd, _ring_cross_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _from_features(ring: _Ring, strategy: str, project, q, features, args, kv_lengths):
+    return _from_features_fwd(ring, strategy, project, q, features, args, kv_lengths)[0]
+
+
+def _from_features_fwd(ring: _Ring, strategy: str, project, q, features, args, kv_lengths):
+    k, v = project(features, *args)
+    (out, lse), _ = _strategy_vjp(strategy)[0](ring, q, k, v, kv_lengths)
+    return (out, lse), (q, features, args, kv_lengths, out, lse)
+
+
+def _from_features_bwd(ring: _Ring, strategy: str, project, residuals, cotangents):
+    q, features, args, kv_lengths, out, lse = residuals
+    (k, v), pull = jax.vjp(lambda f, a: project(f, *a), features, args)
+    dq, dk, dv, _ = _strategy_vjp(strategy)[1](ring, (q, k, v, kv_lengths, out, lse), cotangents)
+    d_features, d_args = pull((dk, dv))
+    return dq, d_features, d_args, None
+
+
+_from_features.defvjp(_from_features_fwd, _from_features_bwd)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -320,6 +320,48 @@ def test_recompute_kv_keeps_gradients(rng):
     assert "checkpoint" in text or "remat" in text
 
 
+@multi_device
+def test_cross_attention_from_features_keeps_no_kv(rng):
+    """K/V projected inside the attention's VJP: the values and gradients (queries, features, weights)
+    of projecting first, for both strategies, and no K- or V-sized array among the vjp's residuals
+    (the plain call keeps both)."""
+    n, B, t, s, N, K, H, F = 2, 2, 2, 6, 4, 2, 8, 12
+    q = jnp.asarray(rng.standard_normal((B, n * t, N, H)), jnp.float32)
+    feats = jnp.asarray(rng.standard_normal((B, n * s, F)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((2, F, K * H)) / np.sqrt(F), jnp.float32)
+    d_out = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
+    lengths = jnp.asarray([n * s, n * s - 3], jnp.int32)
+
+    def project(f, w):
+        return tuple(jnp.tanh(f @ w[i]).reshape(*f.shape[:2], K, H) for i in range(2))
+
+    for strategy in parallel.STRATEGIES:
+        def layer(q, feats, w, inside):
+            def local(q, f, w):
+                if inside:
+                    return parallel.cross_attention_from_features(q, f, project, w, axis_name="x", strategy=strategy,
+                                                                  kv_seq_lengths=lengths, implementation="xla")
+                return parallel.cross_attention(q, *project(f, w), axis_name="x", strategy=strategy,
+                                                kv_seq_lengths=lengths, implementation="xla")
+
+            return parallel.shard_map(local, mesh=mesh(n), in_specs=(SEQ, SEQ, P()), out_specs=SEQ)(q, feats, w)
+
+        loss = lambda *a: jnp.sum(layer(*a) * d_out)  # noqa: E731
+        grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)), static_argnums=3)
+        (v0, g0), (v1, g1) = grad(q, feats, w, False), grad(q, feats, w, True)
+        np.testing.assert_allclose(v1, v0, rtol=1e-6)
+        for a, b in zip(g1, g0):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+        kept = {}
+        for inside in (False, True):  # bytes the vjp holds beyond its inputs
+            _, vjp_fn = jax.vjp(lambda q, f, w: layer(q, f, w, inside), q, feats, w)
+            held = {id(x): x.nbytes for x in jax.tree_util.tree_leaves(vjp_fn)
+                    if isinstance(x, jax.Array) and not any(x is y for y in (q, feats, w))}
+            kept[inside] = sum(held.values())
+        kv_bytes = 2 * B * n * s * K * H * 4
+        assert kept[False] - kept[True] >= kv_bytes, (strategy, kept, kv_bytes)
+
+
 @single_device
 def test_recompute_kv_single_device(rng):
     x = jnp.asarray(rng.standard_normal((3, 5)), jnp.float32)
