@@ -31,7 +31,8 @@ Where the work happens:
   (``mmfa_jax.BlockMask.from_dense`` / ``from_indices``) on DLPack views of the torch tensors, and
   kept here as torch tensors: this ``BlockMask`` holds the JAX ``BlockMask``'s pytree leaves, in
   its order, and how it was built (which gives its tree structure back). Nothing about the lists
-  is decided in torch.
+  is decided in torch. A CUDA map is read by JAX's GPU (DLPack), or copied to the CPU and back
+  when JAX has none; ``from_indices`` reads the index values on the host (its checks).
 * CPU tensors cross to JAX by DLPack (no copy) and run ``mmfa_jax.block_sparse_attention`` (its
   ``jax.vjp`` for the gradients), under one jit per shape.
 * CUDA tensors launch the compiled kernels from torch (``mmfa_torch.launch``: the JAX face lowered
@@ -51,6 +52,10 @@ Where the work happens:
 Gradients: on the JAX route the backward is ``jax.vjp`` of the forward under jit, which runs the
 forward kernel again (the JAX face exposes no separate forward and backward); the direct launch
 runs only the dQ and dK/dV kernels on the saved output and LSE.
+
+Tested on the CPU (tests/test_block_sparse_torch.py: interpreter and XLA, and the direct launch's
+kernels lowered for sm_90 with every operand named); the CUDA routes have a GPU test
+(``--gpu``) that has not been run yet.
 """
 
 from __future__ import annotations
@@ -283,8 +288,8 @@ class BlockMask:
 
     ``leaves`` are the JAX mask's pytree leaves in its order; ``structure`` says how it was built
     (the builder, block size, lengths), which gives the JAX mask's tree structure; ``to_jax()``
-    gives the JAX mask itself (DLPack views). Build a mask once and pass it
-    to every layer that uses the map: the lists are not rebuilt per call.
+    gives the JAX mask itself (DLPack views). Build a mask once and pass it to every layer that
+    uses the map: the lists are not rebuilt per call.
     """
 
     def __init__(self, leaves: Sequence[Tensor], structure: str, block_size: tuple[int, int],
@@ -469,7 +474,7 @@ def _kernel_operands(mask_view, is_causal: bool) -> dict:
     (``BlockLists``' attribute names are the plans' operand names) and, for a causal call of a mask
     with positions, the positions (what ``mmfa_jax.block_sparse._run`` hands the kernels)."""
     named = dict(vars(mask_view.lists(is_causal)))
-    positions = getattr(mask_view, "positions", None)
+    positions = mask_view.positions
     if is_causal and positions is not None:
         named["q_pos"], named["kv_pos"] = positions
     return named

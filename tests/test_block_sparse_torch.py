@@ -357,47 +357,34 @@ def test_torch_compile_fullgraph_forward_and_backward(rng, where):
     c = Case(B=1, T=40, S=48, Hq=4, Hkv=2, block=(16, 16), causal=True)
     blocks = random_map(rng, c)
     (q, k, v), (q64, k64, v64) = inputs(rng, c, requires_grad=True)
-    positions = None
-
-    def loss_of(out, lse):
-        return (out * out).sum() + torch.where(torch.isfinite(lse), lse, 0.0).sum() * 0.5
-
+    token_mask = block_sparse_mask(blocks, c.block, c.T, c.S)
     if where == "mask-passed-in":
-        def f(q, k, v, mask):
-            out, lse = mmfa_torch.block_sparse_attention(q, k, v, mask, is_causal=True, implementation=impl,
-                                                         return_lse=True)
-            return loss_of(out, lse), out
         arg = mask_of(c, blocks)
-    else:
-        def f(q, k, v, blocks):
-            mask = BlockMask.from_dense(blocks, c.block, seq_lens=(c.T, c.S))
-            out, lse = mmfa_torch.block_sparse_attention(q, k, v, mask, is_causal=True, implementation=impl,
-                                                         return_lse=True)
-            return loss_of(out, lse), out
+        build = lambda mask: mask  # noqa: E731
+    elif where == "mask-built-inside":
         arg = torch.from_numpy(blocks)
-    if where == "indices-and-positions-inside":
+        build = lambda blocks: BlockMask.from_dense(blocks, c.block, seq_lens=(c.T, c.S))  # noqa: E731
+    else:
         # Query positions reversed inside each query block, keys in order: the causal mask then
-        # differs from the index order's, inside the diagonal blocks.
+        # differs from the index order's inside the diagonal blocks.
         q_pos = np.concatenate([np.arange(i, min(i + 16, c.T))[::-1] for i in range(0, c.T, 16)])[None]
-        positions = (q_pos, np.arange(c.S)[None])
+        kv_pos = np.arange(c.S)[None]
+        arg = tuple(torch.from_numpy(x) for x in (np.argsort(~blocks, axis=-1, kind="stable"), blocks.sum(-1), q_pos,
+                                                   kv_pos))
+        build = lambda lists: BlockMask.from_indices(*lists[:2], c.block, seq_lens=(c.T, c.S),  # noqa: E731
+                                                     positions=lists[2:])
+        token_mask = token_mask & (kv_pos[:, None, None, :] <= q_pos[:, None, :, None])
+    if where != "indices-and-positions-inside":
+        token_mask = token_mask & np.tril(np.ones((c.T, c.S), bool))
 
-        def f(q, k, v, lists):
-            indices, counts, q_pos, kv_pos = lists
-            mask = BlockMask.from_indices(indices, counts, c.block, seq_lens=(c.T, c.S), positions=(q_pos, kv_pos))
-            out, lse = mmfa_torch.block_sparse_attention(q, k, v, mask, is_causal=True, implementation=impl,
-                                                         return_lse=True)
-            return loss_of(out, lse), out
-        arg = (torch.from_numpy(np.argsort(~blocks, axis=-1, kind="stable")), torch.from_numpy(blocks.sum(-1)),
-               *(torch.from_numpy(p) for p in positions))
+    def f(q, k, v, arg):
+        out, lse = mmfa_torch.block_sparse_attention(q, k, v, build(arg), is_causal=True, implementation=impl,
+                                                     return_lse=True)
+        return (out * out).sum() + torch.where(torch.isfinite(lse), lse, 0.0).sum() * 0.5, out
 
     torch._dynamo.reset()
     loss, out = torch.compile(f, fullgraph=True)(q, k, v, arg)
     loss.backward()
-    token_mask = block_sparse_mask(blocks, c.block, c.T, c.S)
-    if positions is None:
-        token_mask = token_mask & np.tril(np.ones((c.T, c.S), bool))
-    else:
-        token_mask = token_mask & (positions[1][:, None, None, :] <= positions[0][:, None, :, None])
     ref_out, ref_lse = attention_reference(q64, k64, v64, mask=token_mask)
     assert_close(btnh(to_numpy(out)), ref_out, tolerance(c.dtype), "compiled out")
     want = attention_reference_grads(q64, k64, v64, 2 * ref_out, np.where(np.isfinite(ref_lse), 0.5, 0.0),
@@ -575,3 +562,27 @@ def test_cuda_tensors_match_reference(rng, route, dtype, monkeypatch):
                                             is_causal=True)
         for what, t, w in zip(("dq", "dk", "dv"), (q, k, v), want):
             assert_close(btnh(to_numpy(t.grad)), w, tolerance(dtype, grad=True), f"{route} {dtype}: {what}")
+
+
+@pytest.mark.gpu
+def test_cuda_torch_compile_fullgraph(rng):
+    """The compiled graph on CUDA tensors (the map built inside it, on the GPU; mmfa_torch's own
+    launch): forward and gradients against the reference."""
+    DEVICE[0] = "cuda"
+    c = Case(B=1, T=130, S=130, Hq=4, Hkv=2, D=64, block=(32, 32), causal=True, dtype="bfloat16")
+    blocks = random_map(rng, c)
+    (q, k, v), (q64, k64, v64) = inputs(rng, c, requires_grad=True)
+
+    def f(q, k, v, blocks):
+        mask = BlockMask.from_dense(blocks, c.block, seq_lens=(c.T, c.S))
+        out = mmfa_torch.block_sparse_attention(q, k, v, mask, is_causal=True)
+        return (out.float() ** 2).sum(), out
+
+    torch._dynamo.reset()
+    loss, out = torch.compile(f, fullgraph=True)(q, k, v, torch.from_numpy(blocks).cuda())
+    loss.backward()
+    ref_out, _ = block_sparse_reference(q64, k64, v64, blocks, c.block, is_causal=True)
+    assert_close(btnh(to_numpy(out)), ref_out, tolerance(c.dtype), "compiled out")
+    want = block_sparse_reference_grads(q64, k64, v64, blocks, c.block, 2 * btnh(to_numpy(out)), is_causal=True)
+    for what, t, w in zip(("dq", "dk", "dv"), (q, k, v), want):
+        assert_close(btnh(to_numpy(t.grad)), w, tolerance(c.dtype, grad=True), f"compiled {what}")
