@@ -111,7 +111,7 @@ def _structure(recipe: str):
     nq, nk = -(-seq_lens[0] // block_size[0]), -(-seq_lens[1] // block_size[1])
     positions = None
     if has_positions == "1":
-        positions = (jax.ShapeDtypeStruct((1, seq_lens[0]), jnp.int32), jax.ShapeDtypeStruct((1, seq_lens[1]), jnp.int32))
+        positions = tuple(jax.ShapeDtypeStruct((1, n), jnp.int32) for n in seq_lens)
     if kind == "dense":
         inputs = (jax.ShapeDtypeStruct((1, 1, nq, nk), jnp.bool_),)
     else:
