@@ -103,8 +103,8 @@ def cross_attention(query: Tensor, key: Tensor, value: Tensor, *, group=None, st
         _checks.per_example(kv_seq_lengths, "kv_seq_lengths", (d.batch,))
         kv_seq_lengths = kv_seq_lengths.to(device=query.device, dtype=torch.int32)
     if block_mask is not None and not callable(block_mask):
-        raise ArgumentTypeError(f"block_mask must be None or a callable (query_shard, kv_shard) -> bool tensor or None, "
-                                f"got {type(block_mask).__name__}")
+        raise ArgumentTypeError(f"block_mask must be None or a callable (query_shard, kv_shard) -> bool tensor or "
+                                f"None, got {type(block_mask).__name__}")
     if scale is not None:
         scale = _checks.real(scale, "scale")
     if not dist.is_available() or not dist.is_initialized():
@@ -299,7 +299,8 @@ class _CrossAttention(torch.autograd.Function):
 
                 def compute(origin, bundle):
                     q_b, do_b, lse_b, delta_b = bundle
-                    return ring.block_grads(q_b, k, v, mine, do_b, lse_b, delta_b, ring.mask(origin, ring.rank, q.device))
+                    return ring.block_grads(q_b, k, v, mine, do_b, lse_b, delta_b,
+                                            ring.mask(origin, ring.rank, q.device))
 
                 def combine(part, dq, dkv):
                     return [dq[0] + part[0].float()], [dkv[0] + part[1].float(), dkv[1] + part[2].float()]

@@ -71,8 +71,8 @@ def launch(world: int, cases: str, seed: int, script: str | None = None):
                XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0")
     with tempfile.TemporaryDirectory() as tmp:
         logs = [open(os.path.join(tmp, f"rank{rank}.log"), "w+") for rank in range(world)]  # noqa: SIM115
-        procs = [subprocess.Popen([sys.executable, os.path.abspath(script or __file__), "--worker", str(rank), str(world),
-                                   str(port), str(seed), cases], cwd=HERE, env=env, stdout=log,
+        procs = [subprocess.Popen([sys.executable, os.path.abspath(script or __file__), "--worker", str(rank),
+                                   str(world), str(port), str(seed), cases], cwd=HERE, env=env, stdout=log,
                                   stderr=subprocess.STDOUT, text=True)
                  for rank, log in enumerate(logs)]
         deadline = time.monotonic() + TIMEOUT_S
