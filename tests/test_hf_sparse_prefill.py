@@ -218,6 +218,9 @@ def test_search_model_then_prefill(tmp_path):
 
 
 def test_errors():
+    import mmfa_torch.hf
+
+    assert mmfa_torch.hf.sparse_prefill is sparse_prefill and mmfa_torch.hf.search_model is search_model
     model, inputs = _model("qwen2_5_vl")
     config = _sparse_config(4, 0)
     with pytest.raises(ValueError, match="min_tokens must be a positive int, got 0"):

@@ -23,3 +23,10 @@ from mmfa_torch.hf.pruning import RULES, SUPPORTED_FAMILIES, PruningHandle, prun
 __all__ = ["DECODE_BUCKET", "NAME", "RULES", "SUPPORTED_FAMILIES", "CrossAttentionParallel", "PruningHandle",
            "attention_forward", "backend", "mask_function", "mllama", "parallelize_cross_attention",
            "prune_visual_tokens", "pruning", "register", "set_implementation", "windows"]
+
+# MMInference-style sparse prefill (issue 17 part 4). ``mmfa_torch.hf.sparse_prefill`` is the
+# function here (as the issue names it); the module is ``sys.modules["mmfa_torch.hf.sparse_prefill"]``,
+# reached with ``from mmfa_torch.hf.sparse_prefill import ...`` (``import ... as`` would give the function).
+from mmfa_torch.hf.sparse_prefill import SparsePrefillHandle, search_model, sparse_prefill  # noqa: E402
+
+__all__ += ["SparsePrefillHandle", "search_model", "sparse_prefill"]
