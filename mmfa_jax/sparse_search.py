@@ -38,9 +38,17 @@ permuted once; a per-head order would need a per-head copy of K/V and a separate
 density.
 
 Memory: the search loops over groups of ``kv_heads_per_chunk`` K/V heads (their query heads), so
-what it holds at once is O(T) per head plus the (n x n) block maps; the recall comes from the
-kernels' log-sum-exps (no T x S scores). Only implementation="xla" (plain jax, a dense mask per
-chunk) is quadratic in T; it is meant for small calibration inputs and tests.
+what it holds at once is O(T) per head plus one candidate's (n x n) block map and its lists
+(n = T / block: about n^2 * 9 bytes per head, the BlockMask's int32 lists included); the recall
+comes from the kernels' log-sum-exps (no T x S scores). Only implementation="xla" (plain jax, a
+dense mask per chunk) is quadratic in T; it is meant for small calibration inputs and tests.
+
+In the permuted order the estimating patterns read the permuted rows as they are:
+``vertical_slash`` rates columns and diagonals from the last ``last_q`` rows of that order, under
+the causal mask of that order's indices (an estimate; the attention itself keeps the original
+causality through the positions), and every pattern keeps only blocks on or left of the diagonal
+of that order, so a key that comes later in the permuted order but earlier in time is left out
+unless the map is ``dense``. The measured recall includes all of that.
 
 Selection per head: among the candidates that reach the target, the lowest density, and among
 equal densities the one listed first. A candidate's density is known from its map before any
@@ -505,8 +513,10 @@ def _search_order(query, key, value, candidates, target, block, layout: _Layout,
         _, dense = attention(query[:, :, heads], key[:, :, kv.start:kv.stop], value[:, :, kv.start:kv.stop],
                              is_causal=True, implementation=implementation, scale=scale, return_lse=True)
         dense = layout.take(dense)
-        maps = [_pattern_blocks(c, q, k, layout, block, scale) for c in candidates]
-        densities = np.stack([_density(m, layout, block, T) for m in maps])  # (C, Nc)
+        # Densities first, from each map alone; the maps are not kept (C of them at (n x n) per head
+        # would dominate the memory at long lengths) but rebuilt for the candidates that get measured.
+        densities = np.stack([_density(_pattern_blocks(c, q, k, layout, block, scale), layout, block, T)
+                              for c in candidates])  # (C, Nc)
         best_density = np.full(len(heads), np.inf)
         best = [None] * len(heads)
         # Cheapest first: later candidates are measured only where their density could still win.
@@ -514,7 +524,8 @@ def _search_order(query, key, value, candidates, target, block, layout: _Layout,
             could = (densities[c] < best_density) | ((densities[c] == best_density) &
                                                      np.array([b is not None and c < b[0] for b in best]))
             if could.any():
-                r = _lse_recall(q, k, v, maps[c], dense, layout, block, implementation, scale)
+                blocks = _pattern_blocks(candidates[c], q, k, layout, block, scale)
+                r = _lse_recall(q, k, v, blocks, dense, layout, block, implementation, scale)
                 for h in np.flatnonzero(could & (r >= target)):
                     best_density[h] = densities[c, h]
                     best[h] = (c, float(r[h]))
