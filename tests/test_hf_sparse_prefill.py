@@ -243,5 +243,27 @@ def test_errors():
         with torch.no_grad():
             model(**inputs)
     handle.remove()
+    padded = vlms.make_inputs(model, "qwen2_5_vl", images_per_example=(1, 2))  # left-padded: stays dense
+    assert not bool(padded["attention_mask"].all())
+    with pytest.raises(ValueError, match="no decoder layer had a whole-prompt prefill call to search"):
+        search_model(model, padded, block=BLOCK, implementation="xla")
+    assert model.model.language_model.config._attn_implementation == "mmfa"
     with pytest.raises(ValueError, match="could not find the text decoder"):
         sparse_prefill(torch.nn.Linear(2, 2), config)
+
+
+def test_padded_batches_stay_dense():
+    """A left-padded batch has no sparse route (the kernels have no padding segments): every call
+    is dense and the logits are the unpatched model's."""
+    model = vlms.build("llava_onevision")
+    inputs = vlms.make_inputs(model, "llava_onevision", images_per_example=(2, 2))
+    assert not bool(inputs["attention_mask"].all())
+    with torch.no_grad():
+        dense = model(**inputs).logits
+    text = model.config.get_text_config()
+    handle = sparse_prefill(model, {0: _sparse_config(text.num_attention_heads, 0)}, min_tokens=8)
+    with torch.no_grad():
+        out = model(**inputs).logits
+    assert handle.calls == {"sparse": 0, "dense": text.num_hidden_layers}
+    assert_close(out, dense, 2e-5, "logits")
+    handle.remove()

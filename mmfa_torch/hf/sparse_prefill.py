@@ -346,6 +346,10 @@ def search_model(model, inputs: dict, *, min_tokens: int = 1, video_layout=None,
             model(**inputs)
     finally:
         handle.remove()
+    if not handle.searched:
+        raise ValueError(f"search_model: no decoder layer had a whole-prompt prefill call to search (the calibration "
+                         f"input must be unpadded, causal, and at least min_tokens={min_tokens} tokens long; got "
+                         f"input_ids of shape {tuple(getattr(inputs.get('input_ids'), 'shape', ()))})")
     return dict(handle.searched)
 
 
