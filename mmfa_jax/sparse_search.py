@@ -627,6 +627,36 @@ def attend(config: SparseConfig, query, key, value, *, visual_mask=None, frames=
     return (out, lse) if return_lse else out
 
 
+def evaluate(config: SparseConfig, query, key, value=None, *, visual_mask=None, frames: int | None = None,
+             tokens_per_frame: int | None = None, scale: float | None = None, implementation=None,
+             kv_heads_per_chunk: int = 1):
+    """How the config does on another input (is the calibration's choice general?): per query head
+    the recall (mean over batch and rows of ``sparse_patterns.recall``) and the density of the map
+    that ``build_blocks`` makes for it. Shapes and layout arguments as ``build_blocks``; ``value``
+    may be None. Returns (recall (N,), density (N,)) float64 NumPy arrays; looped over groups of
+    ``kv_heads_per_chunk`` K/V heads (LSE-based: no T x S scores outside implementation="xla")."""
+    from mmfa_jax.attention import attention
+
+    query, key, value = _checked_inputs(query, key, value)
+    blocks, _ = build_blocks(config, query, key, visual_mask=visual_mask, frames=frames,
+                             tokens_per_frame=tokens_per_frame, scale=scale)
+    B, T, N, _ = query.shape
+    K = key.shape[2]
+    G = N // K
+    chunk = _checks.integer(kv_heads_per_chunk, "kv_heads_per_chunk", minimum=1)
+    layout = _Layout(config.order, visual_mask, frames, tokens_per_frame, B, T)
+    q_all, k_all, v_all = layout.take(query), layout.take(key), layout.take(value)
+    recall, density = np.zeros(N), np.zeros(N)
+    for g in range(0, K, chunk):
+        kv, heads = slice(g, min(g + chunk, K)), slice(g * G, min(g + chunk, K) * G)
+        _, dense = attention(query[:, :, heads], key[:, :, kv], value[:, :, kv], is_causal=True,
+                             implementation=implementation, scale=scale, return_lse=True)
+        recall[heads] = _lse_recall(q_all[:, :, heads], k_all[:, :, kv], v_all[:, :, kv], blocks[:, heads],
+                                    layout.take(dense), layout, config.block, implementation, scale)
+        density[heads] = _density(blocks[:, heads], layout, config.block, T)
+    return recall, density
+
+
 # ------------------------------------------------------------------------------------------------
 # Command line.
 
@@ -696,7 +726,7 @@ def main(argv=None) -> int:
 
 
 __all__ = ["BOUNDARIES", "Candidate", "HeadPattern", "ORDERS", "PATTERNS", "SparseConfig", "attend", "block_mask",
-           "build_blocks", "default_candidates", "load_configs", "save_configs", "search"]
+           "build_blocks", "default_candidates", "evaluate", "load_configs", "save_configs", "search"]
 
 
 if __name__ == "__main__":

@@ -142,6 +142,24 @@ def test_search_reaches_target_at_the_lowest_density(rng):
     assert_close(out, want, 2e-5, "attend")
 
 
+def test_evaluate_on_a_fresh_input(rng):
+    """A config searched on one video, evaluated on another (new noise, same layout): evaluate's
+    recall and density equal the float64 recomputation from build_blocks' map on that input."""
+    F, P, block = 4, 64, 64  # the shapes of test_json_round_trip: its compiled calls serve this one too
+    (q, k, v, visual), _ = _video(rng, F, P, text=20, heads=2, kv_heads=1, head_dim=16)
+    layout = dict(visual_mask=visual, frames=F, tokens_per_frame=P)
+    cands = [ss.Candidate("block_topk", {"keep": 2}, "2d"), ss.Candidate("a_shape", {"local_blocks": 2}, "2d")]
+    config = ss.search(q, k, v, candidates=cands, target_recall=0.7, block=block, order="permuted",
+                       implementation="xla", progress=False, **layout)
+    (q2, k2, v2, _), (q64, k64, _) = _video(rng, F, P, text=20, heads=2, kv_heads=1, head_dim=16)
+    recall, density = ss.evaluate(config, q2, k2, v2, implementation="xla", **layout)
+    blocks, perm = ss.build_blocks(config, q2, k2, **layout)
+    T = q2.shape[1]
+    assert_close(recall, _recall(_probabilities(q64, k64), _token_mask(blocks, perm, block, T)), RECALL_TOL, "recall")
+    assert np.array_equal(density, _density(blocks, perm, block, T))
+    assert (recall < 1 - 1e-3).any(), "a real partial recall"
+
+
 def test_picks_the_lower_density_when_two_reach_the_target(rng):
     """Two candidates both reach the target: the sparser wins although listed after the full one;
     one below the target is never chosen, even though it is the sparsest; on equal densities the
