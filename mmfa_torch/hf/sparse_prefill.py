@@ -30,7 +30,13 @@ The visual tokens (for modality boundaries) are the ``input_ids`` equal to the c
 video token ids, noted by a pre-hook on the multimodal model. A config in the permuted order also
 needs the video layout: ``video_layout=(frames, tokens_per_frame)``, where the video tokens (the
 video token id) are frames x tokens_per_frame per example, frame-major; Qwen2.5-VL's
-``video_grid_thw`` gives it when ``video_layout`` is None (one video per example).
+``video_grid_thw`` gives it when ``video_layout`` is None (one video per example). In that order
+the video tokens alone are the visual ones (for the permutation and the boundaries); image
+tokens count as text there. LLaVA-OneVision appends a newline token to a video's frames, so its
+video tokens are not frames x tokens_per_frame: use the original order for it.
+
+Tested on tiny random models on the CPU with transformers 5.17 and 4.57.1
+(tests/test_hf_sparse_prefill.py); not yet on a GPU or a trained model.
 
 Padded batches stay dense: the block-sparse kernels have no padding segments, and the maps were
 searched on unpadded rows.
