@@ -30,3 +30,11 @@ __all__ = ["DECODE_BUCKET", "NAME", "RULES", "SUPPORTED_FAMILIES", "CrossAttenti
 from mmfa_torch.hf.sparse_prefill import SparsePrefillHandle, search_model, sparse_prefill  # noqa: E402
 
 __all__ += ["SparsePrefillHandle", "search_model", "sparse_prefill"]
+
+# Doge (transformers models/doge) on dynamic mask attention (issue 18): ``use_mmfa(model)`` patches
+# its DogeAttention layers (``handle.remove()`` undoes it); ``doge.NAME`` is the attention
+# implementation the patched model runs under ("mmfa_doge").
+from mmfa_torch.hf import doge  # noqa: E402
+from mmfa_torch.hf.doge import DogeAttentionPatch, use_mmfa  # noqa: E402
+
+__all__ += ["DogeAttentionPatch", "doge", "use_mmfa"]
