@@ -132,7 +132,8 @@ def test_greedy_generation(seed, keep, calls, monkeypatch):
         assert all(s > keep for _, s in steps)
 
 
-def test_training_gradients(seed, calls):
+@pytest.mark.parametrize("kernels", ["xla", "interpret"])
+def test_training_gradients(seed, kernels, calls):
     model = make_model(seed, 5, attention_bias=True).train()
     ids = prompts(2)
     mask = torch.ones_like(ids)
@@ -150,7 +151,7 @@ def test_training_gradients(seed, calls):
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     ref_loss, ref = step()
-    handle = doge.use_mmfa(model, implementation="xla")
+    handle = doge.use_mmfa(model, implementation=kernels)
     loss, got = step()
     handle.remove()
     close(loss, ref_loss, "loss")
