@@ -143,8 +143,8 @@ def _sparse_prefill(frames, tokens_per_frame, keep, block, impl):
     def run(q, k, v, visual):
         perm = sp.video_permutation(visual, frames, tokens_per_frame)
         take = lambda x: jnp.take_along_axis(x, perm[:, :, None, None], axis=1)  # noqa: E731
-        blocks = sp.with_boundaries(sp.block_topk(take(q), take(k), keep=keep, block=block),
-                                    jnp.take_along_axis(visual, perm, axis=1), block=block)
+        blocks = sp.with_boundaries(sp.block_topk(take(q), take(k), keep=keep, block=block, positions=perm),
+                                    jnp.take_along_axis(visual, perm, axis=1), block=block, positions=perm)
         return sp.permuted_attention(q, k, v, perm, blocks, block=block, implementation=impl, return_lse=True), blocks
 
     return jax.jit(run)
@@ -239,8 +239,8 @@ def _flex_row(q, k, v, visual, frames, args, keep, dense_ms):
 
         perm = sp.video_permutation(visual, frames, args.tokens_per_frame)
         take = lambda x: jnp.take_along_axis(x, perm[:, :, None, None], axis=1)  # noqa: E731
-        blocks = sp.with_boundaries(sp.block_topk(take(q), take(k), keep=keep, block=args.block),
-                                    jnp.take_along_axis(visual, perm, axis=1), block=args.block)
+        blocks = sp.with_boundaries(sp.block_topk(take(q), take(k), keep=keep, block=args.block, positions=perm),
+                                    jnp.take_along_axis(visual, perm, axis=1), block=args.block, positions=perm)
         T = q.shape[1]
         lists = mmfa_jax.BlockMask.from_dense(blocks, args.block, seq_lens=(T, T),
                                              positions=(perm, perm)).lists(True)

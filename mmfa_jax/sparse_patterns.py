@@ -34,7 +34,7 @@ import numpy as np
 
 from mmfa_jax import _checks
 from mmfa_jax._checks import ArgumentError
-from mmfa_jax.block_sparse import BlockMask, block_sparse_attention
+from mmfa_jax.block_sparse import BlockMask, _block_extents, block_sparse_attention
 
 _NEG = -jnp.inf
 
@@ -44,19 +44,33 @@ def _blocks_of(T: int, block: int) -> int:
     return -(-T // block)
 
 
-def _causal_blocks(n: int) -> np.ndarray:
-    return np.tril(np.ones((n, n), bool))
+def causal_blocks(seq_len: int, block: int, positions=None) -> jax.Array:
+    """(1 or B, 1, n, n) bool: the (query block, key block) pairs that hold some causally visible
+    logit: j <= i in the rows' own order, or, with ``positions`` (B, T) (the rows' original
+    positions, for a permuted order), the pairs whose earliest key comes no later than the
+    block's latest query. Every pattern ends in it: in a permuted order a block right of the
+    diagonal may hold keys earlier in time."""
+    n = _blocks_of(seq_len, block)
+    if positions is None:
+        return jnp.asarray(np.tril(np.ones((n, n), bool))[None, None])
+    positions = jnp.asarray(positions, jnp.int32)
+    if positions.ndim != 2 or positions.shape[1] != seq_len:
+        raise ArgumentError(f"positions must be (B, {seq_len}), got shape {tuple(positions.shape)}")
+    lo, hi = _block_extents(positions, block, seq_len)
+    return (lo[:, None, :] <= hi[:, :, None])[:, None]
 
 
-def a_shape(seq_len: int, *, block: int = 128, sink_blocks: int = 1, local_blocks: int = 4) -> jax.Array:
-    """(1, 1, n, n) bool: the first ``sink_blocks`` key blocks and the ``local_blocks`` blocks on and
-    left of the diagonal, for every query block (n = ceil(seq_len / block))."""
+def a_shape(seq_len: int, *, block: int = 128, sink_blocks: int = 1, local_blocks: int = 4,
+            positions=None) -> jax.Array:
+    """(1, 1, n, n) bool (n = ceil(seq_len / block)): the first ``sink_blocks`` key blocks and the
+    ``local_blocks`` blocks on and left of the diagonal, for every query block; within
+    ``causal_blocks(seq_len, block, positions)`` ((B, 1, n, n) with positions)."""
     n = _blocks_of(_checks.integer(seq_len, "seq_len", minimum=1), block)
     _checks.integer(sink_blocks, "sink_blocks", minimum=0)
     _checks.integer(local_blocks, "local_blocks", minimum=1)
     i, j = np.arange(n)[:, None], np.arange(n)[None, :]
-    blocks = ((j < sink_blocks) | ((i - j >= 0) & (i - j < local_blocks))) & (j <= i)
-    return jnp.asarray(blocks[None, None])
+    blocks = (j < sink_blocks) | ((i - j >= 0) & (i - j < local_blocks))
+    return jnp.asarray(blocks[None, None]) & causal_blocks(seq_len, block, positions)
 
 
 def _group(query, key):
@@ -70,14 +84,16 @@ def _group(query, key):
 
 @functools.partial(jax.jit, static_argnames=("vertical", "slash", "last_q", "block", "scale"))
 def vertical_slash(query, key, *, vertical: int, slash: int, last_q: int = 64, block: int = 128,
-                   scale: float | None = None) -> jax.Array:
+                   scale: float | None = None, positions=None) -> jax.Array:
     """(B, N, n, n) bool, MInference's vertical-slash pattern at block granularity.
 
     The last ``last_q`` query rows' causal softmax over all keys (query (B, T, N, D), key
     (B, T, K, D)) rates every key column (its summed probability) and every diagonal (offset
     q - k, its summed probability along the diagonal); the ``vertical`` best columns and ``slash``
     best diagonals are kept, and a block is computed when it holds a kept column or a kept
-    diagonal crosses it. The first block column and the diagonal blocks are always kept."""
+    diagonal crosses it. The first block column and the diagonal blocks are always kept. With
+    ``positions`` (B, T) (a permuted order) the estimate's causal mask and the final block filter
+    compare positions; columns and diagonals are those of the given order."""
     B, T, N, D = query.shape
     n = _blocks_of(T, block)
     last_q = min(last_q, T)
@@ -87,15 +103,20 @@ def vertical_slash(query, key, *, vertical: int, slash: int, last_q: int = 64, b
     q_last = query[:, T - last_q:].astype(jnp.float32)
     rows = jnp.arange(T - last_q, T)
     cols = jnp.arange(T)
+    if positions is None:
+        visible = (cols[None, :] <= rows[:, None])[None]  # (1, last_q, T)
+    else:
+        pos = jnp.asarray(positions, jnp.int32)
+        visible = pos[:, None, :] <= pos[:, T - last_q:, None]  # (B, last_q, T)
 
     def per_head(qh, kh):  # (B, last_q, D), (B, T, D)
         s = jnp.einsum("bqd,bkd->bqk", qh, kh.astype(jnp.float32)) * scale
-        s = jnp.where(cols[None, None, :] <= rows[None, :, None], s, _NEG)
+        s = jnp.where(visible, s, _NEG)
         p = jax.nn.softmax(s, axis=-1)
         column = p.sum(1)  # (B, T)
         offsets = rows[:, None] - cols[None, :]  # (last_q, T): >= 0 where visible
         diagonal = jax.vmap(lambda pb: jnp.zeros(T).at[jnp.clip(offsets, 0, T - 1)].add(
-            jnp.where(offsets >= 0, pb, 0.0)))(p)  # (B, T) by offset
+            jnp.where(offsets >= 0, pb, 0.0)))(p)  # (B, T) by offset (in the given order)
         return column, diagonal
 
     column, diagonal = jax.lax.map(lambda x: per_head(*x), (jnp.moveaxis(q_last, 2, 0), jnp.moveaxis(k, 2, 0)))
@@ -112,14 +133,15 @@ def vertical_slash(query, key, *, vertical: int, slash: int, last_q: int = 64, b
     i, j = jnp.arange(n)[:, None], jnp.arange(n)[None, :]
     blocks = col_blocks[:, :, None, :] | diag_blocks[:, :, jnp.clip(i - j, 0, n)]
     blocks = blocks | (j == 0) | (i == j)
-    return blocks & (j <= i)
+    return blocks & causal_blocks(T, block, positions)
 
 
 @functools.partial(jax.jit, static_argnames=("keep", "block", "scale"))
-def block_topk(query, key, *, keep: int, block: int = 128, scale: float | None = None) -> jax.Array:
-    """(B, N, n, n) bool: per query block, the ``keep`` earlier key blocks with the highest
-    score between the block-mean query and block-mean key (query (B, T, N, D), key (B, T, K, D)),
-    plus the diagonal block and the first block (attention sinks)."""
+def block_topk(query, key, *, keep: int, block: int = 128, scale: float | None = None, positions=None) -> jax.Array:
+    """(B, N, n, n) bool: per query block, the ``keep`` visible key blocks (``causal_blocks``: earlier
+    ones, or with ``positions`` (B, T) those holding earlier positions) with the highest score
+    between the block-mean query and block-mean key (query (B, T, N, D), key (B, T, K, D)), plus
+    the diagonal block and the first block (attention sinks)."""
     B, T, N, D = query.shape
     n = _blocks_of(T, block)
     keep = _checks.integer(keep, "keep", minimum=1)
@@ -134,19 +156,22 @@ def block_topk(query, key, *, keep: int, block: int = 128, scale: float | None =
 
     scores = jnp.einsum("bnid,bnjd->bnij", pooled(query), pooled(k)) * scale
     i, j = jnp.arange(n)[:, None], jnp.arange(n)[None, :]
-    scores = jnp.where(j <= i, scores, _NEG)
+    visible = causal_blocks(T, block, positions)
+    scores = jnp.where(visible, scores, _NEG)
     top = jax.lax.top_k(scores, min(keep, n))[1]
     blocks = jnp.zeros((B, N, n, n), bool).at[
         jnp.arange(B)[:, None, None, None], jnp.arange(N)[None, :, None, None], i[None, None], top].set(True)
-    return (blocks | (i == j) | (j == 0)) & (j <= i)
+    return (blocks | (i == j) | (j == 0)) & visible
 
 
-def with_boundaries(blocks, visual_mask, *, block: int = 128, rows: bool = True, columns: bool = True) -> jax.Array:
+def with_boundaries(blocks, visual_mask, *, block: int = 128, rows: bool = True, columns: bool = True,
+                    positions=None) -> jax.Array:
     """MMInference's modality boundaries on a block map (B or 1, N or 1, n, n) of one sequence whose
     visual tokens ``visual_mask`` (B, T) marks: ``rows`` (Q-boundary) keeps every earlier block for
     the query blocks that hold a text token (text rows keep their attention to the whole video);
     ``columns`` (2D-boundary) keeps the key blocks that hold a text token for every query block.
-    Returns (B, N or 1, n, n) bool, causal."""
+    Returns (B, N or 1, n, n) bool, within ``causal_blocks`` (by ``positions`` (B, T) when given:
+    the rows of a permuted order, whose ``visual_mask`` is then in that order too)."""
     visual_mask = jnp.asarray(visual_mask)
     if visual_mask.ndim != 2 or visual_mask.dtype != jnp.bool_:
         raise ArgumentError(f"visual_mask must be a boolean (B, T) array, got {visual_mask.dtype} {visual_mask.shape}")
@@ -155,13 +180,12 @@ def with_boundaries(blocks, visual_mask, *, block: int = 128, rows: bool = True,
     if blocks.shape[-2:] != (n, n):
         raise ArgumentError(f"blocks must end in ({n}, {n}) for T={T} and block={block}, got {tuple(blocks.shape)}")
     text = jnp.pad(~visual_mask, ((0, 0), (0, n * block - T))).reshape(B, n, block).any(-1)  # (B, n)
-    i, j = jnp.arange(n)[:, None], jnp.arange(n)[None, :]
     out = jnp.asarray(blocks, bool)
     if rows:
         out = out | text[:, None, :, None]
     if columns:
         out = out | text[:, None, None, :]
-    return out & (j <= i)
+    return out & causal_blocks(T, block, positions)
 
 
 def video_permutation(visual_mask, frames: int, tokens_per_frame: int) -> jax.Array:
@@ -223,5 +247,5 @@ def recall(query, key, value, block_mask: BlockMask, *, implementation=None, per
     return jnp.where(jnp.isneginf(dense), 1.0, jnp.exp(sparse - dense))
 
 
-__all__ = ["a_shape", "block_topk", "permuted_attention", "recall", "vertical_slash", "video_permutation",
+__all__ = ["a_shape", "block_topk", "causal_blocks", "permuted_attention", "recall", "vertical_slash", "video_permutation",
            "with_boundaries"]

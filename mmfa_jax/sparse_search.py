@@ -43,12 +43,10 @@ what it holds at once is O(T) per head plus one candidate's (n x n) block map an
 comes from the kernels' log-sum-exps (no T x S scores). Only implementation="xla" (plain jax, a
 dense mask per chunk) is quadratic in T; it is meant for small calibration inputs and tests.
 
-In the permuted order the estimating patterns read the permuted rows as they are:
-``vertical_slash`` rates columns and diagonals from the last ``last_q`` rows of that order, under
-the causal mask of that order's indices (an estimate; the attention itself keeps the original
-causality through the positions), and every pattern keeps only blocks on or left of the diagonal
-of that order, so a key that comes later in the permuted order but earlier in time is left out
-unless the map is ``dense``. The measured recall includes all of that.
+In the permuted order the patterns get the rows' original positions: their causal filter
+(``sparse_patterns.causal_blocks``) keeps every block that holds an earlier-in-time key, also
+right of that order's diagonal, and ``vertical_slash`` estimates under the original causality;
+its columns and diagonals are those of the permuted order, and the measured recall includes that.
 
 Selection per head: among the candidates that reach the target, the lowest density, and among
 equal densities the one listed first. A candidate's density is known from its map before any
@@ -353,13 +351,15 @@ def _pattern_blocks(candidate: Candidate, q, k, layout: _Layout, block: int, sca
     B, T, Nc, _ = q.shape
     n = -(-T // block)
     p = candidate.params
+    positions = layout.perm  # causality by the original positions in a permuted order
     if candidate.pattern == "a_shape":
-        blocks = sp.a_shape(T, block=block, sink_blocks=p["sink_blocks"], local_blocks=p["local_blocks"])
+        blocks = sp.a_shape(T, block=block, sink_blocks=p["sink_blocks"], local_blocks=p["local_blocks"],
+                            positions=positions)
     elif candidate.pattern == "vertical_slash":
         blocks = sp.vertical_slash(q, k, vertical=p["vertical"], slash=p["slash"], last_q=p["last_q"], block=block,
-                                   scale=scale)
+                                   scale=scale, positions=positions)
     elif candidate.pattern == "block_topk":
-        blocks = sp.block_topk(q, k, keep=p["keep"], block=block, scale=scale)
+        blocks = sp.block_topk(q, k, keep=p["keep"], block=block, scale=scale, positions=positions)
     else:  # dense: every block; in the original order the causal lists drop those above the
         # diagonal, in a permuted one those whose keys all come later (by position)
         blocks = jnp.ones((1, 1, n, n), bool)
@@ -367,7 +367,7 @@ def _pattern_blocks(candidate: Candidate, q, k, layout: _Layout, block: int, sca
         if layout.visual is None:
             raise ArgumentError(f"visual_mask is needed: the pattern {candidate.label} uses modality boundaries")
         blocks = sp.with_boundaries(blocks, layout.visual, block=block, rows=True,
-                                    columns=candidate.boundaries == "2d")
+                                    columns=candidate.boundaries == "2d", positions=positions)
     return jnp.broadcast_to(blocks, (B, Nc, n, n))
 
 

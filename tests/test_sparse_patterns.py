@@ -52,12 +52,13 @@ def _vertical_slash_numpy(q, k, vertical, slash, last_q, block):
 
 
 def test_vertical_slash_matches_numpy(rng):
-    (q, k, _), (q64, k64, _) = _qk(rng, B=2, T=200)
-    got = np.asarray(sp.vertical_slash(q, k, vertical=12, slash=6, last_q=16, block=32))
-    want = _vertical_slash_numpy(q64, k64, 12, 6, 16, 32)
-    assert got.shape == want.shape == (2, 4, 7, 7)
+    (q, k, _), (q64, k64, _) = _qk(rng, B=2, T=400)
+    got = np.asarray(sp.vertical_slash(q, k, vertical=3, slash=2, last_q=16, block=32))
+    want = _vertical_slash_numpy(q64, k64, 3, 2, 16, 32)
+    assert got.shape == want.shape == (2, 4, 13, 13)
     assert np.array_equal(got, want)
-    assert 0 < got.sum() < np.tril(np.ones((7, 7))).sum() * 8, "neither empty nor dense"
+    # at most 4 of 13 block columns and 5 of 13 block diagonals: never the whole triangle
+    assert 0 < got.sum() < np.tril(np.ones((13, 13))).sum() * 8, "neither empty nor dense"
 
 
 def test_vertical_slash_finds_a_planted_column(rng):
@@ -153,3 +154,25 @@ def test_recall(impl, rng):
     full = BlockMask.from_dense(np.ones((1, 1, 5, 5), bool), block, seq_lens=(T, T))
     assert_close(sp.recall(q, k, v, full, implementation=impl), np.ones((1, T, 4)), 1e-5, "dense recall")
     assert mmfa_jax.sparse_patterns is sp
+
+
+def test_patterns_in_a_permuted_order_keep_earlier_keys_right_of_the_diagonal(rng):
+    """In a permuted order a block right of the diagonal can hold keys earlier in time: the
+    patterns' causal filter (by positions) keeps exactly the blocks with some visible pair."""
+    F, P, text, block = 4, 16, 8, 16
+    T = text + F * P
+    visual = np.zeros((1, T), bool)
+    visual[0, :F * P] = True
+    perm = np.asarray(sp.video_permutation(visual, F, P))
+    n = -(-T // block)
+    visible = np.asarray(sp.causal_blocks(T, block, perm))[0, 0]
+    pos = np.concatenate([perm[0], np.full(n * block - T, -1)]).reshape(n, block)
+    want = np.array([[(pos[j][pos[j] >= 0].min() <= pos[i].max()) for j in range(n)] for i in range(n)])
+    assert np.array_equal(visible, want) and (np.triu(visible, 1)).any(), "blocks right of the diagonal"
+    (q, k, _), _ = _qk(rng, T=T)
+    qp, kp = (jnp.take_along_axis(x, jnp.asarray(perm)[:, :, None, None], axis=1) for x in (q, k))
+    everything = np.asarray(sp.block_topk(qp, kp, keep=n, block=block, positions=perm))
+    assert np.array_equal(everything[0, 0], visible), "keep = n keeps every visible block"
+    boundaries = np.asarray(sp.with_boundaries(np.zeros((1, 1, n, n), bool), visual[:, perm[0]], block=block,
+                                               positions=perm))[0, 0]
+    assert boundaries[-1].sum() == visible[-1].sum(), "the text rows see every visible block"
