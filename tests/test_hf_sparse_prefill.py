@@ -62,17 +62,22 @@ def _sparse_config(heads, layer, order="original"):
 # The plain-torch re-implementation: an attention function registered under its own name.
 
 
-def _torch_blocks(head, q, k, visual, scale):
-    """(n, n) bool map of one head in torch: q (T, D), k (T, D), visual (T,) in the map's order."""
+def _torch_blocks(head, q, k, visual, scale, pos):
+    """(n, n) bool map of one head in torch: q (T, D), k (T, D), visual (T,) in the map's order,
+    pos (T,) the rows' original positions (block (i, j) can be visible when block j's earliest
+    key is no later than block i's latest query)."""
     T = q.shape[0]
     n = -(-T // BLOCK)
     i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    first = torch.stack([pos[b * BLOCK:(b + 1) * BLOCK].min() for b in range(n)])
+    last = torch.stack([pos[b * BLOCK:(b + 1) * BLOCK].max() for b in range(n)])
+    visible = first[None, :] <= last[:, None]
     p = head.params
     if head.pattern == "a_shape":
         m = (j < p["sink_blocks"]) | ((i - j >= 0) & (i - j < p["local_blocks"]))
     elif head.pattern == "block_topk":
         pool = lambda x: torch.stack([x[b * BLOCK:(b + 1) * BLOCK].mean(0) for b in range(n)])  # noqa: E731
-        s = (pool(q) @ pool(k).T * scale).masked_fill(j > i, -float("inf"))
+        s = (pool(q) @ pool(k).T * scale).masked_fill(~visible, -float("inf"))
         m = torch.zeros(n, n, dtype=torch.bool)
         m[i.expand(n, min(p["keep"], n)), s.topk(min(p["keep"], n), dim=1).indices] = True
         m = m | (i == j) | (j == 0)
@@ -84,7 +89,7 @@ def _torch_blocks(head, q, k, visual, scale):
         m = m | text[:, None]
         if head.boundaries == "2d":
             m = m | text[None, :]
-    return m & (j <= i)
+    return m & visible
 
 
 def _position_major(visual, frames, per_frame):
@@ -134,7 +139,7 @@ class Reference:
                 perm, visual = torch.arange(T), self.visual
             mask = torch.zeros(H, T, T, dtype=torch.bool)
             for h, head in enumerate(config.heads):
-                m = _torch_blocks(head, query[0, h, perm], key[0, h, perm], visual, scaling)
+                m = _torch_blocks(head, query[0, h, perm], key[0, h, perm], visual, scaling, perm)
                 token = m[torch.arange(T)[:, None] // BLOCK, torch.arange(T)[None, :] // BLOCK]  # in perm's order
                 back = torch.zeros(T, T, dtype=torch.bool)
                 back[perm[:, None], perm[None, :]] = token
