@@ -2,7 +2,9 @@
 # The one GPU regression command: every headline figure of the README, in one run, one table at the end.
 #   scripts/regression.sh            (on the GPU machine, from the repo root; CSVs and logs land in $OUT or results/)
 # Attention target (mmfa both faces against cuDNN), pipeline target (both faces), split-KV decode against
-# torch SDPA, and the VLM TTFT/ITL rows (LLaVA-1.5-7B, Qwen2.5-VL-7B, Gemma-3-4B shapes, random weights).
+# torch SDPA, the block-sparse kernels per block against dense (5% and 50%), dynamic mask attention against
+# dense (16k and 64k, keep 2048), and the VLM TTFT/ITL rows (LLaVA-1.5-7B, Qwen2.5-VL-7B, Gemma-3-4B shapes,
+# random weights).
 # VLM_FAMILIES / VLM_VISUAL override the VLM grid (e.g. VLM_VISUAL="2304 4608 9216").
 set -uo pipefail
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
@@ -19,6 +21,8 @@ step pipeline python3 bench/mmfa.py --preset target --torch --out "$out/pipeline
 step decode python3 bench/decode.py --graphs --impls mmfa_torch mmfa_prefill_kernel sdpa_cudnn sdpa_flash \
   --out "$out/decode.csv"
 step decode_calls python3 bench/decode.py --impls mmfa_torch mmfa_jax sdpa_cudnn --batch 1 --out "$out/decode_calls.csv"
+step sparse_kernel python3 bench/sparse.py kernel --densities 0.05,0.5 --repeats 3 --out "$out/sparse_kernel.csv"
+step dma python3 bench/dma.py --lengths 16384,65536 --keeps 2048 --impls mmfa_dense,mmfa_dma --out "$out/dma.csv"
 step vlm python3 bench/vlm.py --preset h100 --families ${VLM_FAMILIES:-llava qwen2_5_vl gemma3} \
   --impls sdpa mmfa mmfa+prune --keeps 0.25 --visual ${VLM_VISUAL:-2304 9216} --new-tokens 16 --out "$out/vlm.csv"
 python3 scripts/regression_table.py "$out" | tee "$out/table.md"

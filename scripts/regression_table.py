@@ -57,6 +57,22 @@ def main(argv=None):
                 cells.append(f"{_num(hit[0]['us'], '{:.0f}')} ({_num(hit[0]['hbm_fraction'], '{:.0%}')})"
                              if hit and not hit[0]["error"] else "err")
             print(f"| rows {key[2]} | {key[0]} | {key[1]} | " + " | ".join(cells) + " |")
+    sparse = _rows(folder / "sparse_kernel.csv")
+    if sparse:
+        print("\n| block-sparse (32k, 28/4 heads, d128, bf16, 128-blocks) | density | sparse ms | dense ms | "
+              "per-block throughput of dense |")
+        print("|---|---|---|---|---|")
+        for r in sparse:
+            what = f"{'causal' if r['causal'] == 'True' else 'full'} {r['mode']}"
+            print(f"| {what} | {_num(r['density'])} | {_num(r['ms'])} | {_num(r['dense_ms'])} | {_num(r['per_block'])} |")
+    dma = _rows(folder / "dma.csv")
+    if dma:
+        print("\n| dynamic mask (16/4 heads, d128, bf16) | tokens | keep | ms | dense ms | speedup |")
+        print("|---|---|---|---|---|---|")
+        for r in dma:
+            if r["impl"] == "mmfa_dma":
+                print(f"| {r['mode']} | {r['tokens']} | {r['keep']} | {_num(r['ms'])} | {_num(r['dense_ms'])} | "
+                      f"{_num(r['speedup'])}x |")
     print("\n| VLM (random weights, bf16, B1) | visual | impl | keep | TTFT ms | ITL ms | error |")
     print("|---|---|---|---|---|---|---|")
     for r in _rows(folder / "vlm.csv"):
