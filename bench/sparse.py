@@ -46,6 +46,7 @@ import numpy as np  # noqa: E402
 
 import mmfa_jax  # noqa: E402
 from bench.attention import time_it  # noqa: E402
+from mmfa_jax import sparse_patterns as sp  # noqa: E402
 
 FIELDS = ["impl", "seq_len", "heads", "kv_heads", "head_dim", "dtype", "causal", "mode", "density", "block",
           "ms", "dense_ms", "per_block"]
@@ -136,23 +137,26 @@ def synthetic_video(rng, frames: int, tokens_per_frame: int, text: int, heads: i
     return q[None].astype(dtype), k[None].astype(dtype), v[None].astype(dtype), visual
 
 
+def _prefill_map(q, k, visual, frames, tokens_per_frame, keep, block):
+    """(perm (B, T), blocks (B, N, n, n)): the position-major video order and the map in it (block
+    top-k on the permuted q/k, the modality boundaries, causality by the original positions)."""
+    perm = sp.video_permutation(visual, frames, tokens_per_frame)
+    take = lambda x: jnp.take_along_axis(x, perm[:, :, None, None], axis=1)  # noqa: E731
+    blocks = sp.with_boundaries(sp.block_topk(take(q), take(k), keep=keep, block=block, positions=perm),
+                                jnp.take_along_axis(visual, perm, axis=1), block=block, positions=perm)
+    return perm, blocks
+
+
 def _sparse_prefill(frames, tokens_per_frame, keep, block, impl):
     """The whole sparse prefill as one jitted function of (q, k, v, visual)."""
-    from mmfa_jax import sparse_patterns as sp
-
     def run(q, k, v, visual):
-        perm = sp.video_permutation(visual, frames, tokens_per_frame)
-        take = lambda x: jnp.take_along_axis(x, perm[:, :, None, None], axis=1)  # noqa: E731
-        blocks = sp.with_boundaries(sp.block_topk(take(q), take(k), keep=keep, block=block, positions=perm),
-                                    jnp.take_along_axis(visual, perm, axis=1), block=block, positions=perm)
+        perm, blocks = _prefill_map(q, k, visual, frames, tokens_per_frame, keep, block)
         return sp.permuted_attention(q, k, v, perm, blocks, block=block, implementation=impl, return_lse=True), blocks
 
     return jax.jit(run)
 
 
 def prefill(args):
-    from mmfa_jax import sparse_patterns as sp
-
     rng = np.random.default_rng(0)
     impl = "interpret" if args.smoke else None
     dt = jnp.dtype(args.dtype)
@@ -222,7 +226,7 @@ def prefill(args):
                 print(f"         vertical-slash failed: {str(e)[:120]}", flush=True)
         if T in args.flex_lengths:
             rows.append(_flex_row(q, k, v, visual, frames, args, keep, dense_ms))
-        del q, k, v, box
+        q = k = v = box = None  # free the inputs before the next length
     _write(args.out, rows, PREFILL_FIELDS)
 
 
@@ -234,13 +238,10 @@ def _flex_row(q, k, v, visual, frames, args, keep, dense_ms):
         import torch
         from torch.nn.attention.flex_attention import BlockMask as FlexMask, flex_attention
 
-        from mmfa_jax import sparse_patterns as sp
         from mmfa_torch.bridge import to_torch
 
-        perm = sp.video_permutation(visual, frames, args.tokens_per_frame)
+        perm, blocks = _prefill_map(q, k, visual, frames, args.tokens_per_frame, keep, args.block)
         take = lambda x: jnp.take_along_axis(x, perm[:, :, None, None], axis=1)  # noqa: E731
-        blocks = sp.with_boundaries(sp.block_topk(take(q), take(k), keep=keep, block=args.block, positions=perm),
-                                    jnp.take_along_axis(visual, perm, axis=1), block=args.block, positions=perm)
         T = q.shape[1]
         lists = mmfa_jax.BlockMask.from_dense(blocks, args.block, seq_lens=(T, T),
                                              positions=(perm, perm)).lists(True)

@@ -194,7 +194,7 @@ def run_torch(args):
                 dist.all_reduce(peak, op=dist.ReduceOp.MAX)
                 row["peak_gib"] = round(float(peak) / 2**30, 2)
                 torch.cuda.reset_peak_memory_stats(device)
-            del q, feats, out
+            q = feats = out = None  # free the shards before the next case
         except Exception as e:  # noqa: BLE001
             row["error"] = str(e).splitlines()[0][:140] if str(e) else type(e).__name__
         if rank == 0:
