@@ -40,17 +40,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
+from xattn_model import sizes  # noqa: E402  (scripts/: token counts with k/M suffixes)
+
 FIELDS = ["face", "pass", "batch", "q_heads", "kv_heads", "head_dim", "dtype", "sq", "skv", "devices", "skv_block",
           "ms", "tflops", "model_ms", "measured_over_model", "error"]
-
-
-def _sizes(text: str) -> list[int]:
-    out = []
-    for part in text.split(","):
-        part = part.strip().lower()
-        mult = 1048576 if part.endswith("m") else 1024 if part.endswith("k") else 1
-        out.append(int(float(part.rstrip("mk")) * mult))
-    return out
 
 
 def _fmt(x: int) -> str:
@@ -216,11 +209,11 @@ def main(argv=None):
     rows = []
     passes = [False, True] if args.backward else [False]
     for p in (int(x) for x in args.devices.split(",")):
-        for skv in _sizes(args.skv):
+        for skv in sizes(args.skv):
             if skv % p or skv // p < args.min_block:
                 continue
             block = skv // p
-            for sq in _sizes(args.sq):
+            for sq in sizes(args.sq):
                 for face in faces:
                     for bwd in passes:
                         row = dict(face=face, batch=args.batch, q_heads=args.heads, kv_heads=args.kv_heads,

@@ -33,19 +33,13 @@ from pathlib import Path
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 
 import numpy as np  # noqa: E402
+from xattn_model import sizes  # noqa: E402  (token counts with k/M suffixes)
 
 FIELDS = ["engine", "devices", "sq", "skv", "heads", "head_dim", "strategy", "mode", "recompute", "ms", "peak_gib",
           "max_err", "error"]
-
-
-def _tokens(s: str) -> list[int]:
-    out = []
-    for x in s.split(","):
-        x = x.strip().lower()
-        out.append(int(float(x[:-1]) * (1 << 10 if x.endswith("k") else 1 << 20)) if x[-1] in "km" else int(x))
-    return out
 
 
 def _cases(args):
@@ -253,8 +247,8 @@ def _write(path, rows):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("engine", choices=["jax", "torch"])
-    ap.add_argument("--sq", type=_tokens, default=_tokens("1k,8k"), help="text tokens (k/M suffixes)")
-    ap.add_argument("--skv", type=_tokens, default=_tokens("64k,256k,1M"), help="visual tokens")
+    ap.add_argument("--sq", type=sizes, default=sizes("1k,8k"), help="text tokens (k/M suffixes)")
+    ap.add_argument("--skv", type=sizes, default=sizes("64k,256k,1M"), help="visual tokens")
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--hidden", type=int, default=4096, help="the visual features' width C")

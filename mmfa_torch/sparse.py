@@ -74,7 +74,7 @@ from mmfa_jax._autodiff import backward_delta
 from mmfa_jax._checks import ArgumentError, ArgumentTypeError
 from mmfa_jax.block_sparse import BlockMask as JaxBlockMask
 from mmfa_torch import launch, ops
-from mmfa_torch.attention import _jax_has_gpu, _lowering
+from mmfa_torch.attention import _Empty, _jax_has_gpu, _lowering
 from mmfa_torch.bridge import to_jax, to_torch
 from mmfa_torch.launch import _JAX_DTYPE
 
@@ -603,20 +603,6 @@ class _EagerSparse(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_out, d_lse):
         return _gradients(ctx, d_out, d_lse, _backward)
-
-
-class _Empty(torch.autograd.Function):
-    """A call with a size 0: zeros and LSE -inf, with zero gradients (as the dense face's)."""
-
-    @staticmethod
-    def forward(ctx, query, key, value):
-        ctx.shapes = [(t.shape, t.dtype, t.device) for t in (query, key, value)]
-        B, N, T = query.shape[:3]
-        return query.new_zeros(query.shape), torch.full((B, N, T), float("-inf"), device=query.device)
-
-    @staticmethod
-    def backward(ctx, d_out, d_lse):
-        return tuple(torch.zeros(shape, dtype=dtype, device=device) for shape, dtype, device in ctx.shapes)
 
 
 # ------------------------------------------------------------------------------------------------

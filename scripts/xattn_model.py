@@ -152,7 +152,8 @@ def detail(s: Shape, n: int, m: Machine) -> str:
     return "\n".join(out)
 
 
-def _sizes(text: str) -> list[int]:
+def sizes(text: str) -> list[int]:
+    """Comma-separated token counts with optional k (1024) or M (1048576) suffixes: "1k,8k,1M"."""
     out = []
     for part in text.split(","):
         part = part.strip().lower()
@@ -184,7 +185,7 @@ def main(argv=None):
     ap.add_argument("--detail", action="store_true", help="per-step times of the first shape at every n")
     args = ap.parse_args(argv)
 
-    sqs, skvs = _sizes(args.sq), _sizes(args.skv)
+    sqs, skvs = sizes(args.sq), sizes(args.skv)
     if args.pairs:
         if len(sqs) != len(skvs):
             ap.error("--pairs needs as many --sq as --skv values")

@@ -79,6 +79,21 @@ def set_implementation(implementation: str | None):
 # Mask function
 # --------------------------------------------------------------------------------------------------
 
+def key_padding(kwargs):
+    """The (B, kv_length) bool key padding of a mask-function call (``kwargs`` as transformers passes
+    them: attention_mask, kv_length, kv_offset), or None when every key is real."""
+    padding = kwargs.get("attention_mask")
+    if padding is None:
+        return None
+    kv_length, kv_offset = int(kwargs["kv_length"]), int(kwargs.get("kv_offset", 0) or 0)
+    padding = padding.to(torch.bool)
+    missing = kv_offset + kv_length - padding.shape[-1]
+    if missing > 0:  # as transformers' prepare_padding_mask: keys past the mask are padding
+        padding = torch.nn.functional.pad(padding, (0, missing))
+    padding = padding[:, kv_offset:kv_offset + kv_length]
+    return None if bool(padding.all()) else padding
+
+
 def mask_function(*args, **kwargs):
     """transformers mask interface for "mmfa".
 
@@ -96,16 +111,7 @@ def mask_function(*args, **kwargs):
     config = kwargs.get("config")
     chunked = getattr(config, "attention_chunk_size", None) is not None
     if (causal_plain or bidirectional_plain) and not chunked:
-        padding = kwargs.get("attention_mask")
-        if padding is None:
-            return None
-        kv_length, kv_offset = int(kwargs["kv_length"]), int(kwargs.get("kv_offset", 0) or 0)
-        padding = padding.to(torch.bool)
-        missing = kv_offset + kv_length - padding.shape[-1]
-        if missing > 0:  # as transformers' prepare_padding_mask: keys past the mask are padding
-            padding = torch.nn.functional.pad(padding, (0, missing))
-        padding = padding[:, kv_offset:kv_offset + kv_length]
-        return None if bool(padding.all()) else padding
+        return key_padding(kwargs)
     kwargs["allow_is_causal_skip"] = False
     kwargs["allow_is_bidirectional_skip"] = False
     kwargs.pop("dtype", None)

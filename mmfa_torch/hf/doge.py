@@ -64,6 +64,7 @@ import torch
 
 from mmfa_jax import _checks, backends
 from mmfa_torch.dynamic_mask import dynamic_mask_attention, zoh_states
+from mmfa_torch.hf.backend import key_padding
 
 Tensor = torch.Tensor
 NAME = "mmfa_doge"  # the attention implementation a patched model runs under
@@ -203,16 +204,7 @@ def mask_function(*args, **kwargs):
             "mmfa Doge attention: transformers asked for a mask other than causal plus padding (packed sequences "
             "found from the position ids, a sliding window, or an or/and overlay); the dynamic mask kernels take a "
             "causal mask with key padding only. Pass an attention_mask (or no position ids) for unpacked batches")
-    padding = kwargs.get("attention_mask")
-    if padding is None:
-        return None
-    kv_length, kv_offset = int(kwargs["kv_length"]), int(kwargs.get("kv_offset", 0) or 0)
-    padding = padding.to(torch.bool)
-    missing = kv_offset + kv_length - padding.shape[-1]
-    if missing > 0:  # as transformers' prepare_padding_mask: keys past the mask are padding
-        padding = torch.nn.functional.pad(padding, (0, missing))
-    padding = padding[:, kv_offset:kv_offset + kv_length]
-    return None if bool(padding.all()) else padding
+    return key_padding(kwargs)
 
 
 def _not_patched(module, *args, **kwargs):
