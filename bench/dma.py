@@ -8,6 +8,8 @@ Per (length, keep_window_size, mode in fwd / fwd+bwd), medians of repeats:
 
   mmfa_dma     ``mmfa_jax.dynamic_mask_attention`` (top-k selection on the device, gathered K/V)
   mmfa_dense   ``mmfa_jax.attention(is_causal=True)``: the same shapes, every allowed key
+  mmfa_dma_select  the selection alone (the sort and the selection kernel: thresholds and candidate
+               lists), forward mode only: what mmfa_dma spends before its attention kernel
   doge_sdpa    Doge's path (transformers ``DogeAttention``): the (B, H, T, S) float mask of
                ``prepare_dynamic_mask`` (zoh expanded, causal mask, top-k per row) and torch SDPA
                with it; where it fits in memory
@@ -97,6 +99,19 @@ def _doge_time(q, k, v, zoh, do, keep, mode, repeats):
     return us / 1e3, torch.cuda.max_memory_allocated() / 2**30
 
 
+def _selection(keep, impl):
+    """The selection of ``dynamic_mask_attention`` alone, as a function of (q, k, v, zoh)."""
+    from mmfa_jax import dynamic_mask as jax_dma
+    from mmfa_jax._checks import Options
+
+    def select(q, k, v, zoh):
+        opts = Options.make(is_causal=True, implementation=impl)
+        static, _, _ = jax_dma.prepare(opts, keep, q, k, v, zoh)
+        return jax_dma._select_kernels(static, zoh, None, None, None)
+
+    return select
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
@@ -133,7 +148,7 @@ def main(argv=None):
                              peak_gib=round(dense_peak, 2) if dense_peak else None))
             print(f"{T:>6} {mode:<8} mmfa_dense            {dense_ms:9.3f} ms", flush=True)
             for keep in args.keeps:
-                for impl_name in [i for i in ("mmfa_dma", "doge_sdpa") if i in args.impls]:
+                for impl_name in [i for i in ("mmfa_dma", "mmfa_dma_select", "doge_sdpa") if i in args.impls]:
                     row = dict(base, impl=impl_name, tokens=T, keep=keep, mode=mode, dense_ms=round(dense_ms, 3))
                     try:
                         if impl_name == "mmfa_dma":
@@ -141,6 +156,11 @@ def main(argv=None):
                                 lambda q, k, v, z: mmfa_jax.dynamic_mask_attention(
                                     q, k, v, z, keep_window_size=keep, implementation=impl),
                                 (q, k, v, zoh, do), mode, args.min_time, args.repeats)
+                        elif impl_name == "mmfa_dma_select":
+                            if mode != "fwd":
+                                continue
+                            ms, peak = _jax_time(_selection(keep, impl), (q, k, v, zoh, do), mode, args.min_time,
+                                                 args.repeats)
                         elif T <= args.doge_max and not args.smoke:
                             ms, peak = _doge_time(q, k, v, zoh, do, keep, mode, args.repeats)
                         else:

@@ -96,16 +96,16 @@ def block_sparse_backward() -> tuple[KernelPlan, ...]:
 
 # Dynamic mask attention (``mmfa_jax.kernels.dynamic_mask``, Flash-DMA): zoh (B, K, S); thresholds
 # thr_key / thr_index (B, K, T) int32; in the nested case (no segment ids) the per-query-tile candidate
-# lists ``candidates`` (B, K, nq, list_buffer) int32 and ``counts`` (B, K, nq) int32, made by DMA_SELECT
-# (row t0's threshold as thr0_*) and refined per row by DMA_WALK; with segment ids DMA_SELECT_ROWS gives
+# lists ``candidates`` (B, K, nq, list_buffer) int32 and ``counts`` (B, K, nq) int32 and every row's
+# threshold, made by DMA_SELECT from the keys sorted best first (``sorted_index``, ``sorted_key``
+# (B, K, S) int32: ``kernels.dynamic_mask.sort_keys``); with segment ids DMA_SELECT_ROWS gives
 # every row's threshold and the attention kernels take no lists. The backward's dk_acc, dv_acc
 # (B, K, S + block_k, padded D) and dzoh_acc (B, K, S + block_k) float32 start as zeros and are aliased
 # to its last three results (atomic adds).
 _DMA_ATTENTION = ("q", "k", "v", "zoh", "candidates", "counts", "thr_key", "thr_index", "q_seg", "kv_seg",
                   "q_lengths", "kv_lengths")
-DMA_SELECT = KernelPlan("mmfa_dma_select", ("zoh", "kv_lengths"), ("candidates", "counts", "thr0_key", "thr0_index"))
-DMA_WALK = KernelPlan("mmfa_dma_walk", ("zoh", "candidates", "counts", "thr0_key", "thr0_index", "kv_lengths"),
-                      ("thr_key", "thr_index"))
+DMA_SELECT = KernelPlan("mmfa_dma_select", ("sorted_index", "sorted_key", "kv_lengths"),
+                        ("candidates", "counts", "thr_key", "thr_index"))
 DMA_SELECT_ROWS = KernelPlan("mmfa_dma_select_rows", ("zoh", "q_seg", "kv_seg", "kv_lengths"),
                              ("thr_key", "thr_index"))
 DMA_FORWARD = KernelPlan("mmfa_dma_forward", _DMA_ATTENTION, ("out", "lse"))
@@ -115,7 +115,7 @@ DMA_BACKWARD = KernelPlan("mmfa_dma_backward", (*_DMA_ATTENTION, "d_out", "lse",
 
 def dynamic_mask_forward(nested: bool) -> tuple[KernelPlan, ...]:
     """The dynamic-mask forward's kernels in launch order (selection, then attention)."""
-    return (DMA_SELECT, DMA_WALK, DMA_FORWARD) if nested else (DMA_SELECT_ROWS, DMA_FORWARD)
+    return (DMA_SELECT, DMA_FORWARD) if nested else (DMA_SELECT_ROWS, DMA_FORWARD)
 
 
 def dynamic_mask_backward() -> tuple[KernelPlan, ...]:

@@ -177,7 +177,7 @@ def dma_backward(head_dim, dtype, cfg, implementation="pallas"):
 
 
 KERNELS.update({
-    "dma_forward": (dma_forward, ("forward",), ("mmfa_dma_select", "mmfa_dma_walk", "mmfa_dma_forward")),
+    "dma_forward": (dma_forward, ("forward",), ("mmfa_dma_select", "mmfa_dma_forward")),
     "dma_forward_segments": (dma_forward_segments, ("forward",), ("mmfa_dma_select_rows", "mmfa_dma_forward")),
-    "dma_backward": (dma_backward, ("forward",), ("mmfa_dma_select", "mmfa_dma_walk", "mmfa_dma_backward")),
+    "dma_backward": (dma_backward, ("forward",), ("mmfa_dma_select", "mmfa_dma_backward")),
 })

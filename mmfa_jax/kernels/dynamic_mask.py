@@ -143,10 +143,9 @@ class DmaProblem:
 
     @property
     def list_capacity(self) -> int:
-        """Entries of a query tile's candidate list: a power of two (the walk holds the list as one
-        vector) covering min(keep + block_q - 1, S) rounded up to the key block."""
+        """Entries of a query tile's candidate list: min(keep + block_q - 1, S) rounded up to the key block."""
         need = min(self.keep + self.block_q - 1, self.problem.kv_len)
-        return pl.next_power_of_2(max(self.block_k, pl.cdiv(need, self.block_k) * self.block_k))
+        return max(self.block_k, pl.cdiv(need, self.block_k) * self.block_k)
 
     @property
     def list_buffer(self) -> int:
@@ -252,31 +251,63 @@ def _counter(zoh_ref, kv_len: int, num_blocks, block_k: int, allowed_fn, rows: i
 # Selection kernels.
 
 
-def _select_kernel(zoh_ref, kvlen_ref, cand_ref, count_ref, thr_key_ref, thr_idx_ref, *, dp: DmaProblem):
-    """Nested case, one (query tile, KV head, batch): row t0's threshold and the tile's candidates."""
-    p, block_q, block_k = dp.problem, dp.block_q, dp.block_k
+def _select_kernel(order_ref, sorted_key_ref, kvlen_ref, cand_ref, count_ref, thr_key_ref, thr_idx_ref, *,
+                   dp: DmaProblem):
+    """Nested case, one (query tile, KV head, batch): every row's threshold and the tile's candidates,
+    from the keys sorted best first (``order_ref``: key indices; ``sorted_key_ref``: their order keys).
+
+    Row t's threshold is the (keep+1)-th entry of the sorted keys with index < e_t. The scan walks the
+    sorted keys in chunks, counting per row the entries its prefix allows (a cumulative sum along
+    the chunk), and stops once every row that allows more than ``keep`` keys has found its
+    threshold. The tile's first row allows the fewest keys, so it finishes last, and the entries it
+    keeps, met on the way, are the list's first part; the keys [e_t0, e_last) follow."""
+    p, block_q, block_k, keep = dp.problem, dp.block_q, dp.block_k, dp.keep
+    S = p.kv_len
     t0 = pl.program_id(0) * block_q
     kv_valid = _kv_valid(p, kvlen_ref)
+    q_pos = t0 + jnp.arange(block_q)
+    in_q = q_pos < p.q_len
+    ends = _prefix_end(p, jnp.minimum(q_pos, p.q_len - 1), kv_valid)  # (block_q,)
     e0 = _prefix_end(p, t0, kv_valid)
     e_last = _prefix_end(p, jnp.minimum(t0 + block_q, p.q_len) - 1, kv_valid)
-
-    count = _counter(zoh_ref, p.kv_len, pl.cdiv(e0, block_k), block_k, lambda k_pos: (k_pos < e0)[None, :], 1)
-    thr_key, thr_idx = _radix_select(count, dp.keep + 1, dp.index_bits)  # (1,) each
-    tk, ti = jnp.max(thr_key), jnp.max(thr_idx)
-
-    # Compaction: keys of row t0's prefix that beat its threshold, then the keys entering after it.
-    cap = dp.list_capacity
+    need = in_q & (ends > keep)  # rows with a threshold to find
+    scan_first = jnp.asarray(e0 > keep)  # else row t0 keeps all of [0, e0): the list starts with them in order
     lanes = jnp.arange(block_k)
+    cap = dp.list_capacity
 
-    def compact(j, base):
-        k_pos = j * block_k + lanes
-        key, _ = _zoh_keys(zoh_ref, k_pos, k_pos < e_last)
-        take = ((k_pos < e0) & beats(key, k_pos, tk, ti)) | ((k_pos >= e0) & (k_pos < e_last))
-        pos = jnp.where(take, base + jnp.cumsum(take.astype(jnp.int32)) - 1, cap + lanes)
-        plgpu.store(cand_ref.at[pos], k_pos, mask=take)
-        return base + jnp.sum(take.astype(jnp.int32))
+    def searching(carry):
+        j, _, at, _ = carry
+        return (j * block_k < S) & (jnp.max((need & (at == S)).astype(jnp.int32)) > 0)
 
-    n = lax.fori_loop(0, pl.cdiv(e_last, block_k), compact, jnp.int32(0))
+    def scan(carry):
+        j, seen, at, n = carry
+        pos = j * block_k + lanes
+        idx = plgpu.load(order_ref.at[jnp.where(pos < S, pos, 0)], mask=pos < S, other=INT32_MAX)
+        allows = idx[None, :] < ends[:, None]  # (block_q, block_k)
+        running = seen[:, None] + jnp.cumsum(allows.astype(jnp.int32), axis=1)
+        hit = allows & (running == keep + 1)
+        at = jnp.minimum(at, jnp.min(jnp.where(hit, pos[None, :], S), axis=1))
+        first = idx < e0
+        rank0 = n + jnp.cumsum(first.astype(jnp.int32))
+        take = first & (rank0 <= keep) & scan_first
+        plgpu.store(cand_ref.at[jnp.where(take, rank0 - 1, cap + lanes)], idx, mask=take)
+        return j + 1, seen + jnp.sum(allows.astype(jnp.int32), axis=1), at, n + jnp.sum(take.astype(jnp.int32))
+
+    init = (jnp.int32(0), jnp.zeros((block_q,), jnp.int32), jnp.full((block_q,), S, jnp.int32), jnp.int32(0))
+    _, _, at, _ = lax.while_loop(searching, scan, init)
+
+    # The contiguous part: [e0, e_last) after row t0's kept keys, or [0, e_last) when it keeps all.
+    lo = scan_first.astype(jnp.int32) * e0
+    base = scan_first.astype(jnp.int32) * keep
+
+    def append(j, carry):
+        k_pos = lo + j * block_k + lanes
+        take = k_pos < e_last
+        plgpu.store(cand_ref.at[jnp.where(take, base + j * block_k + lanes, cap + lanes)], k_pos, mask=take)
+        return carry
+
+    lax.fori_loop(0, pl.cdiv(e_last - lo, block_k), append, 0)
+    n = base + e_last - lo
 
     def fill(j, carry):  # the unused entries, disjoint from those written above
         pos = j * block_k + lanes
@@ -285,50 +316,13 @@ def _select_kernel(zoh_ref, kvlen_ref, cand_ref, count_ref, thr_key_ref, thr_idx
 
     lax.fori_loop(n // block_k, cap // block_k, fill, 0)
     count_ref[...] = n
-    q_pos = t0 + jnp.arange(block_q)
-    in_q = q_pos < p.q_len
+    found = need & (at < S)
+    at = jnp.where(found, at, 0)
+    thr_key = plgpu.load(sorted_key_ref.at[at], mask=found, other=INT32_MIN)
+    thr_idx = plgpu.load(order_ref.at[at], mask=found, other=0)
     rows = jnp.where(in_q, q_pos, 0)
-    plgpu.store(thr_key_ref.at[rows], jnp.broadcast_to(thr_key, (block_q,)), mask=in_q)
-    plgpu.store(thr_idx_ref.at[rows], jnp.broadcast_to(thr_idx, (block_q,)), mask=in_q)
-
-
-def _walk_kernel(zoh_ref, cand_ref, count_ref, thr0_key_ref, thr0_idx_ref, kvlen_ref, thr_key_ref, thr_idx_ref, *,
-                 dp: DmaProblem):
-    """Nested case: the thresholds of rows t0 + 1 .. of the tile from row t0's and the candidates."""
-    p, block_q = dp.problem, dp.block_q
-    t0 = pl.program_id(0) * block_q
-    kv_valid = _kv_valid(p, kvlen_ref)
-    cap = dp.list_capacity
-    n = count_ref[...]
-    valid = jnp.arange(cap) < n
-    idx = cand_ref[pl.ds(0, cap)]
-    key, _ = _zoh_keys(zoh_ref, idx, valid)
-    rows = jnp.arange(block_q)
-    first = jnp.broadcast_to(thr0_key_ref[t0], (block_q,)), jnp.broadcast_to(thr0_idx_ref[t0], (block_q,))
-
-    def step(i, carry):
-        ks, ix = carry
-        t = t0 + i
-        e_prev, e_t = _prefix_end(p, t - 1, kv_valid), _prefix_end(p, t, kv_valid)
-        pk = jnp.sum(jnp.where(rows == i - 1, ks, 0))
-        pi = jnp.sum(jnp.where(rows == i - 1, ix, 0))
-        live = valid & (idx < e_t) & beats(key, idx, pk, pi)
-        worst_key = jnp.min(jnp.where(live, key, INT32_MAX))
-        worst_idx = jnp.max(jnp.where(live & (key == worst_key), idx, -1))
-        # Key n = e_t - 1 entered: if it beats the previous threshold, the worst of those that beat
-        # it (n included) is excluded now; otherwise n itself is, below the previous threshold.
-        n_key = order_key(zoh_ref[jnp.maximum(e_t - 1, 0)])
-        moved = (e_t > e_prev) & beats(n_key, e_t - 1, pk, pi)
-        new_key = jnp.where(e_t <= dp.keep, INT32_MIN, jnp.where(moved, worst_key, pk))
-        new_idx = jnp.where(e_t <= dp.keep, 0, jnp.where(moved, worst_idx, pi))
-        return jnp.where(rows == i, new_key, ks), jnp.where(rows == i, new_idx, ix)
-
-    ks, ix = lax.fori_loop(1, block_q, step, first)
-    q_pos = t0 + rows
-    in_q = q_pos < p.q_len
-    out_rows = jnp.where(in_q, q_pos, 0)
-    plgpu.store(thr_key_ref.at[out_rows], ks, mask=in_q)
-    plgpu.store(thr_idx_ref.at[out_rows], ix, mask=in_q)
+    plgpu.store(thr_key_ref.at[rows], jnp.where(found, thr_key, INT32_MIN), mask=in_q)
+    plgpu.store(thr_idx_ref.at[rows], jnp.where(found, thr_idx, 0), mask=in_q)
 
 
 def _select_rows_kernel(zoh_ref, qseg_ref, kvseg_ref, kvlen_ref, thr_key_ref, thr_idx_ref, *, dp: DmaProblem):
@@ -371,6 +365,15 @@ def _per_tile_spec(head_of, length=None):
     return pl.BlockSpec((None, None, None, length), lambda t, n, b: (b, head_of(n), t, 0))
 
 
+def sort_keys(zoh):
+    """zoh's keys best first, per (batch, KV head): (order keys, key indices), (B, K, S) int32 each;
+    equal keys by ascending index. One XLA sort (``~key`` reverses the order without overflow)."""
+    key = order_key(lax.stop_gradient(zoh))
+    index = lax.broadcasted_iota(jnp.int32, key.shape, 2)
+    not_key, order = lax.sort((~key, index), dimension=2, num_keys=2)
+    return ~not_key, order
+
+
 def select(dp: DmaProblem, cfg: KernelConfig, zoh, q_seg, kv_seg, kv_lengths, *, lowering: Lowering):
     """The thresholds (thr_key, thr_index), (B, K, T) int32 each, and in the nested case the
     candidate lists: (candidates (B, K, nq, list_buffer) int32, counts (B, K, nq) int32), else
@@ -390,24 +393,16 @@ def select(dp: DmaProblem, cfg: KernelConfig, zoh, q_seg, kv_seg, kv_lengths, *,
             **lowering.pallas_args(cfg), name=plan.name,
         )(*plan.ordered(zoh=zoh, q_seg=q_seg, kv_seg=kv_seg, kv_lengths=kv_lengths))
         return None, None, thr_key, thr_idx
+    sorted_key, order = sort_keys(zoh)
     plan = plans.DMA_SELECT
-    cand, count, thr0_key, thr0_idx = pl.pallas_call(
+    cand, count, thr_key, thr_idx = pl.pallas_call(
         functools.partial(_select_kernel, dp=dp), grid=grid,
-        in_specs=[_zoh_spec(p, same), kvlen_spec],
+        in_specs=[_zoh_spec(p, same), _zoh_spec(p, same), kvlen_spec],
         out_specs=[_per_tile_spec(same, dp.list_buffer), _per_tile_spec(same), thr_spec, thr_spec],
         out_shape=[jax.ShapeDtypeStruct((p.batch, p.kv_heads, dp.num_q_blocks, dp.list_buffer), jnp.int32),
                    jax.ShapeDtypeStruct((p.batch, p.kv_heads, dp.num_q_blocks), jnp.int32), thr_shape, thr_shape],
         **lowering.pallas_args(cfg), name=plan.name,
-    )(*plan.ordered(zoh=zoh, kv_lengths=kv_lengths))
-    plan = plans.DMA_WALK
-    thr_key, thr_idx = pl.pallas_call(
-        functools.partial(_walk_kernel, dp=dp), grid=grid,
-        in_specs=[_zoh_spec(p, same), _per_tile_spec(same, dp.list_buffer), _per_tile_spec(same), thr_spec,
-                  thr_spec, kvlen_spec],
-        out_specs=[thr_spec, thr_spec], out_shape=[thr_shape, thr_shape],
-        **lowering.pallas_args(cfg), name=plan.name,
-    )(*plan.ordered(zoh=zoh, candidates=cand, counts=count, thr0_key=thr0_key, thr0_index=thr0_idx,
-                    kv_lengths=kv_lengths))
+    )(*plan.ordered(sorted_index=order, sorted_key=sorted_key, kv_lengths=kv_lengths))
     return cand, count, thr_key, thr_idx
 
 
