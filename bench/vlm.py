@@ -44,9 +44,8 @@ PRESETS = {
                  layer=2, repeats=2),
 }
 FIELDS = ["family", "model", "impl", "vision_attn", "decode", "keep", "layer", "visual_tokens", "images", "image_px",
-          "prompt_tokens",
-          "kept_tokens", "batch", "new_tokens", "ttft_ms", "vision_ms", "e2e_ms", "itl_mean_ms", "itl_p50_ms", "itl_p90_ms",
-          "decode_tok_s", "peak_torch_gib", "peak_jax_gib", "error"]
+          "prompt_tokens", "kept_tokens", "batch", "new_tokens", "ttft_ms", "vision_ms", "e2e_ms", "itl_mean_ms",
+          "itl_p50_ms", "itl_p90_ms", "decode_tok_s", "peak_torch_gib", "peak_jax_gib", "error"]
 
 
 def layout(model, family: str, target: int) -> tuple[int, int | None, int]:
@@ -166,8 +165,7 @@ def bench_row(model, family, impl, keep, layer, target, cfg, handle_box):
         ttft, steps, cached = best
         timer = VisionTimer(model, device)  # a prefill of its own: its syncs would add to the TTFT timed above
         try:
-            with torch.inference_mode():
-                model(**inputs, position_ids=vlms.generation_position_ids(model, inputs), logits_to_keep=1)
+            run_once(model, inputs, 1, device)
         finally:
             timer.remove()
         row["vision_ms"] = round(timer.seconds * 1e3, 3)

@@ -98,13 +98,13 @@ def block_sparse_backward() -> tuple[KernelPlan, ...]:
 # thr_key / thr_index (B, K, T) int32; in the nested case (no segment ids) the per-query-tile candidate
 # lists ``candidates`` (B, K, nq, list_buffer) int32 and ``counts`` (B, K, nq) int32 and every row's
 # threshold, made by DMA_SELECT from the keys sorted best first (``sorted_index``, ``sorted_key``
-# (B, K, S) int32: ``kernels.dynamic_mask.sort_keys``); with segment ids DMA_SELECT_ROWS gives
-# every row's threshold and the attention kernels take no lists. The backward's dk_acc, dv_acc
+# (B, K, S) int32: ``kernels.dynamic_mask.sort_keys``), their ``rank`` and ``count_table``; with
+# segment ids DMA_SELECT_ROWS gives every row's threshold and the attention kernels take no lists. The backward's dk_acc, dv_acc
 # (B, K, S + block_k, padded D) and dzoh_acc (B, K, S + block_k) float32 start as zeros and are aliased
 # to its last three results (atomic adds).
 _DMA_ATTENTION = ("q", "k", "v", "zoh", "candidates", "counts", "thr_key", "thr_index", "q_seg", "kv_seg",
                   "q_lengths", "kv_lengths")
-DMA_SELECT = KernelPlan("mmfa_dma_select", ("sorted_index", "sorted_key", "kv_lengths"),
+DMA_SELECT = KernelPlan("mmfa_dma_select", ("sorted_index", "sorted_key", "rank", "count_table", "kv_lengths"),
                         ("candidates", "counts", "thr_key", "thr_index"))
 DMA_SELECT_ROWS = KernelPlan("mmfa_dma_select_rows", ("zoh", "q_seg", "kv_seg", "kv_lengths"),
                              ("thr_key", "thr_index"))

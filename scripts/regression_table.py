@@ -73,7 +73,8 @@ def main(argv=None):
             if r["impl"] == "mmfa_dma":
                 print(f"| {r['mode']} | {r['tokens']} | {r['keep']} | {_num(r['ms'])} | {_num(r['dense_ms'])} | "
                       f"{_num(r['speedup'])}x |")
-    print("\n| VLM (random weights, bf16, B1) | visual | impl | keep | TTFT ms | of it vision tower ms | ITL ms | error |")
+    print("\n| VLM (random weights, bf16, B1) | visual | impl | keep | TTFT ms | of it vision tower ms | ITL ms "
+          "| error |")
     print("|---|---|---|---|---|---|---|---|")
     for r in _rows(folder / "vlm.csv"):
         print(f"| {r.get('model') or r.get('family')} | {r.get('visual_tokens', '')} | {r.get('impl', '')} | "

@@ -448,15 +448,17 @@ def test_order_key_preserves_the_order_of_floats(rng):
     assert int(order_key(jnp.float32(np.inf))) < INT32_MAX
 
 
-@pytest.mark.parametrize("alignment", ["top_left", "bottom_right"])
-def test_thresholds_and_candidate_lists(rng, alignment):
+@pytest.mark.parametrize("alignment,T,S,keep", [("top_left", 40, 70, 6), ("bottom_right", 40, 70, 6),
+                                                 ("top_left", 203, 203, 37), ("bottom_right", 150, 260, 90),
+                                                 ("bottom_right", 40, 17000, 5000)])  # table columns of 2 blocks
+def test_thresholds_and_candidate_lists(rng, alignment, T, S, keep):
     """The selection kernels (interpreted) against the reference's kept sets: each row's threshold
     is its best excluded allowed key (or the sentinel), and each query tile's list holds every key
     some row of the tile keeps, within the bound min(keep, e_t0) + (e_last - e_t0)."""
     from mmfa_jax import dynamic_mask as jax_dma
     from mmfa_jax.kernels import dynamic_mask as dma
 
-    B, T, S, K, keep = 2, 40, 70, 2, 6
+    B, K = 2, 2
     bottom = alignment == "bottom_right"
     zoh = jnp.asarray(np.round(rng.standard_normal((B, K, S)), 1), jnp.float32)
     q = jnp.zeros((B, T, 2 * K, 16), jnp.float32)

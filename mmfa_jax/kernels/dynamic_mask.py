@@ -148,6 +148,30 @@ class DmaProblem:
         return max(self.block_k, pl.cdiv(need, self.block_k) * self.block_k)
 
     @property
+    def table_rows(self) -> int:
+        """Rows of the count table: key boundaries 0, block_q, 2 block_q, ... up to S."""
+        return pl.cdiv(self.problem.kv_len, self.block_q) + 1
+
+    @property
+    def table_width(self) -> int:
+        """Sorted positions per count-table column: the key block, doubled until the columns
+        (position boundaries 0, width, 2 width, ... up to S) number at most 1024."""
+        width = self.block_k
+        while pl.cdiv(self.problem.kv_len, width) + 1 > 1024:
+            width *= 2
+        return width
+
+    @property
+    def table_columns(self) -> int:
+        """Columns of the count table, a power of two (a row is loaded as one vector)."""
+        return pl.next_power_of_2(pl.cdiv(self.problem.kv_len, self.table_width) + 1)
+
+    @property
+    def list_pass(self) -> int:
+        """Sorted positions per step of the pass that lists row t0's kept keys (one row: wide steps)."""
+        return max(self.block_k, 512)
+
+    @property
     def list_buffer(self) -> int:
         """The list's buffer: the capacity and one key block of spare slots (where the compaction's
         masked lanes point, each lane its own)."""
@@ -251,50 +275,92 @@ def _counter(zoh_ref, kv_len: int, num_blocks, block_k: int, allowed_fn, rows: i
 # Selection kernels.
 
 
-def _select_kernel(order_ref, sorted_key_ref, kvlen_ref, cand_ref, count_ref, thr_key_ref, thr_idx_ref, *,
-                   dp: DmaProblem):
+def _select_kernel(order_ref, sorted_key_ref, rank_ref, table_ref, kvlen_ref, cand_ref, count_ref, thr_key_ref,
+                   thr_idx_ref, *, dp: DmaProblem):
     """Nested case, one (query tile, KV head, batch): every row's threshold and the tile's candidates,
-    from the keys sorted best first (``order_ref``: key indices; ``sorted_key_ref``: their order keys).
+    from the keys sorted best first (``order_ref``: the key at each sorted position; ``sorted_key_ref``:
+    its order key; ``rank_ref``: the sorted position of each key) and their count table
+    (``count_table``).
 
-    Row t's threshold is the (keep+1)-th entry of the sorted keys with index < e_t. The scan walks the
-    sorted keys in chunks, counting per row the entries its prefix allows (a cumulative sum along
-    the chunk), and stops once every row that allows more than ``keep`` keys has found its
-    threshold. The tile's first row allows the fewest keys, so it finishes last, and the entries it
-    keeps, met on the way, are the list's first part; the keys [e_t0, e_last) follow."""
+    Row t's threshold is the (keep+1)-th sorted position whose key is < e_t. The table brackets
+    where the tile's rows reach that count (their e_t lie between two table rows), so the per-row
+    counting (a cumulative sum along each chunk of sorted positions, one count per row) runs over
+    that bracket only, starting from counts the table and the ranks of the tile's own keys give.
+    Row t0 allows the fewest keys; its kept keys, the list's first part, are the sorted positions
+    before its threshold with a key < e_t0 (a one-row pass); the keys [e_t0, e_last) follow."""
     p, block_q, block_k, keep = dp.problem, dp.block_q, dp.block_k, dp.keep
-    S = p.kv_len
+    S, width = p.kv_len, dp.table_width
     t0 = pl.program_id(0) * block_q
     kv_valid = _kv_valid(p, kvlen_ref)
     q_pos = t0 + jnp.arange(block_q)
     in_q = q_pos < p.q_len
     ends = _prefix_end(p, jnp.minimum(q_pos, p.q_len - 1), kv_valid)  # (block_q,)
-    e0 = _prefix_end(p, t0, kv_valid)
-    e_last = _prefix_end(p, jnp.minimum(t0 + block_q, p.q_len) - 1, kv_valid)
+    e0 = jnp.asarray(_prefix_end(p, t0, kv_valid))
+    e_last = jnp.asarray(_prefix_end(p, jnp.minimum(t0 + block_q, p.q_len) - 1, kv_valid))
     need = in_q & (ends > keep)  # rows with a threshold to find
-    scan_first = jnp.asarray(e0 > keep)  # else row t0 keeps all of [0, e0): the list starts with them in order
+    scan_first = e0 > keep  # else row t0 keeps all of [0, e0): the list starts with them in order
     lanes = jnp.arange(block_k)
     cap = dp.list_capacity
 
+    # The bracket [p_lo, p_hi) of sorted positions that holds every row's threshold: table row m
+    # counts the keys < m * block_q, and the rows' e_t lie in [m_lo, m_hi] * block_q.
+    last_row = dp.table_rows - 1
+    m_lo = jnp.minimum(jnp.maximum(e0, keep + 1) // block_q, last_row)
+    m_hi = jnp.minimum(pl.cdiv(e_last, block_q), last_row)
+
+    def first_column(m):  # the first table column whose count reaches keep + 1 (the counts grow along a row)
+        return jnp.sum((table_ref[m, :] < keep + 1).astype(jnp.int32))
+
+    c_lo = jnp.maximum(first_column(m_hi) - 1, 0)
+    p_lo = c_lo * width
+    p_hi = jnp.minimum(first_column(m_lo) * width, S)
+
+    # Each row's count of allowed keys before p_lo: the table's, for the keys < m_base * block_q,
+    # plus those of the keys [m_base * block_q, e_t) whose rank is below p_lo.
+    m_base = jnp.minimum(e0 // block_q, last_row)
+    below = table_ref[m_base, c_lo]
+    first_key = m_base * block_q
+
+    def own_keys(j, seen):
+        k_pos = first_key + j * block_k + lanes
+        in_range = k_pos < e_last
+        rank = plgpu.load(rank_ref.at[jnp.where(in_range, k_pos, 0)], mask=in_range, other=INT32_MAX)
+        early = (k_pos[None, :] < ends[:, None]) & (rank < p_lo)[None, :]
+        return seen + jnp.sum(early.astype(jnp.int32), axis=1)
+
+    seen = lax.fori_loop(0, pl.cdiv(e_last - first_key, block_k), own_keys,
+                         jnp.full((block_q,), below, jnp.int32))
+
     def searching(carry):
-        j, _, at, _ = carry
-        return (j * block_k < S) & (jnp.max((need & (at == S)).astype(jnp.int32)) > 0)
+        j, _, at = carry
+        return (j * block_k < p_hi) & (jnp.max((need & (at == S)).astype(jnp.int32)) > 0)
 
     def scan(carry):
-        j, seen, at, n = carry
+        j, seen, at = carry
         pos = j * block_k + lanes
         idx = plgpu.load(order_ref.at[jnp.where(pos < S, pos, 0)], mask=pos < S, other=INT32_MAX)
         allows = idx[None, :] < ends[:, None]  # (block_q, block_k)
         running = seen[:, None] + jnp.cumsum(allows.astype(jnp.int32), axis=1)
         hit = allows & (running == keep + 1)
         at = jnp.minimum(at, jnp.min(jnp.where(hit, pos[None, :], S), axis=1))
-        first = idx < e0
-        rank0 = n + jnp.cumsum(first.astype(jnp.int32))
-        take = first & (rank0 <= keep) & scan_first
-        plgpu.store(cand_ref.at[jnp.where(take, rank0 - 1, cap + lanes)], idx, mask=take)
-        return j + 1, seen + jnp.sum(allows.astype(jnp.int32), axis=1), at, n + jnp.sum(take.astype(jnp.int32))
+        return j + 1, seen + jnp.sum(allows.astype(jnp.int32), axis=1), at
 
-    init = (jnp.int32(0), jnp.zeros((block_q,), jnp.int32), jnp.full((block_q,), S, jnp.int32), jnp.int32(0))
-    _, _, at, _ = lax.while_loop(searching, scan, init)
+    _, _, at = lax.while_loop(searching, scan, (p_lo // block_k, seen, jnp.full((block_q,), S, jnp.int32)))
+
+    # Row t0's kept keys: the sorted positions before its threshold with a key < e0 (keep of them).
+    first_at = jnp.sum(jnp.where(jnp.arange(block_q) == 0, at, 0))
+    wide = jnp.arange(dp.list_pass)
+
+    def row0(j, n):
+        pos = j * dp.list_pass + wide
+        valid = pos < first_at
+        idx = plgpu.load(order_ref.at[jnp.where(valid, pos, 0)], mask=valid, other=INT32_MAX)
+        take = valid & (idx < e0)
+        rank0 = n + jnp.cumsum(take.astype(jnp.int32))
+        plgpu.store(cand_ref.at[jnp.where(take, rank0 - 1, cap + wide % block_k)], idx, mask=take)
+        return n + jnp.sum(take.astype(jnp.int32))
+
+    lax.fori_loop(0, jnp.where(scan_first, pl.cdiv(first_at, dp.list_pass), 0), row0, jnp.int32(0))
 
     # The contiguous part: [e0, e_last) after row t0's kept keys, or [0, e_last) when it keeps all.
     lo = scan_first.astype(jnp.int32) * e0
@@ -374,6 +440,24 @@ def sort_keys(zoh):
     return ~not_key, order
 
 
+def ranks(order):
+    """The inverse of the sorted order: the sorted position of each key, (B, K, S) int32."""
+    B, K, S = order.shape
+    b, h, pos = (lax.broadcasted_iota(jnp.int32, order.shape, d) for d in range(3))
+    return jnp.zeros((B, K, S), jnp.int32).at[b, h, order].set(pos, unique_indices=True)
+
+
+def count_table(dp: DmaProblem, order):
+    """(B, K, table_rows, table_columns) int32: entry [m, c] counts the sorted positions
+    < c * table_width whose key is < m * block_q (a histogram of (key block, position block), then
+    cumulative sums along both axes; columns past the positions repeat the row's total)."""
+    B, K, S = order.shape
+    b, h, pos = (lax.broadcasted_iota(jnp.int32, order.shape, d) for d in range(3))
+    hist = jnp.zeros((B, K, dp.table_rows, dp.table_columns), jnp.int32)
+    hist = hist.at[b, h, order // dp.block_q + 1, pos // dp.table_width + 1].add(1, mode="drop")
+    return jnp.cumsum(jnp.cumsum(hist, axis=2), axis=3)
+
+
 def select(dp: DmaProblem, cfg: KernelConfig, zoh, q_seg, kv_seg, kv_lengths, *, lowering: Lowering):
     """The thresholds (thr_key, thr_index), (B, K, T) int32 each, and in the nested case the
     candidate lists: (candidates (B, K, nq, list_buffer) int32, counts (B, K, nq) int32), else
@@ -394,15 +478,17 @@ def select(dp: DmaProblem, cfg: KernelConfig, zoh, q_seg, kv_seg, kv_lengths, *,
         )(*plan.ordered(zoh=zoh, q_seg=q_seg, kv_seg=kv_seg, kv_lengths=kv_lengths))
         return None, None, thr_key, thr_idx
     sorted_key, order = sort_keys(zoh)
+    rank, table = ranks(order), count_table(dp, order)
     plan = plans.DMA_SELECT
+    table_spec = pl.BlockSpec((None, None, dp.table_rows, dp.table_columns), lambda t, n, b: (b, n, 0, 0))
     cand, count, thr_key, thr_idx = pl.pallas_call(
         functools.partial(_select_kernel, dp=dp), grid=grid,
-        in_specs=[_zoh_spec(p, same), _zoh_spec(p, same), kvlen_spec],
+        in_specs=[_zoh_spec(p, same), _zoh_spec(p, same), _zoh_spec(p, same), table_spec, kvlen_spec],
         out_specs=[_per_tile_spec(same, dp.list_buffer), _per_tile_spec(same), thr_spec, thr_spec],
         out_shape=[jax.ShapeDtypeStruct((p.batch, p.kv_heads, dp.num_q_blocks, dp.list_buffer), jnp.int32),
                    jax.ShapeDtypeStruct((p.batch, p.kv_heads, dp.num_q_blocks), jnp.int32), thr_shape, thr_shape],
         **lowering.pallas_args(cfg), name=plan.name,
-    )(*plan.ordered(sorted_index=order, sorted_key=sorted_key, kv_lengths=kv_lengths))
+    )(*plan.ordered(sorted_index=order, sorted_key=sorted_key, rank=rank, count_table=table, kv_lengths=kv_lengths))
     return cand, count, thr_key, thr_idx
 
 

@@ -54,7 +54,14 @@ def _on_forward(module, args, kwargs):
     cu = kwargs.get("cu_seqlens", args[position] if len(args) > position else None)
     plan = None
     if isinstance(cu, Tensor) and cu.dim() == 1 and cu.shape[0] >= 2 and not cu.is_floating_point():
-        plan = _plan(tuple(cu.tolist()), cu.device)
+        # The towers hand every layer the same cu_seqlens tensor: its plan is kept with it (and the
+        # tensor held, so that no other can take its place), saving a device sync per layer.
+        last = module.__dict__.get("_mmfa_last_bounds")
+        if last is not None and last[0] is cu and last[1] == cu._version:
+            plan = last[2]
+        else:
+            plan = _plan(tuple(cu.tolist()), cu.device)
+            module._mmfa_last_bounds = (cu, cu._version, plan)
     module._mmfa_windows = None if plan is None else _Windows(plan)
 
 
@@ -92,38 +99,43 @@ def _plan(bounds: tuple[int, ...], device: torch.device) -> _Plan | None:
 
 
 class _Windows:
-    """One forward of a watched module: its plan, how many window calls it has answered, the batch."""
+    """One forward of a watched module: its plan, how many window calls it has answered, the
+    batch's output split into the windows' results, and what each call must hand over."""
 
     def __init__(self, plan: _Plan):
-        self.plan, self.next, self.out, self.expect = plan, 0, None, None
+        self.plan, self.next, self.parts, self.expect = plan, 0, None, None
 
     def answer(self, query: Tensor, key: Tensor, value: Tensor, make_call) -> Tensor | None:
         """(1, lengths[i], Hq, D) for the i-th window's call, or None: not this call (per-call path).
         ``make_call()`` gives the keyword arguments of the batched attention call."""
         plan, i = self.plan, self.next
-        tensors = (query, key, value)
-        fits = (i < len(plan.lengths) and query.shape[2] == plan.lengths[i] and not torch.compiler.is_compiling()
-                and not (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad
-                                                       or value.requires_grad)))
-        if fits and i == 0:
-            sources = tuple(_whole(t, plan.total) for t in tensors)
-            fits = query.shape[0] == 1 and None not in sources
+        if i >= len(plan.lengths) or query.shape[2] != plan.lengths[i]:
+            fits = False
+        elif i == 0:
+            sources = tuple(_whole(t, plan.total) for t in (query, key, value))
+            fits = (query.shape[0] == 1 and None not in sources and not torch.compiler.is_compiling()
+                    and not (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad
+                                                           or value.requires_grad)))
             if fits:
-                self.out = _attend(plan, *sources, make_call())
+                self.parts = torch.split(_attend(plan, *sources, make_call()), plan.lengths, dim=1)
                 # What the call for window i must hand over: the same strides, at start_i of each source
-                # (held here, so that no other tensor can take its memory meanwhile).
-                self.expect = tuple((t, t.data_ptr(), t.stride(2) * t.element_size(), t.stride()) for t in sources)
-        elif fits:
+                # (the sources held here, so that no other tensor can take their memory meanwhile).
+                self.expect = (sources, tuple(t.data_ptr() for t in sources),
+                               tuple(t.stride(2) * t.element_size() for t in sources),
+                               tuple(t.stride() for t in sources))
+        else:  # the same forward: grad mode and compiling were checked at window 0
+            _, (pq, pk, pv), (sq, sk, sv), (tq, tk, tv) = self.expect
             start = plan.starts[i]
-            fits = all(t.data_ptr() == ptr + start * step and t.stride() == strides
-                       for t, (_, ptr, step, strides) in zip(tensors, self.expect))
+            fits = (query.data_ptr() == pq + start * sq and key.data_ptr() == pk + start * sk
+                    and value.data_ptr() == pv + start * sv and query.stride() == tq and key.stride() == tk
+                    and value.stride() == tv)
         if not fits:  # from here on this forward goes call by call
-            self.next, self.out, self.expect = len(plan.lengths), None, None
+            self.next, self.parts, self.expect = len(plan.lengths), None, None
             return None
-        out = self.out[:, plan.starts[i]:plan.starts[i] + plan.lengths[i]]
+        out = self.parts[i]
         self.next += 1
         if self.next == len(plan.lengths):
-            self.out = self.expect = None
+            self.parts = self.expect = None
         return out
 
 
