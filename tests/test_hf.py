@@ -148,6 +148,11 @@ def test_vision_windows_answered_by_one_call(family, image_px, seed, monkeypatch
     torch.testing.assert_close(first, ref, **TOL)
     torch.testing.assert_close(second, ref, **TOL)
     batched.clear()
+    with torch.inference_mode():  # what generate runs under: inference tensors keep no version counter
+        inferred = mmfa(**inputs).logits[valid]
+    assert len(batched) == mmfa.config.vision_config.depth
+    torch.testing.assert_close(inferred, ref, **TOL)
+    batched.clear()
     with torch.enable_grad():
         trained = mmfa(**inputs).logits[valid]
     assert not batched

@@ -56,12 +56,14 @@ def _on_forward(module, args, kwargs):
     if isinstance(cu, Tensor) and cu.dim() == 1 and cu.shape[0] >= 2 and not cu.is_floating_point():
         # The towers hand every layer the same cu_seqlens tensor: its plan is kept with it (and the
         # tensor held, so that no other can take its place), saving a device sync per layer.
+        # (Inference tensors keep no version counter: their plan is kept by identity alone.)
+        version = None if cu.is_inference() else cu._version
         last = module.__dict__.get("_mmfa_last_bounds")
-        if last is not None and last[0] is cu and last[1] == cu._version:
+        if last is not None and last[0] is cu and last[1] == version:
             plan = last[2]
         else:
             plan = _plan(tuple(cu.tolist()), cu.device)
-            module._mmfa_last_bounds = (cu, cu._version, plan)
+            module._mmfa_last_bounds = (cu, version, plan)
     module._mmfa_windows = None if plan is None else _Windows(plan)
 
 
