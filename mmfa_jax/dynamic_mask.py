@@ -182,7 +182,7 @@ def _static(opts: Options, d: _checks.Dims, keep: int, dtype) -> _Static:
     if opts.lowering.kernels:
         table = opts.kernel_config(problem.head_dim_padded, dtype)
         fwd = table.forward_rows or table.forward
-        bq, bk = block_size(d.q_len, fwd.block_q), block_size(d.kv_len, fwd.block_k)
+        bq, bk = dma.tile_positions(d.q_len, fwd.block_q, d.q_heads // d.kv_heads), block_size(d.kv_len, fwd.block_k)
         own = lambda c: tuning.KernelConfig(bq, bk, c.num_warps, min(c.num_stages, 2))  # noqa: E731
         config = tuning.AttentionConfig(own(fwd), own(table.backward_dq), own(table.backward_dkv))
     return _Static(dma.DmaProblem(problem, keep, bq, bk), config, opts.lowering)

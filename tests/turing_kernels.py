@@ -129,11 +129,12 @@ def build(kernel: str, head_dim: int, dtype, config, implementation="pallas"):
 def _dma(q, k, v, cfg, implementation, segments: bool):
     import dataclasses
 
-    from mmfa_jax.kernels.dynamic_mask import DmaProblem
+    from mmfa_jax.kernels.dynamic_mask import DmaProblem, tile_positions
 
     p, _ = _problem(q, k, v, q.shape[1])
     p = dataclasses.replace(p, has_segments=segments)
-    return DmaProblem(p, cfg.block_k, cfg.block_q, cfg.block_k), backends.resolve(implementation)
+    block_q = tile_positions(p.q_len, cfg.block_q, p.group)
+    return DmaProblem(p, cfg.block_k, block_q, cfg.block_k), backends.resolve(implementation)
 
 
 def _dma_shapes(head_dim, dtype, cfg):

@@ -94,6 +94,11 @@ def seq_spec(p: Problem, seq_len: int, heads_per_block: int | None, head_of):
     return pl.BlockSpec((None, heads_per_block, seq_len, hp), lambda t, n, b: (b, head_of(n), 0, 0))
 
 
+def whole_spec(shape):
+    """The whole array as one block (kernels that address its rows themselves)."""
+    return pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
+
+
 def row_spec(length: int, heads_per_block: int | None, head_of):
     """(B, N, L) float32 rows (lse, delta) of one head or group."""
     return pl.BlockSpec((None, heads_per_block, length), lambda t, n, b: (b, head_of(n), 0))

@@ -65,6 +65,7 @@ from mmfa_jax.kernels.common import (
     logits,
     online_softmax_step,
     padded_head_dim,
+    whole_spec,
 )
 from mmfa_jax.masking import combine
 from mmfa_jax.tuning import KernelConfig
@@ -343,10 +344,6 @@ def _merge_kernel(po_ref, plse_ref, o_ref, lse_ref, *, p: DecodeProblem):
 # Launchers.
 
 
-def _whole(shape):
-    return pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
-
-
 def partial(p: DecodeProblem, cfg: KernelConfig, q2, k2, v2, seq_len, kv_lengths, *, lowering: Lowering):
     """The partial kernel on flattened arrays: q2 (p.q_rows, D), k2 / v2 (p.kv_rows, D) (a cache of
     ``seq_len[0]`` <= p.capacity entries in their first B * Hkv * seq_len rows), seq_len (1,) int32,
@@ -354,7 +351,7 @@ def partial(p: DecodeProblem, cfg: KernelConfig, q2, k2, v2, seq_len, kv_lengths
     float32 and log-sum-exp (B, Hkv, splits, tile_rows) float32 (base 2)."""
     hp, m = p.head_dim_padded, p.tile_rows
     in_specs = [
-        _whole(q2.shape), _whole(k2.shape), _whole(v2.shape), _whole(seq_len.shape),
+        whole_spec(q2.shape), whole_spec(k2.shape), whole_spec(v2.shape), whole_spec(seq_len.shape),
         pl.BlockSpec((None,), lambda b, h, s: (b,)) if kv_lengths is not None else None,
     ]
     out_specs = [pl.BlockSpec((None, None, None, m, hp), lambda b, h, s: (b, h, s, 0, 0)),
@@ -376,7 +373,7 @@ def merge(p: DecodeProblem, partial_out, partial_lse, out_dtype, *, lowering: Lo
                 pl.BlockSpec((None, None, p.splits, m), lambda b, h: (b, h, 0, 0))]
     out_shape = [jax.ShapeDtypeStruct((p.q_rows, p.head_dim), out_dtype),
                  jax.ShapeDtypeStruct((p.batch * p.q_heads * p.q_len,), jnp.float32)]
-    out_specs = [_whole(s.shape) for s in out_shape]
+    out_specs = [whole_spec(s.shape) for s in out_shape]
     return pl.pallas_call(
         functools.partial(_merge_kernel, p=p), grid=(p.batch, p.kv_heads), in_specs=in_specs, out_specs=out_specs,
         out_shape=out_shape, **lowering.pallas_args(cfg), name=plans.DECODE_MERGE.name,

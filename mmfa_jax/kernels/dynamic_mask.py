@@ -87,6 +87,7 @@ from mmfa_jax.kernels.common import (
     LOG2E,
     Problem,
     batch_spec,
+    block_size,
     column_mask,
     dot,
     load,
@@ -95,12 +96,20 @@ from mmfa_jax.kernels.common import (
     optional,
     row_spec,
     seq_spec,
+    whole_spec,
 )
 from mmfa_jax.masking import band_visible, combine
 from mmfa_jax.tuning import KernelConfig
 
 INT32_MIN = -(2 ** 31)
 INT32_MAX = 2 ** 31 - 1
+
+
+def tile_positions(q_len: int, block_q: int, group: int) -> int:
+    """Query positions per tile (``DmaProblem.block_q``) for the attention kernels' ``block_q``
+    rows: a tile packs the G heads of a GQA group, so it spans block_q / G positions (at least 16,
+    as dots want; no more than the query needs)."""
+    return block_size(q_len, block_q // pl.next_power_of_2(group))
 
 
 def order_key(z):
@@ -136,6 +145,12 @@ class DmaProblem:
     def nested(self) -> bool:
         """Allowed key sets are prefixes, nested in t: the short candidate lists apply."""
         return not self.problem.has_segments
+
+    @property
+    def tile_rows(self) -> int:
+        """Rows of an attention program's query tile: the GQA group's G heads times the block_q
+        positions (head-major), padded to a power of two. K/V rows are gathered once for the group."""
+        return pl.next_power_of_2(self.problem.group * self.block_q)
 
     @property
     def num_q_blocks(self) -> int:
@@ -496,21 +511,52 @@ def select(dp: DmaProblem, cfg: KernelConfig, zoh, q_seg, kv_seg, kv_lengths, *,
 # Attention over the kept keys.
 
 
+def _packed(dp: DmaProblem, b, h):
+    """The query tile of an attention program (query tile program_id(0), KV head h, example b):
+    per row, its row of the flattened query / output ((B*T*N) or (B*N*T) rows, as the layout
+    orders them), its index into the flattened LSE (B*N*T), its query position, and whether it is
+    a real row. Row g * block_q + i holds head h * G + g at position t0 + i. Padding rows point past
+    the arrays, each to its own place: masked, and never meeting a real row."""
+    p = dp.problem
+    r = jnp.arange(dp.tile_rows, dtype=jnp.int32)
+    g, i = r // dp.block_q, r % dp.block_q
+    t = pl.program_id(0) * dp.block_q + i
+    head = h * p.group + g
+    valid = (g < p.group) & (t < p.q_len)
+    if p.layout == "BTNH":
+        row = (b * p.q_len + t) * p.q_heads + head
+    else:
+        row = (b * p.q_heads + head) * p.q_len + t
+    spare = p.batch * p.q_heads * p.q_len + r
+    return (jnp.where(valid, row, spare), jnp.where(valid, (b * p.q_heads + head) * p.q_len + t, spare),
+            jnp.where(valid, t, 0), valid)
+
+
+def _load_packed(ref, rows, valid, p: Problem):
+    return load_rows(ref, rows, valid, column_mask(p), p.head_dim_padded)
+
+
+def _store_packed(ref, rows, valid, p: Problem, x):
+    hp = p.head_dim_padded
+    plgpu.store(ref.at[rows[:, None], jnp.arange(hp)[None, :]], x.astype(ref.dtype),
+                mask=combine(valid[:, None], column_mask(p)))
+
+
 class _Tile:
     """One query tile's view of its keys: chunks of ``block_k`` key positions (from the candidate
-    list, or contiguous blocks in the general case) and which logits of a chunk are kept."""
+    list, or contiguous blocks in the general case) and which logits of a chunk are kept, for the
+    tile's rows (positions ``q_pos``, real where ``valid``)."""
 
-    def __init__(self, dp: DmaProblem, q_pos, zoh_ref, cand_ref, count_ref, thr_key_ref, thr_idx_ref, qseg_ref,
+    def __init__(self, dp: DmaProblem, q_pos, valid, zoh_ref, cand_ref, count_ref, thr_key_ref, thr_idx_ref, qseg_ref,
                  kvseg_ref, kvlen_ref):
         p = dp.problem
         self.dp, self.p, self.q_pos = dp, p, q_pos
         self.zoh_ref, self.cand_ref, self.kvseg_ref = zoh_ref, cand_ref, kvseg_ref
-        self.in_q = q_pos < p.q_len
-        rows = jnp.where(self.in_q, q_pos, 0)
+        self.in_q = valid
         self.kv_valid = _kv_valid(p, kvlen_ref)
-        self.thr_key = plgpu.load(thr_key_ref.at[rows], mask=self.in_q, other=INT32_MAX)
-        self.thr_idx = plgpu.load(thr_idx_ref.at[rows], mask=self.in_q, other=0)
-        self.q_seg = None if qseg_ref is None else plgpu.load(qseg_ref.at[rows], mask=self.in_q, other=-1)
+        self.thr_key = plgpu.load(thr_key_ref.at[q_pos], mask=valid, other=INT32_MAX)
+        self.thr_idx = plgpu.load(thr_idx_ref.at[q_pos], mask=valid, other=0)
+        self.q_seg = None if qseg_ref is None else plgpu.load(qseg_ref.at[q_pos], mask=valid, other=-1)
         if dp.nested:
             self.length = count_ref[...]
         else:
@@ -546,14 +592,13 @@ def _logits(p: Problem, q, k, z, keep):
 
 def _forward_kernel(q_ref, k_ref, v_ref, zoh_ref, cand_ref, count_ref, thr_key_ref, thr_idx_ref, qseg_ref, kvseg_ref,
                     qlen_ref, kvlen_ref, o_ref, lse_ref, *, dp: DmaProblem):
-    p, block_q = dp.problem, dp.block_q
-    q_start = pl.program_id(0) * block_q
-    q_pos = q_start + jnp.arange(block_q)
-    q_rows = pl.ds(q_start, block_q)
+    p = dp.problem
     cols = column_mask(p)
     hp = p.head_dim_padded
-    tile = _Tile(dp, q_pos, zoh_ref, cand_ref, count_ref, thr_key_ref, thr_idx_ref, qseg_ref, kvseg_ref, kvlen_ref)
-    q = load(q_ref, q_rows, tile.in_q, cols)
+    rows, lse_rows, q_pos, valid = _packed(dp, pl.program_id(2), pl.program_id(1))
+    tile = _Tile(dp, q_pos, valid, zoh_ref, cand_ref, count_ref, thr_key_ref, thr_idx_ref, qseg_ref, kvseg_ref,
+                 kvlen_ref)
+    q = _load_packed(q_ref, rows, valid, p)
 
     def body(j, carry):
         k_pos, ok = tile.chunk(j)
@@ -562,30 +607,35 @@ def _forward_kernel(q_ref, k_ref, v_ref, zoh_ref, cand_ref, count_ref, thr_key_r
         keep, z = tile.kept(k_pos, ok)
         return online_softmax_step(p, carry, _logits(p, q, k, z, keep), v)
 
-    init = (jnp.zeros((block_q, hp), jnp.float32), jnp.full((block_q,), -jnp.inf, jnp.float32),
-            jnp.zeros((block_q,), jnp.float32))
+    init = (jnp.zeros((dp.tile_rows, hp), jnp.float32), jnp.full((dp.tile_rows,), -jnp.inf, jnp.float32),
+            jnp.zeros((dp.tile_rows,), jnp.float32))
     acc, m, l = lax.fori_loop(0, tile.num_chunks, body, init)
     q_valid = p.q_len if qlen_ref is None else jnp.minimum(qlen_ref[...], p.q_len)
     # l is exactly 0 where a row kept nothing (zeros, LSE -inf); NaN inputs make it NaN (a NaN row).
-    live = (l != 0) & (q_pos < q_valid)
+    live = (l != 0) & (q_pos < q_valid) & valid
     out = acc / jnp.where(live, l, 1.0)[:, None]
     out = jnp.where(live[:, None], out, 0.0)
     lse = jnp.where(live, (m + jnp.log2(jnp.where(live, l, 1.0))) * LN2, -jnp.inf)
-    plgpu.store(o_ref.at[q_rows, :], out.astype(o_ref.dtype), mask=combine(tile.in_q[:, None], cols))
-    plgpu.store(lse_ref.at[q_rows], lse, mask=tile.in_q)
+    _store_packed(o_ref, rows, valid, p, out)
+    plgpu.store(lse_ref.at[lse_rows], lse, mask=valid)
 
 
 def _attention_specs(dp: DmaProblem):
-    """In specs of (q, k, v, zoh, candidates, counts, thr_key, thr_index, q_seg, kv_seg,
-    q_lengths, kv_lengths) for a (query tile, query head, batch) grid."""
+    """In specs of (q flattened to rows, k, v, zoh, candidates, counts, thr_key, thr_index, q_seg,
+    kv_seg, q_lengths, kv_lengths) for a (query tile, KV head, batch) grid."""
     p = dp.problem
-    q_head, kv_head = (lambda n: n), (lambda n: n // p.group)
-    thr = row_spec(p.q_len, None, kv_head)
-    return [seq_spec(p, p.q_len, None, q_head), seq_spec(p, p.kv_len, None, kv_head),
-            seq_spec(p, p.kv_len, None, kv_head), _zoh_spec(p, kv_head),
-            optional(dp.nested, _per_tile_spec(kv_head, dp.list_buffer)), optional(dp.nested, _per_tile_spec(kv_head)),
+    head = lambda h: h  # noqa: E731 (grid axis 1 runs over K/V heads)
+    thr = row_spec(p.q_len, None, head)
+    return [whole_spec((p.batch * p.q_heads * p.q_len, p.head_dim)), seq_spec(p, p.kv_len, None, head),
+            seq_spec(p, p.kv_len, None, head), _zoh_spec(p, head),
+            optional(dp.nested, _per_tile_spec(head, dp.list_buffer)), optional(dp.nested, _per_tile_spec(head)),
             thr, thr, optional(p.has_segments, batch_spec(p.q_len)), optional(p.has_segments, batch_spec(p.kv_len)),
             optional(p.has_q_lengths, batch_spec(None)), optional(p.has_kv_lengths, batch_spec(None))]
+
+
+def _rows_of(p: Problem, x):
+    """q-shaped (B, T, N, D) / (B, N, T, D) as the rows the attention kernels address."""
+    return x.reshape(p.batch * p.q_heads * p.q_len, p.head_dim)
 
 
 def forward(dp: DmaProblem, cfg: KernelConfig, q, k, v, zoh, cand, count, thr_key, thr_idx, q_seg, kv_seg, q_lengths,
@@ -593,33 +643,31 @@ def forward(dp: DmaProblem, cfg: KernelConfig, q, k, v, zoh, cand, count, thr_ke
     """(out like q, lse (B, Hq, T) float32, natural log; -inf for rows that keep nothing)."""
     p = dp.problem
     plan = plans.DMA_FORWARD
-    q_head = lambda n: n  # noqa: E731
-    out_specs = [seq_spec(p, p.q_len, None, q_head), row_spec(p.q_len, None, q_head)]
-    out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype),
-                 jax.ShapeDtypeStruct((p.batch, p.q_heads, p.q_len), jnp.float32)]
-    return pl.pallas_call(
-        functools.partial(_forward_kernel, dp=dp), grid=(dp.num_q_blocks, p.q_heads, p.batch),
-        in_specs=_attention_specs(dp), out_specs=out_specs, out_shape=out_shape,
+    rows = p.batch * p.q_heads * p.q_len
+    out, lse = pl.pallas_call(
+        functools.partial(_forward_kernel, dp=dp), grid=(dp.num_q_blocks, p.kv_heads, p.batch),
+        in_specs=_attention_specs(dp), out_specs=[whole_spec((rows, p.head_dim)), whole_spec((rows,))],
+        out_shape=[jax.ShapeDtypeStruct((rows, p.head_dim), q.dtype), jax.ShapeDtypeStruct((rows,), jnp.float32)],
         **lowering.pallas_args(cfg), name=plan.name,
-    )(*plan.ordered(q=q, k=k, v=v, zoh=zoh, candidates=cand, counts=count, thr_key=thr_key, thr_index=thr_idx,
-                    q_seg=q_seg, kv_seg=kv_seg, q_lengths=q_lengths, kv_lengths=kv_lengths))
+    )(*plan.ordered(q=_rows_of(p, q), k=k, v=v, zoh=zoh, candidates=cand, counts=count, thr_key=thr_key,
+                    thr_index=thr_idx, q_seg=q_seg, kv_seg=kv_seg, q_lengths=q_lengths, kv_lengths=kv_lengths))
+    return out.reshape(q.shape), lse.reshape(p.batch, p.q_heads, p.q_len)
 
 
 def _backward_kernel(q_ref, k_ref, v_ref, zoh_ref, cand_ref, count_ref, thr_key_ref, thr_idx_ref, qseg_ref, kvseg_ref,
                      qlen_ref, kvlen_ref, do_ref, lse_ref, delta_ref, dk_in, dv_in, dz_in, dq_ref, dk_ref, dv_ref,
                      dz_ref, *, dp: DmaProblem):
     del dk_in, dv_in, dz_in  # aliased to dk_ref, dv_ref, dz_ref: the accumulators start as zeros
-    p, block_q, block_k = dp.problem, dp.block_q, dp.block_k
-    q_start = pl.program_id(0) * block_q
-    q_pos = q_start + jnp.arange(block_q)
-    q_rows = pl.ds(q_start, block_q)
+    p, block_k = dp.problem, dp.block_k
     cols = column_mask(p)
     hp = p.head_dim_padded
-    tile = _Tile(dp, q_pos, zoh_ref, cand_ref, count_ref, thr_key_ref, thr_idx_ref, qseg_ref, kvseg_ref, kvlen_ref)
-    q = load(q_ref, q_rows, tile.in_q, cols)
-    do = load(do_ref, q_rows, tile.in_q, cols)
-    lse = backward_lse(plgpu.load(lse_ref.at[q_rows], mask=tile.in_q, other=-jnp.inf))
-    delta = plgpu.load(delta_ref.at[q_rows], mask=tile.in_q, other=0.0)
+    rows, lse_rows, q_pos, valid = _packed(dp, pl.program_id(2), pl.program_id(1))
+    tile = _Tile(dp, q_pos, valid, zoh_ref, cand_ref, count_ref, thr_key_ref, thr_idx_ref, qseg_ref, kvseg_ref,
+                 kvlen_ref)
+    q = _load_packed(q_ref, rows, valid, p)
+    do = _load_packed(do_ref, rows, valid, p)
+    lse = backward_lse(plgpu.load(lse_ref.at[lse_rows], mask=valid, other=-jnp.inf))
+    delta = plgpu.load(delta_ref.at[lse_rows], mask=valid, other=0.0)
     spare = p.kv_len + jnp.arange(block_k)  # each lane's own spare accumulator row
     head_cols = jnp.arange(hp)[None, :]
 
@@ -631,14 +679,15 @@ def _backward_kernel(q_ref, k_ref, v_ref, zoh_ref, cand_ref, count_ref, thr_key_
         probs = jnp.exp2(_logits(p, q, k, z, keep) - lse[:, None])
         ds = probs * (dot(p, do, v, trans_b=True) - delta[:, None])  # d loss / d logit (natural units)
         dqk = ds * p.scale
-        rows = jnp.where(ok, k_pos, spare)
-        plgpu.atomic_add(dk_ref, (rows[:, None], head_cols), dot(p, dqk.astype(q.dtype), q, trans_a=True))
-        plgpu.atomic_add(dv_ref, (rows[:, None], head_cols), dot(p, probs.astype(do.dtype), do, trans_a=True))
-        plgpu.atomic_add(dz_ref, (rows,), jnp.sum(ds, axis=0))
+        # The group's G heads summed in the dots: one atomic add per chunk and KV head.
+        k_rows = jnp.where(ok, k_pos, spare)
+        plgpu.atomic_add(dk_ref, (k_rows[:, None], head_cols), dot(p, dqk.astype(q.dtype), q, trans_a=True))
+        plgpu.atomic_add(dv_ref, (k_rows[:, None], head_cols), dot(p, probs.astype(do.dtype), do, trans_a=True))
+        plgpu.atomic_add(dz_ref, (k_rows,), jnp.sum(ds, axis=0))
         return dq + dot(p, dqk.astype(k.dtype), k)
 
-    dq = lax.fori_loop(0, tile.num_chunks, body, jnp.zeros((block_q, hp), jnp.float32))
-    plgpu.store(dq_ref.at[q_rows, :], dq.astype(dq_ref.dtype), mask=combine(tile.in_q[:, None], cols))
+    dq = lax.fori_loop(0, tile.num_chunks, body, jnp.zeros((dp.tile_rows, hp), jnp.float32))
+    _store_packed(dq_ref, rows, valid, p, dq)
 
 
 def backward(dp: DmaProblem, cfg: KernelConfig, q, k, v, zoh, cand, count, thr_key, thr_idx, q_seg, kv_seg, q_lengths,
@@ -648,27 +697,29 @@ def backward(dp: DmaProblem, cfg: KernelConfig, q, k, v, zoh, cand, count, thr_k
     d(zoh) are summed over the query rows and the GQA group by atomic adds."""
     p = dp.problem
     plan = plans.DMA_BACKWARD
-    q_head, kv_head = (lambda n: n), (lambda n: n // p.group)
     rows, hp = dp.accumulator_rows, p.head_dim_padded
-    acc_spec = pl.BlockSpec((None, None, rows, hp), lambda t, n, b: (b, kv_head(n), 0, 0))
-    dz_spec = pl.BlockSpec((None, None, rows), lambda t, n, b: (b, kv_head(n), 0))
+    q_rows = p.batch * p.q_heads * p.q_len
+    acc_spec = pl.BlockSpec((None, None, rows, hp), lambda t, h, b: (b, h, 0, 0))
+    dz_spec = pl.BlockSpec((None, None, rows), lambda t, h, b: (b, h, 0))
     acc = jnp.zeros((p.batch, p.kv_heads, rows, hp), jnp.float32)
     dz = jnp.zeros((p.batch, p.kv_heads, rows), jnp.float32)
-    operands = plan.ordered(q=q, k=k, v=v, zoh=zoh, candidates=cand, counts=count, thr_key=thr_key,
+    operands = plan.ordered(q=_rows_of(p, q), k=k, v=v, zoh=zoh, candidates=cand, counts=count, thr_key=thr_key,
                             thr_index=thr_idx, q_seg=q_seg, kv_seg=kv_seg, q_lengths=q_lengths, kv_lengths=kv_lengths,
-                            d_out=d_out, lse=lse, delta=delta, dk_acc=acc, dv_acc=acc, dzoh_acc=dz)
-    in_specs = [*_attention_specs(dp), seq_spec(p, p.q_len, None, q_head), row_spec(p.q_len, None, q_head),
-                row_spec(p.q_len, None, q_head), acc_spec, acc_spec, dz_spec]
+                            d_out=_rows_of(p, d_out), lse=lse.reshape(-1), delta=delta.reshape(-1), dk_acc=acc,
+                            dv_acc=acc, dzoh_acc=dz)
+    in_specs = [*_attention_specs(dp), whole_spec((q_rows, p.head_dim)), whole_spec((q_rows,)),
+                whole_spec((q_rows,)), acc_spec, acc_spec, dz_spec]
     # The accumulators are the last three operands; absent operands (None) take no index.
     present = [i for i, x in enumerate(operands) if x is not None]
     first_acc = len(present) - 3
     dq, dk, dv, d_zoh = pl.pallas_call(
-        functools.partial(_backward_kernel, dp=dp), grid=(dp.num_q_blocks, p.q_heads, p.batch),
-        in_specs=in_specs, out_specs=[seq_spec(p, p.q_len, None, q_head), acc_spec, acc_spec, dz_spec],
-        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(acc.shape, jnp.float32),
+        functools.partial(_backward_kernel, dp=dp), grid=(dp.num_q_blocks, p.kv_heads, p.batch),
+        in_specs=in_specs, out_specs=[whole_spec((q_rows, p.head_dim)), acc_spec, acc_spec, dz_spec],
+        out_shape=[jax.ShapeDtypeStruct((q_rows, p.head_dim), q.dtype), jax.ShapeDtypeStruct(acc.shape, jnp.float32),
                    jax.ShapeDtypeStruct(acc.shape, jnp.float32), jax.ShapeDtypeStruct(dz.shape, jnp.float32)],
         input_output_aliases={first_acc: 1, first_acc + 1: 2, first_acc + 2: 3},
         **lowering.pallas_args(cfg), name=plan.name,
     )(*operands)
+    dq = dq.reshape(q.shape)
     S, D = p.kv_len, p.head_dim
     return dq, dk[:, :, :S, :D], dv[:, :, :S, :D], d_zoh[:, :, :S]
