@@ -236,9 +236,7 @@ def xla_kept(dp: dma.DmaProblem, zoh, q_seg, kv_seg, kv_lengths):
     (best first) and a running count of the allowed ones in that order."""
     p = dp.problem
     B, K, S = zoh.shape
-    key = dma.order_key(lax.stop_gradient(zoh))
-    index = lax.broadcasted_iota(jnp.int32, (B, K, S), 2)
-    _, order = lax.sort((~key, index), dimension=2, num_keys=2)  # ~key reverses the order without overflow
+    _, order = dma.sort_keys(zoh)
     kv_valid = jnp.full((B,), S, jnp.int32) if kv_lengths is None else jnp.minimum(kv_lengths, S)
     k_pos = jnp.arange(S)
     allowed = combine((k_pos[None, :] < kv_valid[:, None])[:, None, :],

@@ -22,23 +22,20 @@ Two cases, decided statically (``DmaProblem.nested``):
   key that row t >= t0 keeps is either kept by row t0 or one of the keys [e_t0, e_t) that entered
   since: the kept keys of the whole query tile [t0, t0 + block_q) are among
   ``min(keep, e_t0) + (e_last - e_t0) <= keep + block_q - 1`` **candidates**.
-  ``mmfa_dma_select`` (grid (query tiles, K, B), once per KV head: the GQA group shares it) finds
-  row t0's threshold by radix select over the prefix (one counting pass for the sign bit, 31 for
-  the other value bits, one for the ties, ceil(log2 S) for the index among equal values: about
-  33 + log2 S passes over e_t0 keys, for one row) and writes the tile's candidate list, compacted
-  by a cumulative sum (key indices ascending; capacity ``list_capacity``, a power of two >= the
-  bound; unused entries 0). ``mmfa_dma_walk`` (a second launch, so the list is complete in memory
-  when it is read) then derives the other rows' thresholds from the list alone, row by row: when
-  key n = e_t - 1 enters and beats the previous threshold, the new threshold is the worst
-  candidate of the prefix that beats the previous one (n included: two reductions over the
-  list); otherwise n itself is excluded and the threshold stays. The attention kernels then
-  gather K, V and zoh rows by the list's indices: work per query tile proportional to its
-  candidates, ~keep + block_q keys, not to S. (Random zoh scatters the kept keys over the whole
-  prefix, so skipping whole key blocks would save almost nothing: hence the gather.)
-  Cost of the selection: ~(33 + log2 S) counting passes over at most S keys per query tile and KV
-  head, i.e. ~50 T S / block_q comparisons per KV head (T S / 1.3 for block_q 64), beside the
-  attention's ~4 T (keep + block_q) D flops per query head. The walk holds the list as vectors
-  of ``list_capacity`` entries (4096 for keep 2048): for much larger keeps they spill registers.
+  The keys are sorted best first once per (batch, KV head) by XLA (``sort_keys``), with each
+  key's sorted position (``ranks``) and a count table (``count_table``: for key boundaries m *
+  block_q and position boundaries c * width, how many sorted positions before the latter hold a
+  key before the former). Row t's threshold is the (keep+1)-th sorted position holding a key
+  < e_t. ``mmfa_dma_select`` (grid (query tiles, K, B), once per KV head: the GQA group shares
+  it) reads from the table the bracket of sorted positions where the tile's rows reach that
+  count, counts per row inside the bracket only (a cumulative sum along each chunk), and lists
+  the tile's candidates: row t0's kept keys (the sorted positions before its threshold with a key
+  < e_t0, in sorted order) then the keys [e_t0, e_last); capacity ``list_capacity``, unused
+  entries 0. The attention kernels then gather K, V and zoh rows by the list's indices: work per
+  query tile proportional to its candidates, ~keep + block_q keys, not to S. (Random zoh
+  scatters the kept keys over the whole prefix, so skipping whole key blocks would save almost
+  nothing: hence the gather.) Each attention program holds the G query heads of a GQA group
+  (``tile_positions``, ``_packed``), so a chunk's K/V rows are gathered once for the group.
 
 * **general** (segment ids): allowed sets are not nested across rows of different segments.
   ``mmfa_dma_select_rows`` runs the radix select for every row of the tile at once (a (block_q,
