@@ -71,6 +71,9 @@ PRESETS = {
     # Short sequences, where the host's cost per call shows (the torch face's direct launch against
     # its DLPack route, and the anchors).
     "small": dict(batch=1, heads=16, seq_lens=[128, 512, 2048], head_dims=[128], dtypes=["bfloat16"]),
+    # Vision towers: head dims that are not powers of two (SigLIP's 72, Qwen2.5-VL's 80; padded to 128
+    # inside the kernels), bidirectional, against 128.
+    "vision": dict(batch=8, heads=16, seq_lens=[1024, 4096], head_dims=[72, 80, 128], dtypes=["bfloat16"]),
 }
 FIELDS = ["impl", "batch", "heads", "seq_len", "head_dim", "dtype", "causal", "mode", "ms", "tflops", "peak_gib", "error"]
 ALL_IMPLS = ["mmfa_jax", "mmfa_torch", "jax_xla", "jax_cudnn", "jax_pallas_ref", "torch_flash", "torch_cudnn"]

@@ -43,7 +43,7 @@ PRESETS = {
                  visual=[576, 1152, 2304, 4608, 9216], keeps=[0.25, 0.5], new_tokens=32, text=48, batch=1,
                  layer=2, repeats=2),
 }
-FIELDS = ["family", "model", "impl", "vision_attn", "decode", "keep", "layer", "visual_tokens", "images", "image_px",
+FIELDS = ["family", "model", "impl", "vision_attn", "decode", "cache", "keep", "layer", "visual_tokens", "images", "image_px",
           "prompt_tokens", "kept_tokens", "batch", "new_tokens", "ttft_ms", "vision_ms", "e2e_ms", "itl_mean_ms",
           "itl_p50_ms", "itl_p90_ms", "decode_tok_s", "peak_torch_gib", "peak_jax_gib", "error"]
 
@@ -103,15 +103,26 @@ class VisionTimer:
             h.remove()
 
 
-def run_once(model, inputs, new_tokens: int, device: str):
-    """Prefill then ``new_tokens`` greedy steps with a DynamicCache, each step timed (seconds)."""
-    from transformers import DynamicCache
+def run_once(model, inputs, new_tokens: int, device: str, cache_kind: str = "dynamic"):
+    """Prefill then ``new_tokens`` greedy steps, each step timed (seconds). ``cache_kind`` "dynamic":
+    a DynamicCache, eager steps; "static": a StaticCache of prompt + new_tokens entries and the
+    decode step under torch.compile(mode="reduce-overhead") (CUDA graphs), as ``generate(...,
+    cache_implementation="static")`` runs it; the attention mask then has the cache's whole length
+    from the start (later keys are hidden by causality), so every step has the same shapes."""
+    from transformers import DynamicCache, StaticCache
 
-    cache = DynamicCache(config=model.config.get_text_config())
     inputs = dict(inputs)
     pos = vlms.generation_position_ids(model, inputs)
     inputs["position_ids"] = pos
     mask = inputs["attention_mask"]
+    forward = model
+    if cache_kind == "static":
+        T = mask.shape[1]
+        cache = StaticCache(config=model.config.get_text_config(), max_cache_len=T + new_tokens)
+        mask = torch.nn.functional.pad(mask, (0, new_tokens), value=1)
+        forward = _compiled_step(model)
+    else:
+        cache = DynamicCache(config=model.config.get_text_config())
     with torch.inference_mode():
         _sync(device)
         t0 = time.perf_counter()
@@ -122,14 +133,23 @@ def run_once(model, inputs, new_tokens: int, device: str):
         steps = []
         for _ in range(new_tokens - 1):
             t = time.perf_counter()
-            mask = torch.cat([mask, torch.ones_like(nxt)], 1)
+            if cache_kind != "static":
+                mask = torch.cat([mask, torch.ones_like(nxt)], 1)
             pos = torch.cat([pos, pos[..., -1:] + 1], -1)
-            out = model(input_ids=nxt, attention_mask=mask, position_ids=pos[..., -1:], past_key_values=cache,
-                        use_cache=True)
-            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            out = forward(input_ids=nxt, attention_mask=mask, position_ids=pos[..., -1:], past_key_values=cache,
+                          use_cache=True)
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True).clone()  # (out of the graph's memory)
             _sync(device)
             steps.append(time.perf_counter() - t)
-    return ttft, steps, cache.get_seq_length()
+    return ttft, steps, int(cache.get_seq_length())
+
+
+def _compiled_step(model):
+    """The model's forward under torch.compile(mode="reduce-overhead"), made once per model."""
+    step = getattr(model, "_bench_compiled_step", None)
+    if step is None:
+        step = model._bench_compiled_step = torch.compile(model.forward, mode="reduce-overhead")
+    return step
 
 
 def bench_row(model, family, impl, keep, layer, target, cfg, handle_box):
@@ -144,7 +164,7 @@ def bench_row(model, family, impl, keep, layer, target, cfg, handle_box):
         text_impl = "mmfa" if impl.startswith("mmfa") else impl
         vision_impl = text_impl if cfg["vision"] == "same" else cfg["vision"]
         model.set_attn_implementation({"text_config": text_impl, "vision_config": vision_impl})
-        row.update(vision_attn=vision_impl, decode=cfg["decode"] if text_impl == "mmfa" else "")
+        row.update(vision_attn=vision_impl, decode=cfg["decode"] if text_impl == "mmfa" else "", cache=cfg["cache"])
         if handle_box[0] is not None:
             handle_box[0].remove()
             handle_box[0] = None
@@ -154,12 +174,12 @@ def bench_row(model, family, impl, keep, layer, target, cfg, handle_box):
         inputs = vlms.make_inputs(model, family, images_per_example=per_example, image_px=px,
                                   text_lengths=[cfg["text"]] * cfg["batch"], device=device, dtype=dtype)
         row["prompt_tokens"] = inputs["input_ids"].shape[1]
-        run_once(model, inputs, cfg["new_tokens"], device)  # compile every shape, warm the allocators
+        run_once(model, inputs, cfg["new_tokens"], device, cfg["cache"])  # compile every shape, warm the allocators
         best = None
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         for _ in range(cfg["repeats"]):
-            ttft, steps, cached = run_once(model, inputs, cfg["new_tokens"], device)
+            ttft, steps, cached = run_once(model, inputs, cfg["new_tokens"], device, cfg["cache"])
             if best is None or ttft < best[0]:
                 best = (ttft, steps, cached)
         ttft, steps, cached = best
@@ -261,6 +281,10 @@ def main(argv=None):
                         "calls a non-flash backend once per window, so per-call host overhead adds up there")
     p.add_argument("--decode", choices=["mmfa", "sdpa"], default="mmfa",
                    help="decode steps of the mmfa rows on mmfa's kernels (default) or torch's SDPA")
+    p.add_argument("--cache", choices=["dynamic", "static"], default="dynamic",
+                   help="dynamic: a DynamicCache and eager decode steps (default); static: a StaticCache and the "
+                        "decode step in CUDA graphs (torch.compile reduce-overhead), as generate's "
+                        "cache_implementation='static'. Pruning needs a DynamicCache")
     p.add_argument("--profile", action="store_true", help="also print a cProfile of one prefill + decode step per row")
     p.add_argument("--kernels", action="store_true", help="also print the CUDA kernels of one prefill per row")
     p.add_argument("--out", type=Path, help="CSV path (default bench/results/vlm_<preset>.csv); PNG next to it")
@@ -272,7 +296,7 @@ def main(argv=None):
     if cfg["device"] == "cuda" and not torch.cuda.is_available():
         sys.exit("preset needs a CUDA GPU; use --preset smoke on the CPU")
     hf.register(implementation=args.implementation, decode=args.decode)
-    cfg.update(vision=args.vision, decode=args.decode, profile=args.profile, kernels=args.kernels)
+    cfg.update(vision=args.vision, decode=args.decode, cache=args.cache, profile=args.profile, kernels=args.kernels)
     out = args.out or Path(__file__).resolve().parent / "results" / f"vlm_{args.preset}.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = []

@@ -29,7 +29,7 @@ class _Static:
     lowering: backends.Lowering
 
 
-def decode_attention(query, key, value, *, kv_lengths=None, scale: float | None = None,
+def decode_attention(query, key, value, *, kv_lengths=None, key_mask=None, scale: float | None = None,
                      logits_soft_cap: float | None = None, layout: _checks.Layout = "BTNH",
                      implementation: backends.Implementation | None = None, return_lse: bool = False,
                      splits: int | None = None):
@@ -48,6 +48,9 @@ def decode_attention(query, key, value, *, kv_lengths=None, scale: float | None 
         valid key). Entries at or past kv_lengths[b] are never read as values, so a cache's
         unwritten tail may hold anything (NaN included). A row that sees no key gives zeros
         (LSE -inf); a NaN among the keys or values a row sees makes its output NaN.
+      key_mask: (B, S) bool, optional: False hides key s of example b from every row, on top of
+        ``kv_lengths`` and the causal rule (left padding, a static cache's unwritten tail); hidden
+        keys are never read as values either.
       scale: logit scale, default 1/sqrt(D).
       logits_soft_cap: c > 0 turns logits x into c * tanh(x / c).
       implementation: "pallas" / "triton" (the Pallas kernels compiled for an NVIDIA GPU; "pallas"
@@ -62,8 +65,9 @@ def decode_attention(query, key, value, *, kv_lengths=None, scale: float | None 
     Returns:
       The output, shaped and typed like ``query`` (and the LSE if ``return_lse``).
     """
-    static, arrays = prepare(query, key, value, kv_lengths=kv_lengths, scale=scale, logits_soft_cap=logits_soft_cap,
-                             layout=layout, implementation=implementation, splits=splits)
+    static, arrays = prepare(query, key, value, kv_lengths=kv_lengths, key_mask=key_mask, scale=scale,
+                             logits_soft_cap=logits_soft_cap, layout=layout, implementation=implementation,
+                             splits=splits)
     if static is None:  # some size is 0
         out, lse = arrays
     else:
@@ -71,9 +75,9 @@ def decode_attention(query, key, value, *, kv_lengths=None, scale: float | None 
     return (out, lse) if return_lse else out
 
 
-def prepare(query, key, value, *, kv_lengths=None, scale=None, logits_soft_cap=None, layout="BTNH",
+def prepare(query, key, value, *, kv_lengths=None, key_mask=None, scale=None, logits_soft_cap=None, layout="BTNH",
             implementation=None, splits=None, capacity: int | None = None):
-    """Check the arguments: returns (static, (query, key, value, kv_lengths)) for ``run``, or
+    """Check the arguments: returns (static, (query, key, value, kv_lengths, key_mask)) for ``run``, or
     (None, (out, lse)) when some size is 0. ``capacity``: compile the kernels for a cache of that
     many entries (>= S; K and V are then padded with NaN rows, which must never be read: the test
     of the kernels' runtime cache length, see ``mmfa_jax.kernels.decode``)."""
@@ -88,6 +92,11 @@ def prepare(query, key, value, *, kv_lengths=None, scale=None, logits_soft_cap=N
     if kv_lengths is not None:
         kv_lengths = _array(kv_lengths, "kv_lengths")
         _checks.per_example(kv_lengths, "kv_lengths", (d.batch,))
+    if key_mask is not None:
+        key_mask = _array(key_mask, "key_mask")
+        if tuple(key_mask.shape) != (d.batch, d.kv_len) or key_mask.dtype != jnp.bool_:
+            raise ArgumentError(f"key_mask must be bool of shape (B, S) = {(d.batch, d.kv_len)}, got "
+                                f"{key_mask.dtype} {tuple(key_mask.shape)}")
     scale = _checks.checked_scale(scale)
     softcap = _checks.checked_soft_cap(logits_soft_cap)
     if splits is not None:
@@ -100,26 +109,28 @@ def prepare(query, key, value, *, kv_lengths=None, scale=None, logits_soft_cap=N
     problem, config = make_problem(
         batch=d.batch, q_heads=d.q_heads, kv_heads=d.kv_heads, q_len=d.q_len, kv_len=d.kv_len, head_dim=d.head_dim,
         dtype=query.dtype, scale=scale if scale is not None else d.head_dim ** -0.5, softcap=softcap, layout=layout,
-        has_kv_lengths=kv_lengths is not None, family=lowering.family, cc=lowering.cc, splits=splits,
-        capacity=capacity)
-    return _Static(problem, config, lowering), (query, key, value, kv_lengths)
+        has_kv_lengths=kv_lengths is not None, has_key_mask=key_mask is not None, family=lowering.family,
+        cc=lowering.cc, splits=splits, capacity=capacity)
+    return _Static(problem, config, lowering), (query, key, value, kv_lengths, key_mask)
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def run(static: _Static, query, key, value, kv_lengths):
+def run(static: _Static, query, key, value, kv_lengths, key_mask=None):
     """(out like query, lse (B, Hq, T) float32) of a prepared call; jitted, so that an eager call
-    compiles once per shape (an eager ``pallas_call`` would compile on every call)."""
+    compiles once per shape (an eager ``pallas_call`` would compile on every call). ``key_mask``:
+    bool, or int8 as the kernels read it (nonzero: seen)."""
     p, lowering = static.problem, static.lowering
     if kv_lengths is not None:
         kv_lengths = kv_lengths.astype(jnp.int32)
     if not lowering.kernels:
-        return xla_decode(p, query, key, value, kv_lengths)
+        return xla_decode(p, query, key, value, kv_lengths, None if key_mask is None else key_mask != 0)
     from mmfa_jax import kernels
 
-    return kernels.decode(p, static.config, query, key, value, kv_lengths, lowering=lowering)
+    return kernels.decode(p, static.config, query, key, value, kv_lengths,
+                          None if key_mask is None else key_mask.astype(jnp.int8), lowering=lowering)
 
 
-def xla_decode(p: DecodeProblem, q, k, v, kv_lengths):
+def xla_decode(p: DecodeProblem, q, k, v, kv_lengths, key_mask=None):
     """The decode step in plain jax (float32 arithmetic), with the kernels' visibility and NaN
     rules. Returns (out like q, lse (B, Hq, T) float32)."""
     out_dtype = q.dtype
@@ -131,6 +142,10 @@ def xla_decode(p: DecodeProblem, q, k, v, kv_lengths):
     kv_valid = jnp.full((B,), S, jnp.int32) if kv_lengths is None else jnp.clip(kv_lengths, 0, S)
     limit = kv_valid[:, None] - (T - 1) + jnp.arange(T)[None, :]  # (B, T): row t sees keys j < limit
     visible = jnp.arange(S)[None, None, :] < limit[:, :, None]  # (B, T, S)
+    readable = jnp.arange(S)[None, :] < kv_valid[:, None]  # (B, S): keys whose values may be read
+    if key_mask is not None:
+        visible &= key_mask[:, None, :]
+        readable &= key_mask
 
     hi = jax.lax.Precision.HIGHEST
     s = jnp.einsum("btkgd,bskd->bkgts", q.reshape(B, T, Hkv, G, D), k, precision=hi)
@@ -147,7 +162,7 @@ def xla_decode(p: DecodeProblem, q, k, v, kv_lengths):
     probs = jnp.where(live, e / safe_l, 0.0)
     lse = jnp.where(live, m + jnp.log(safe_l), -jnp.inf)[..., 0].reshape(B, Hq, T)
     # Value rows past the length as 0: their probability is 0, and 0 * NaN would reach every row.
-    v = jnp.where((jnp.arange(S)[None, :] < kv_valid[:, None])[:, :, None, None], v, 0.0)
+    v = jnp.where(readable[:, :, None, None], v, 0.0)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v, precision=hi).reshape(B, T, Hq, D).astype(out_dtype)
     if p.layout == "BNTH":
         out = jnp.swapaxes(out, 1, 2)

@@ -48,8 +48,8 @@ BACKWARD_DQ = KernelPlan("mmfa_flash_dq", ("q", "k", "v", *_SIDE, "d_out", "lse"
 BACKWARD_DKV = KernelPlan("mmfa_flash_dkv", ("q", "k", "v", *_SIDE, "d_out", "lse", "delta"), ("dk", "dv"))
 # Split-KV decode (``mmfa_jax.kernels.decode``): q, k, v flattened to 2-D (rows, D); ``seq_len`` (1,)
 # int32 is the cache length the K/V rows really hold (the kernel may be compiled for more);
-# ``kv_lengths`` (B,) int32 is optional. The merge's results are the flattened output and LSE.
-DECODE_PARTIAL = KernelPlan("mmfa_decode_partial", ("q", "k", "v", "seq_len", "kv_lengths"),
+# ``kv_lengths`` (B,) int32 and ``key_mask`` (B * capacity,) int8 are optional. The merge's results are the flattened output and LSE.
+DECODE_PARTIAL = KernelPlan("mmfa_decode_partial", ("q", "k", "v", "seq_len", "kv_lengths", "key_mask"),
                             ("partial_out", "partial_lse"))
 DECODE_MERGE = KernelPlan("mmfa_decode_merge", ("partial_out", "partial_lse"), ("out", "lse"))
 # Block-sparse attention (``mmfa_jax.kernels.block_sparse``): q, k, v as the dense kernels take them,

@@ -405,8 +405,8 @@ def _decode_kernels(static, signature: tuple, cc: int) -> tuple[_Kernel, _Kernel
 
     static = dataclasses.replace(static, lowering=static.lowering.via_triton_route())
 
-    def fn(q, k, v, kv_lengths):
-        return run(static, q, k, v, kv_lengths)
+    def fn(q, k, v, kv_lengths, key_mask):
+        return run(static, q, k, v, kv_lengths, key_mask)
 
     return capture(fn, signature, cc, plans.decode())
 
@@ -416,7 +416,8 @@ _seq_lens: dict[tuple[int, int], torch.Tensor] = {}
 
 def _seq_len(S: int, device: torch.device) -> torch.Tensor:
     """The runtime cache length as the (1,) int32 device tensor the partial kernel reads; made once
-    per length and device (no host-to-device copy per call once seen, as CUDA graphs need)."""
+    per length and device for eager calls (no fill per call; a graph captured by hand, as
+    bench/decode.py --graphs does, replays it as it is)."""
     key = (S, device.index)
     t = _seq_lens.get(key)
     if t is None:
@@ -426,22 +427,30 @@ def _seq_len(S: int, device: torch.device) -> torch.Tensor:
     return t
 
 
-def decode_kernels(static, q_shape, q_dtype, kv_shape, kv_dtype, lengths_shape,
+def decode_kernels(static, q_shape, q_dtype, kv_shape, kv_dtype, lengths_shape, mask_shape,
                    device_index: int | None) -> tuple[_Kernel, _Kernel]:
     """The compiled pair of a prepared decode call (``mmfa_jax.decode.prepare`` for a capacity: the
-    K/V shape ``kv_shape`` holds it), for the compute capability of the device."""
+    K/V shape ``kv_shape`` holds it, and the key mask's shape ``mask_shape``), for the compute
+    capability of the device."""
     signature = ((q_shape, _JAX_DTYPE[q_dtype]), (kv_shape, _JAX_DTYPE[kv_dtype]), (kv_shape, _JAX_DTYPE[kv_dtype]),
-                 None if lengths_shape is None else (lengths_shape, "int32"))
+                 None if lengths_shape is None else (lengths_shape, "int32"),
+                 None if mask_shape is None else (mask_shape, "bool"))
     return _decode_kernels(static, signature, compute_capability(device_index))
 
 
-def run_decode(kernels, q, k, v, S: int, kv_lengths) -> tuple[torch.Tensor, torch.Tensor]:
+def run_decode(kernels, q, k, v, S: int, kv_lengths, key_mask=None, *,
+               in_graph: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(out (B, Hq, T, D) like q, lse (B, Hq, T) float32) of contiguous CUDA tensors in torch's
-    layout, q (B, Hq, T, D), k / v (B, Hkv, S, D), kv_lengths (B,) int32 or None, by the pair of
-    ``decode_kernels`` compiled for a capacity >= S: the kernels read the cache through its
-    runtime length S, so the same pair serves every S of the bucket, on the tensors as they are."""
+    layout, q (B, Hq, T, D), k / v (B, Hkv, S, D), kv_lengths (B,) int32 or None, key_mask (B, S)
+    bool or None, by the pair of ``decode_kernels`` compiled for a capacity >= S: the kernels read
+    the cache (and the mask, whose bytes are the int8 the kernel reads) through its runtime length
+    S, so the same pair serves every S of the bucket, on the tensors as they are. ``in_graph``: run
+    by a compiled graph (torch.compile, maybe CUDA graphs): the length tensor is made afresh (a
+    captured fill) instead of kept, since a graph's memory pool must not hold tensors alive."""
     partial_kernel, merge_kernel = kernels
-    parts = partial_kernel.run(dict(q=q, k=k, v=v, seq_len=_seq_len(S, q.device), kv_lengths=kv_lengths), q.device)
+    seq_len = torch.full((1,), S, dtype=torch.int32, device=q.device) if in_graph else _seq_len(S, q.device)
+    parts = partial_kernel.run(dict(q=q, k=k, v=v, seq_len=seq_len, kv_lengths=kv_lengths, key_mask=key_mask),
+                               q.device)
     result = merge_kernel.run(parts, q.device)
     B, Hq, T, D = q.shape
     return result["out"].view(B, Hq, T, D), result["lse"].view(B, Hq, T)

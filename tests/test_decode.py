@@ -23,13 +23,15 @@ from mmfa_jax.decode import prepare, run
 from mmfa_jax.kernels.decode import default_splits
 
 
-def decode_reference(q, k, v, kv_lengths=None, *, scale=None, softcap=None):
-    """float64 (out (B, T, Hq, D), lse (B, Hq, T)) from BTNH arrays."""
+def decode_reference(q, k, v, kv_lengths=None, *, scale=None, softcap=None, key_mask=None):
+    """float64 (out (B, T, Hq, D), lse (B, Hq, T)) from BTNH arrays; ``key_mask`` (B, S) bool hides keys."""
     B, T = q.shape[:2]
     S = k.shape[1]
     lengths = np.full(B, S) if kv_lengths is None else np.clip(np.asarray(kv_lengths), 0, S)
     limit = lengths[:, None] - T + 1 + np.arange(T)[None, :]
     mask = np.arange(S)[None, None, :] < limit[:, :, None]  # (B, T, S)
+    if key_mask is not None:
+        mask = mask & np.asarray(key_mask)[:, None, :]
     out, lse = attention_reference(q, k, v, mask=mask[:, None], kv_lengths=lengths, scale=scale, softcap=softcap)
     return out, np.swapaxes(lse, 1, 2)
 
@@ -133,6 +135,39 @@ def test_garbage_past_the_lengths_is_never_read(layout, impl, rng):
     for a, b in zip(clean, dirty):
         np.testing.assert_array_equal(np.asarray(a.astype(jnp.float32)), np.asarray(b.astype(jnp.float32)))
     check(*dirty, *decode_reference(q64, k64, v64, lengths), layout, "bfloat16")
+
+
+@pytest.mark.parametrize("layout, T, with_lengths", [("BNTH", 1, False), ("BTNH", 3, True)])
+def test_key_mask_hides_keys_and_their_garbage(layout, T, with_lengths, impl, rng):
+    """A key mask (left padding of each example, a static cache's unwritten tail, holes) hides its
+    keys from every row: the result is the reference's with those keys removed; NaN and infinities
+    under hidden keys and values never reach it; an example with every key hidden gives zeros."""
+    B, Hq, Hkv, S, D = 4, 8, 2, 300, 64
+    (q, k, v), (q64, k64, v64) = make(rng, layout, B, T, Hq, Hkv, S, D, "bfloat16")
+    pos = np.arange(S)[None, :]
+    key_mask = np.stack([(pos[0] >= 37) & (pos[0] < 250),  # left padding and an unwritten tail
+                         rng.random(S) < 0.6,  # holes anywhere
+                         np.zeros(S, bool),  # nothing to see
+                         pos[0] < 299])
+    lengths = np.array([280, 300, 300, 120]) if with_lengths else None
+    seq_axis = 1 if layout == "BTNH" else 2
+    hidden = np.expand_dims(~key_mask, 2 if layout == "BTNH" else 1)[..., None]
+    junk = jnp.asarray(rng.choice(np.array([np.nan, np.inf, -np.inf], np.float32), size=k.shape), k.dtype)
+    assert k.shape[seq_axis] == S
+    dirty_k, dirty_v = jnp.where(hidden, junk, k), jnp.where(hidden, junk[::-1], v)
+    out, lse = mmfa_jax.decode_attention(q, dirty_k, dirty_v, kv_lengths=None if lengths is None else
+                                         jnp.asarray(lengths, jnp.int32), key_mask=jnp.asarray(key_mask),
+                                         layout=layout, implementation=impl, return_lse=True, splits=3)
+    check(out, lse, *decode_reference(q64, k64, v64, lengths, key_mask=key_mask), layout, "bfloat16")
+    empty = np.asarray(to_layout(out, layout))[2].astype(np.float32)
+    assert (empty == 0).all() and np.isneginf(np.asarray(lse)[2]).all()
+
+
+def test_key_mask_errors(rng):
+    (q, k, v), _ = make(rng, "BTNH", 2, 1, 4, 2, 40, 16, "float32")
+    for bad in (np.ones((2, 41), bool), np.ones((1, 40), bool), np.ones((2, 40), np.int32)):
+        with pytest.raises(ArgumentError, match="key_mask"):
+            mmfa_jax.decode_attention(q, k, v, key_mask=jnp.asarray(bad), implementation="interpret")
 
 
 def test_nan_inside_the_lengths_reaches_the_rows_that_see_it(impl, rng):
@@ -293,6 +328,7 @@ def test_argument_errors():
 def test_plans_name_the_kernels():
     assert [k.name for k in plans.decode()] == ["mmfa_decode_partial", "mmfa_decode_merge"]
     assert plans.DECODE_PARTIAL.arguments({"q": 1, "k": 2, "v": 3, "seq_len": 4, "kv_lengths": None}) == [1, 2, 3, 4]
+    assert plans.DECODE_PARTIAL.arguments({"q": 1, "k": 2, "v": 3, "seq_len": 4, "key_mask": 5}) == [1, 2, 3, 4, 5]
     assert plans.DECODE_MERGE.operands == plans.DECODE_PARTIAL.results
 
 
@@ -344,7 +380,7 @@ def test_kernels_compile_for_gpus(case, tmp_path, monkeypatch):
                         implementation=backends.Lowering("triton-route", cc, backends.family_of_cc(cc)))
     p, cfg = static.problem, static.config
     assert partial_grid == (B, Hkv, p.splits) and merge_grid == (B, Hkv, 1)
-    assert partial_operands == len(plans.DECODE_PARTIAL.operands)
+    assert partial_operands == len(plans.DECODE_PARTIAL.operands) - 1  # every operand but the key mask
     assert merge_operands == len(plans.DECODE_MERGE.operands)
     limit = triton_route.SHARED_MEMORY_PER_BLOCK[cc]
     for k in (partial, merge):

@@ -467,3 +467,75 @@ def test_sdpa_decode_option(seed):
     torch.testing.assert_close(s, s_ref, **TOL)
     with pytest.raises(ValueError, match="decode must be"):
         hf.register(decode="flash")
+
+
+# ------------------------------------------------------------------------------------------------
+# Static caches: queries anywhere in the cache's fixed length, decode steps under torch.compile
+
+
+def _static_inputs(model, family, seed):
+    return vlms.make_inputs(model, family, images_per_example=(1, 1), text_lengths=[3, 6], seed=seed)
+
+
+@pytest.mark.parametrize("family", ["llava", "gemma3"])
+def test_static_cache_generate_matches_eager(family, seed):
+    """generate(cache_implementation="static") on mmfa gives eager's (dynamic cache) greedy tokens
+    and scores: the static cache's queries are not its last keys, so the mask function builds the
+    4-D mask, and the decode steps take the decode kernel with the mask's row as a key mask."""
+    eager = vlms.build(family, attn_implementation="eager", seed=seed)
+    mmfa = vlms.build(family, attn_implementation="mmfa", seed=seed)
+    inputs = _static_inputs(eager, family, seed)
+    kw = dict(max_new_tokens=4, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        ref = eager.generate(**inputs, **kw)
+        got = mmfa.generate(**inputs, cache_implementation="static", **kw)
+    torch.testing.assert_close(got.scores[0], ref.scores[0], **TOL)
+    assert torch.equal(got.sequences[:, :-1], ref.sequences[:, :-1]) or any(
+        bool(((s.topk(2, -1).values[:, 0] - s.topk(2, -1).values[:, 1]) < 1e-3).any()) for s in ref.scores)
+
+
+def test_static_cache_decode_step_compiles_to_one_graph(seed):
+    """A static cache's decode step traced by torch.compile with fullgraph=True (no graph break:
+    no host synchronisation in the mask function or the attention function) gives the eager step's
+    logits, padding and a sliding window shorter than the cache included."""
+    from transformers import StaticCache
+
+    model = _gemma_text("mmfa", seed)
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 100, (2, 9), generator=g)
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[0, :2] = 0  # left padding
+    pos = vlms.generation_position_ids(model, dict(input_ids=ids, attention_mask=mask))
+
+    def prefilled():
+        cache = StaticCache(config=model.config, max_cache_len=16)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+        return cache, out.logits[:, -1].argmax(-1, keepdim=True)
+
+    with torch.no_grad():
+        logits = []
+        for forward in (model.forward, torch.compile(model.forward, fullgraph=True, backend="aot_eager")):
+            cache, nxt = prefilled()
+            step = dict(input_ids=nxt, attention_mask=torch.cat([mask, torch.ones_like(nxt)], 1),
+                        position_ids=pos[:, -1:] + 1, past_key_values=cache, use_cache=True)
+            logits.append(forward(**step).logits[:, -1])
+    want, got = logits
+    torch.testing.assert_close(got, want, **TOL)
+    eager = _gemma_text("eager", seed)
+    _, s_ref, _ = trace(eager, dict(input_ids=ids, attention_mask=mask), 1, nxt)
+    torch.testing.assert_close(want, s_ref[:, 1], **TOL)
+
+
+def test_mask_function_static_cache_is_dense():
+    """transformers 5 passes a static cache's q_offset as a tensor: its queries sit anywhere in the
+    cache, so the mask comes 4-D (the compact form assumes the queries are the last keys)."""
+    from transformers.masking_utils import causal_mask_function, sdpa_mask
+
+    if "q_length" not in __import__("inspect").signature(sdpa_mask).parameters:
+        pytest.skip("transformers 4.57 spells the queries cache_position (covered by the generate test)")
+    common = dict(batch_size=1, q_length=3, kv_length=8, kv_offset=0, device="cpu", mask_function=causal_mask_function,
+                  attention_mask=torch.ones(1, 3, dtype=torch.bool))
+    got = hf.mask_function(**common, q_offset=torch.tensor(0))
+    want = sdpa_mask(**common, q_offset=torch.tensor(0), allow_is_causal_skip=False)
+    assert got.shape == (1, 1, 3, 8) and torch.equal(got, want)
+    assert hf.mask_function(**dict(common, kv_length=3), q_offset=0) is None

@@ -27,7 +27,9 @@ from (b, h, s) with that runtime S,
     layout "BTNH" (jax's):                         row = (b * S + s) * Hkv + h
 
 and only keys s < min(kv_lengths[b], S) are loaded (masked loads elsewhere), so no row at or
-past B * Hkv * S is ever read. A kernel compiled for a capacity C >= S (its static row count
+past B * Hkv * S is ever read. An optional key mask (int8, flattened to (B * S,), entry b * S + s
+with the same runtime S; nonzero: the key may be seen) hides single keys from every row: left
+padding, a static cache's unwritten tail, a window; hidden keys are not loaded either. A kernel compiled for a capacity C >= S (its static row count
 B * Hkv * C, ``DecodeProblem.capacity``) is therefore correct when launched on a cache of S
 entries, which lets a launcher reuse one compiled kernel for a bucket of cache lengths. (Row
 numbers are int32, so fewer than 2**31 rows; Pallas's lowering turns them into 64-bit element
@@ -122,6 +124,7 @@ class DecodeProblem:
     softcap: float | None
     layout: str  # "BTNH" (jax) or "BNTH" (torch)
     has_kv_lengths: bool
+    has_key_mask: bool
     dot_precision: str | None  # None: the dtype's default; "highest" for float32 inputs
     splits: int
     block_k: int
@@ -170,7 +173,7 @@ def default_splits(batch: int, kv_heads: int, capacity: int, block_k: int) -> in
 
 
 def make_problem(*, batch, q_heads, kv_heads, q_len, kv_len, head_dim, dtype, scale, softcap, layout,
-                 has_kv_lengths, family, cc=None, splits=None,
+                 has_kv_lengths, family, has_key_mask=False, cc=None, splits=None,
                  capacity=None) -> tuple[DecodeProblem, KernelConfig]:
     """The problem and the partial kernel's configuration of a checked call, for GPU family
     ``family`` and compute capability ``cc`` (None: no shared-memory limit, the interpreter).
@@ -187,7 +190,7 @@ def make_problem(*, batch, q_heads, kv_heads, q_len, kv_len, head_dim, dtype, sc
         splits = default_splits(batch, kv_heads, capacity, cfg.block_k)
     p = DecodeProblem(batch=batch, q_heads=q_heads, kv_heads=kv_heads, q_len=q_len, capacity=capacity,
                       head_dim=head_dim, scale=scale, softcap=softcap, layout=layout,
-                      has_kv_lengths=has_kv_lengths,
+                      has_kv_lengths=has_kv_lengths, has_key_mask=has_key_mask,
                       dot_precision="highest" if jnp.dtype(dtype) == jnp.float32 else None,
                       splits=int(splits), block_k=cfg.block_k)
     assert p.tile_rows == tile_rows
@@ -261,7 +264,7 @@ def _load(ref, rows, cols, row_mask, col_mask):
 # The kernels.
 
 
-def _partial_kernel(q_ref, k_ref, v_ref, seq_len_ref, kvlen_ref, o_ref, lse_ref, *, p: DecodeProblem):
+def _partial_kernel(q_ref, k_ref, v_ref, seq_len_ref, kvlen_ref, key_mask_ref, o_ref, lse_ref, *, p: DecodeProblem):
     b, h, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     cols, col_mask = _columns(p)
     q_row, _, t, valid = _tile(p, b, h)
@@ -290,19 +293,29 @@ def _partial_kernel(q_ref, k_ref, v_ref, seq_len_ref, kvlen_ref, o_ref, lse_ref,
         acc, m, l = carry
         k_pos = j * bk + jnp.arange(bk, dtype=jnp.int32)
         rows = base + k_pos * stride
-        # Keys at or past the length are not loaded (values as 0: 0 * NaN would reach every row).
+        # Keys at or past the length, or hidden by the key mask, are not loaded (values as 0:
+        # 0 * NaN would reach every row).
         in_cache = k_pos < kv_valid if masked else None
+        if masked and key_mask_ref is not None:
+            shown = plgpu.load(key_mask_ref.at[b * seq_len + k_pos], mask=in_cache, other=0) != 0
+            in_cache = in_cache & shown
         k = _load(k_ref, rows, cols, in_cache, col_mask)
         v = _load(v_ref, rows, cols, in_cache, col_mask)
         s, _ = logits(p, dot(p, q, k, trans_b=True), None)
         if masked:
-            s = jnp.where(k_pos[None, :] < limit[:, None], s, -jnp.inf)
+            seen = k_pos[None, :] < limit[:, None]
+            if key_mask_ref is not None:
+                seen = seen & shown[None, :]
+            s = jnp.where(seen, s, -jnp.inf)
         return online_softmax_step(p, (acc, m, l), s, v)
 
     carry = (jnp.zeros((p.tile_rows, p.head_dim_padded), jnp.float32),
              jnp.full((p.tile_rows,), -jnp.inf, jnp.float32),
              jnp.zeros((p.tile_rows,), jnp.float32))
-    carry = lax.fori_loop(lo, full_hi, functools.partial(body, masked=False), carry)
+    if key_mask_ref is None:  # (with a key mask any key may be hidden: every block is masked)
+        carry = lax.fori_loop(lo, full_hi, functools.partial(body, masked=False), carry)
+    else:
+        full_hi = lo
     acc, m, l = lax.fori_loop(full_hi, hi, functools.partial(body, masked=True), carry)
 
     # l is exactly 0 where a row saw nothing in this split; NaN in the inputs makes it NaN.
@@ -344,15 +357,17 @@ def _merge_kernel(po_ref, plse_ref, o_ref, lse_ref, *, p: DecodeProblem):
 # Launchers.
 
 
-def partial(p: DecodeProblem, cfg: KernelConfig, q2, k2, v2, seq_len, kv_lengths, *, lowering: Lowering):
+def partial(p: DecodeProblem, cfg: KernelConfig, q2, k2, v2, seq_len, kv_lengths, key_mask, *, lowering: Lowering):
     """The partial kernel on flattened arrays: q2 (p.q_rows, D), k2 / v2 (p.kv_rows, D) (a cache of
     ``seq_len[0]`` <= p.capacity entries in their first B * Hkv * seq_len rows), seq_len (1,) int32,
-    kv_lengths (B,) int32 or None. Returns the partial output (B, Hkv, splits, tile_rows, Dp)
+    kv_lengths (B,) int32 or None, key_mask (B * p.capacity,) int8 or None (its first B * seq_len
+    entries are read). Returns the partial output (B, Hkv, splits, tile_rows, Dp)
     float32 and log-sum-exp (B, Hkv, splits, tile_rows) float32 (base 2)."""
     hp, m = p.head_dim_padded, p.tile_rows
     in_specs = [
         whole_spec(q2.shape), whole_spec(k2.shape), whole_spec(v2.shape), whole_spec(seq_len.shape),
         pl.BlockSpec((None,), lambda b, h, s: (b,)) if kv_lengths is not None else None,
+        whole_spec(key_mask.shape) if key_mask is not None else None,
     ]
     out_specs = [pl.BlockSpec((None, None, None, m, hp), lambda b, h, s: (b, h, s, 0, 0)),
                  pl.BlockSpec((None, None, None, m), lambda b, h, s: (b, h, s, 0))]
@@ -361,7 +376,7 @@ def partial(p: DecodeProblem, cfg: KernelConfig, q2, k2, v2, seq_len, kv_lengths
     return pl.pallas_call(
         functools.partial(_partial_kernel, p=p), grid=(p.batch, p.kv_heads, p.splits), in_specs=in_specs,
         out_specs=out_specs, out_shape=out_shape, **lowering.pallas_args(cfg), name=plans.DECODE_PARTIAL.name,
-    )(*plans.DECODE_PARTIAL.ordered(q=q2, k=k2, v=v2, seq_len=seq_len, kv_lengths=kv_lengths))
+    )(*plans.DECODE_PARTIAL.ordered(q=q2, k=k2, v=v2, seq_len=seq_len, kv_lengths=kv_lengths, key_mask=key_mask))
 
 
 def merge(p: DecodeProblem, partial_out, partial_lse, out_dtype, *, lowering: Lowering):
@@ -380,9 +395,10 @@ def merge(p: DecodeProblem, partial_out, partial_lse, out_dtype, *, lowering: Lo
     )(*plans.DECODE_MERGE.ordered(partial_out=partial_out, partial_lse=partial_lse))
 
 
-def decode(p: DecodeProblem, cfg: KernelConfig, q, k, v, kv_lengths, *, lowering: Lowering):
+def decode(p: DecodeProblem, cfg: KernelConfig, q, k, v, kv_lengths, key_mask=None, *, lowering: Lowering):
     """Decode attention by the two kernels. q (B, T, Hq, D) or (B, Hq, T, D) (``p.layout``), k / v
-    (B, S, Hkv, D) or (B, Hkv, S, D) with S <= p.capacity, kv_lengths (B,) int32 or None. Returns
+    (B, S, Hkv, D) or (B, Hkv, S, D) with S <= p.capacity, kv_lengths (B,) int32 or None, key_mask
+    (B, S) int8 or None (nonzero: the key may be seen). Returns
     (out like q, lse (B, Hq, T) float32).
 
     With p.capacity > S (a kernel compiled for a larger cache: what a launcher reusing one kernel
@@ -395,7 +411,9 @@ def decode(p: DecodeProblem, cfg: KernelConfig, q, k, v, kv_lengths, *, lowering
     if p.capacity > S:
         pad = jnp.full((p.kv_rows - k2.shape[0], hd), jnp.nan, k2.dtype)
         k2, v2 = jnp.concatenate([k2, pad]), jnp.concatenate([v2, pad])
+    if key_mask is not None:  # (the capacity's rows past B * S: never read, so anything)
+        key_mask = jnp.pad(key_mask.reshape(-1), (0, p.batch * (p.capacity - S)))
     seq_len = jnp.full((1,), S, jnp.int32)
-    partial_out, partial_lse = partial(p, cfg, q2, k2, v2, seq_len, kv_lengths, lowering=lowering)
+    partial_out, partial_lse = partial(p, cfg, q2, k2, v2, seq_len, kv_lengths, key_mask, lowering=lowering)
     out2, lse1 = merge(p, partial_out, partial_lse, q.dtype, lowering=lowering)
     return out2.reshape(q.shape), lse1.reshape(p.batch, p.q_heads, p.q_len)

@@ -16,11 +16,11 @@ The random VLMs for tests and benchmarks are in ``mmfa_torch.testing.vlms``.
 from __future__ import annotations
 
 from mmfa_torch.hf import backend, mllama, pruning, windows
-from mmfa_torch.hf.backend import DECODE_BUCKET, NAME, attention_forward, mask_function, register, set_implementation
+from mmfa_torch.hf.backend import NAME, attention_forward, mask_function, register, set_implementation
 from mmfa_torch.hf.mllama import CrossAttentionParallel, parallelize_cross_attention
 from mmfa_torch.hf.pruning import RULES, SUPPORTED_FAMILIES, PruningHandle, prune_visual_tokens
 
-__all__ = ["DECODE_BUCKET", "NAME", "RULES", "SUPPORTED_FAMILIES", "CrossAttentionParallel", "PruningHandle",
+__all__ = ["NAME", "RULES", "SUPPORTED_FAMILIES", "CrossAttentionParallel", "PruningHandle",
            "attention_forward", "backend", "mask_function", "mllama", "parallelize_cross_attention",
            "prune_visual_tokens", "pruning", "register", "set_implementation", "windows"]
 

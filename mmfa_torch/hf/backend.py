@@ -7,12 +7,19 @@ and ``model.set_attn_implementation("mmfa")`` (also per sub-model, e.g. ``{"text
 "vision_config": "sdpa"}``) run the model's attention on mmfa's kernels.
 
 The mask function keeps masks compact whenever the kernel can express them: for a plain causal
-(or sliding-window causal) or plain bidirectional mask it returns only the 2-D padding mask
-(B, S) of the keys, or None without padding, and the attention function maps it to kernel
-arguments (``is_causal`` from the module, ``sliding_window`` as a local window, padding as
-segment ids, which cover left and right padding alike). Any other pattern (Gemma 3's bidirectional
-image blocks, packed sequences, chunked attention, a user's 4-D mask) arrives as a 4-D boolean
-(or additive float) mask and goes to the kernel as ``attn_mask``.
+(or sliding-window causal) or plain bidirectional mask whose T query rows are the last T of the
+S keys (no cache, or a DynamicCache) it returns only the 2-D padding mask (B, S) of the keys, or
+None without padding, and the attention function maps it to kernel arguments (``is_causal`` from
+the module, ``sliding_window`` as a local window, padding as segment ids, which cover left and
+right padding alike). Any other pattern (Gemma 3's bidirectional image blocks, packed sequences,
+chunked attention, a static cache, whose queries sit anywhere in its fixed length, a user's 4-D
+mask) arrives as a 4-D boolean (or additive float) mask and goes to the kernel as ``attn_mask``.
+
+Decode steps (one query row) take the split-KV decode kernel whatever the mask: a padding mask or a
+4-D boolean mask shared by the heads is, for one row, a mask of the keys (``key_mask``). So a
+static cache's steps under ``torch.compile(mode="reduce-overhead")`` (what ``generate(...,
+cache_implementation="static")`` does on CUDA) run the decode kernel in CUDA graphs: nothing on
+that path synchronises with the GPU or allocates outside torch.
 
 Scorers
 -------
@@ -81,7 +88,8 @@ def set_implementation(implementation: str | None):
 
 def key_padding(kwargs):
     """The (B, kv_length) bool key padding of a mask-function call (``kwargs`` as transformers passes
-    them: attention_mask, kv_length, kv_offset), or None when every key is real."""
+    them: attention_mask, kv_length, kv_offset), or None when every key is real (checked on the host
+    in eager calls only: under torch.compile the padding is returned as it is)."""
     padding = kwargs.get("attention_mask")
     if padding is None:
         return None
@@ -91,16 +99,38 @@ def key_padding(kwargs):
     if missing > 0:  # as transformers' prepare_padding_mask: keys past the mask are padding
         padding = torch.nn.functional.pad(padding, (0, missing))
     padding = padding[:, kv_offset:kv_offset + kv_length]
+    if torch.compiler.is_compiling():
+        return padding
     return None if bool(padding.all()) else padding
+
+
+def queries_are_last(kwargs) -> bool:
+    """Whether the T query rows of a mask-function call are the last T of its keys (no cache, a
+    DynamicCache, a sliding-window cache), which the compact masks assume. transformers 5 passes
+    ``q_offset``: an int for those caches, a tensor for a static cache (whose keys are its whole
+    fixed length). 4.57 passes ``cache_position`` (a tensor): read on the host in eager calls; under
+    torch.compile the answer is False (the 4-D mask is always right)."""
+    q_length = kwargs.get("q_length")
+    kv_end = int(kwargs["kv_length"]) + int(kwargs.get("kv_offset", 0) or 0)
+    if q_length is not None:  # transformers 5
+        q_offset = kwargs.get("q_offset", 0)
+        return not isinstance(q_offset, torch.Tensor) and int(q_offset) + int(q_length) == kv_end
+    positions = kwargs.get("cache_position")
+    if positions is None:
+        return True
+    if torch.compiler.is_compiling() or positions.numel() == 0:
+        return False
+    return int(positions[-1]) + 1 == kv_end
 
 
 def mask_function(*args, **kwargs):
     """transformers mask interface for "mmfa".
 
     Returns None (no padding), a bool (B, S) padding mask of the keys (plain causal, sliding-window
-    causal or bidirectional masks: the attention function adds causality and the window itself),
-    or the 4-D bool mask (B, 1, T, S) that ``sdpa_mask`` would build, for every other pattern.
-    Takes the arguments of ``transformers.masking_utils.sdpa_mask`` (4.57 and 5.x spellings).
+    causal or bidirectional masks with the queries last: the attention function adds causality and
+    the window itself), or the 4-D bool mask (B, 1, T, S) that ``sdpa_mask`` would build, for every
+    other pattern. Takes the arguments of ``transformers.masking_utils.sdpa_mask`` (4.57 and 5.x
+    spellings).
     """
     from transformers.masking_utils import sdpa_mask
 
@@ -110,7 +140,7 @@ def mask_function(*args, **kwargs):
     bidirectional_plain = kwargs.get("allow_is_bidirectional_skip", False) and kwargs.get("local_size") is None
     config = kwargs.get("config")
     chunked = getattr(config, "attention_chunk_size", None) is not None
-    if (causal_plain or bidirectional_plain) and not chunked:
+    if (causal_plain or bidirectional_plain) and not chunked and queries_are_last(kwargs):
         return key_padding(kwargs)
     kwargs["allow_is_causal_skip"] = False
     kwargs["allow_is_bidirectional_skip"] = False
@@ -150,9 +180,11 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
     if T == 1 and _settings["decode"] == "sdpa" and softcap is None:
         return _torch_decode(query, key, value, attention_mask, scaling, sliding_window), None
     scorer = getattr(module, _SCORER, None)
-    if (T == 1 and (attention_mask is None or attention_mask.dim() == 2)
-            and not (scorer is not None and scorer.wants_scores(T, S))):
-        return _decode(query, key, value, attention_mask, scaling, sliding_window, softcap), None
+    if T == 1 and not (scorer is not None and scorer.wants_scores(T, S)):
+        key_mask = _key_mask(attention_mask, query.shape[0], S)
+        if key_mask is not False:
+            return _decode(query, key, value, key_mask, attention_mask is not None and attention_mask.dim() == 4,
+                           scaling, sliding_window, softcap), None
 
     def kernel_args():
         return dict(scale=scaling, enable_gqa=query.shape[1] != key.shape[1], logits_soft_cap=softcap,
@@ -200,34 +232,32 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
     return out.transpose(1, 2), None
 
 
-DECODE_BUCKET = 256  # decode calls see the cache padded to a multiple of this many keys
+def _key_mask(attention_mask, B: int, S: int):
+    """For one query row: the attention function's mask as a (B, S) bool key mask (None: no mask),
+    or False when it is not one (an additive float mask, or a 4-D mask that differs per head)."""
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() == 2:
+        return attention_mask.to(torch.bool)
+    if (attention_mask.dim() == 4 and attention_mask.dtype == torch.bool and attention_mask.shape[1] == 1
+            and attention_mask.shape[-1] >= S):  # (longer: keys past the cache's, as sdpa_attention_forward cuts)
+        return attention_mask[:, 0, -1, :S].expand(B, S)
+    return False
 
 
-def _decode(query, key, value, attention_mask, scaling, sliding_window, softcap):
-    """One query row (the last position) over a KV cache: (B, 1, Hq, D).
+def _decode(query, key, value, key_mask, mask_is_whole, scaling, sliding_window, softcap):
+    """One query row (the last position) over a KV cache, by the split-KV decode kernel: (B, 1, Hq, D).
 
-    Without padding the split-KV decode kernel reads the cache as it is (``decode_attention``: one
-    compiled kernel serves a bucket of cache lengths). With a padding mask (left-padded batches)
-    the keys are padded to a multiple of ``DECODE_BUCKET`` for the prefill kernel, the padding
-    masked by segment ids, so that one compile serves 256 steps. A sliding window keeps only its
-    last keys; after that the row sees every key, so no causal flag or window is needed."""
-    B, S = key.shape[0], key.shape[2]
-    valid = None if attention_mask is None else attention_mask.to(torch.bool)
-    if sliding_window and S > sliding_window:
+    ``key_mask`` (B, S) bool or None: the keys the row may see. A padding mask (``mask_is_whole``
+    False) says nothing of the window, so a sliding window keeps only the cache's last keys (a
+    4-D mask holds the window already). One compiled kernel pair serves a bucket of cache lengths."""
+    S = key.shape[2]
+    if not mask_is_whole and sliding_window and S > sliding_window:
         key, value = key[:, :, S - sliding_window:], value[:, :, S - sliding_window:]
-        valid = None if valid is None else valid[:, S - sliding_window:]
-        S = sliding_window
-    if valid is None:
-        return decode_attention(query, key, value, scale=scaling, logits_soft_cap=softcap,
-                                implementation=_settings["implementation"]).transpose(1, 2)
-    padded = -(-S // DECODE_BUCKET) * DECODE_BUCKET
-    pad = (0, 0, 0, padded - S)
-    key, value = torch.nn.functional.pad(key, pad), torch.nn.functional.pad(value, pad)
-    call = dict(scale=scaling, enable_gqa=query.shape[1] != key.shape[1], logits_soft_cap=softcap,
-                implementation=_settings["implementation"])
-    kv_seg = torch.nn.functional.pad(valid.to(torch.int32), (0, padded - S))  # 1: a real key, 0: not
-    call["segment_ids"] = (torch.ones(B, 1, dtype=torch.int32, device=query.device), kv_seg)
-    return scaled_dot_product_attention(query.contiguous(), key, value, **call).transpose(1, 2)
+        key_mask = None if key_mask is None else key_mask[:, S - sliding_window:]
+    return decode_attention(query, key, value, key_mask=None if key_mask is None else key_mask.contiguous(),
+                            scale=scaling, logits_soft_cap=softcap,
+                            implementation=_settings["implementation"]).transpose(1, 2)
 
 
 def _torch_decode(query, key, value, attention_mask, scaling, sliding_window):
@@ -313,5 +343,5 @@ def implementation() -> str | None:
     return _settings["implementation"]
 
 
-__all__ = ["DECODE_BUCKET", "NAME", "Scorer", "attach_scorer", "attention_forward", "detach_scorer", "implementation",
-           "mask_function", "register", "set_implementation"]
+__all__ = ["NAME", "Scorer", "attach_scorer", "attention_forward", "detach_scorer", "implementation",
+           "mask_function", "queries_are_last", "register", "set_implementation"]
