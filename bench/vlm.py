@@ -104,25 +104,22 @@ class VisionTimer:
 
 
 def run_once(model, inputs, new_tokens: int, device: str, cache_kind: str = "dynamic"):
-    """Prefill then ``new_tokens`` greedy steps, each step timed (seconds). ``cache_kind`` "dynamic":
-    a DynamicCache, eager steps; "static": a StaticCache of prompt + new_tokens entries and the
-    decode step under torch.compile(mode="reduce-overhead") (CUDA graphs), as ``generate(...,
-    cache_implementation="static")`` runs it; the attention mask then has the cache's whole length
-    from the start (later keys are hidden by causality), so every step has the same shapes."""
-    from transformers import DynamicCache, StaticCache
+    """Prefill then ``new_tokens`` greedy steps; returns (TTFT seconds, step seconds, cache length).
 
+    ``cache_kind`` "dynamic": a DynamicCache and eager steps, each step timed. "static":
+    ``generate`` with a StaticCache of prompt + new_tokens entries, which compiles the decode step
+    with torch.compile(mode="reduce-overhead") (CUDA graphs), transformers' own path; the TTFT is a
+    generate of one token and every step is the mean of the rest (one cache size for both, so one
+    compiled step serves them)."""
+    if cache_kind == "static":
+        return _run_static(model, inputs, new_tokens, device)
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config.get_text_config())
     inputs = dict(inputs)
     pos = vlms.generation_position_ids(model, inputs)
     inputs["position_ids"] = pos
     mask = inputs["attention_mask"]
-    forward = model
-    if cache_kind == "static":
-        T = mask.shape[1]
-        cache = StaticCache(config=model.config.get_text_config(), max_cache_len=T + new_tokens)
-        mask = torch.nn.functional.pad(mask, (0, new_tokens), value=1)
-        forward = _compiled_step(model)
-    else:
-        cache = DynamicCache(config=model.config.get_text_config())
     with torch.inference_mode():
         _sync(device)
         t0 = time.perf_counter()
@@ -133,23 +130,32 @@ def run_once(model, inputs, new_tokens: int, device: str, cache_kind: str = "dyn
         steps = []
         for _ in range(new_tokens - 1):
             t = time.perf_counter()
-            if cache_kind != "static":
-                mask = torch.cat([mask, torch.ones_like(nxt)], 1)
+            mask = torch.cat([mask, torch.ones_like(nxt)], 1)
             pos = torch.cat([pos, pos[..., -1:] + 1], -1)
-            out = forward(input_ids=nxt, attention_mask=mask, position_ids=pos[..., -1:], past_key_values=cache,
-                          use_cache=True)
-            nxt = out.logits[:, -1].argmax(-1, keepdim=True).clone()  # (out of the graph's memory)
+            out = model(input_ids=nxt, attention_mask=mask, position_ids=pos[..., -1:], past_key_values=cache,
+                        use_cache=True)
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
             _sync(device)
             steps.append(time.perf_counter() - t)
     return ttft, steps, int(cache.get_seq_length())
 
 
-def _compiled_step(model):
-    """The model's forward under torch.compile(mode="reduce-overhead"), made once per model."""
-    step = getattr(model, "_bench_compiled_step", None)
-    if step is None:
-        step = model._bench_compiled_step = torch.compile(model.forward, mode="reduce-overhead")
-    return step
+def _run_static(model, inputs, new_tokens: int, device: str):
+    from transformers import StaticCache
+
+    capacity = inputs["input_ids"].shape[1] + new_tokens
+    times = []
+    with torch.inference_mode():
+        for n in (1, new_tokens):
+            cache = StaticCache(config=model.config.get_text_config(), max_cache_len=capacity)
+            _sync(device)
+            t0 = time.perf_counter()
+            model.generate(**inputs, past_key_values=cache, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+    ttft, total = times
+    steps = [(total - ttft) / (new_tokens - 1)] * (new_tokens - 1)
+    return ttft, steps, inputs["input_ids"].shape[1] + new_tokens - 1
 
 
 def bench_row(model, family, impl, keep, layer, target, cfg, handle_box):

@@ -73,13 +73,14 @@ def main(argv=None):
             if r["impl"] == "mmfa_dma":
                 print(f"| {r['mode']} | {r['tokens']} | {r['keep']} | {_num(r['ms'])} | {_num(r['dense_ms'])} | "
                       f"{_num(r['speedup'])}x |")
-    print("\n| VLM (random weights, bf16, B1) | visual | impl | keep | TTFT ms | of it vision tower ms | ITL ms "
-          "| error |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in _rows(folder / "vlm.csv"):
+    print("\n| VLM (random weights, bf16, B1) | visual | impl | keep | cache | TTFT ms | of it vision tower ms "
+          "| ITL ms | error |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    # vlm.csv: DynamicCache, eager steps; vlm_static.csv: StaticCache, steps in CUDA graphs.
+    for r in _rows(folder / "vlm.csv") + _rows(folder / "vlm_static.csv"):
         print(f"| {r.get('model') or r.get('family')} | {r.get('visual_tokens', '')} | {r.get('impl', '')} | "
-              f"{r.get('keep') or ''} | {_num(r.get('ttft_ms'), '{:.1f}')} | {_num(r.get('vision_ms'), '{:.1f}')} | "
-              f"{_num(r.get('itl_mean_ms'), '{:.1f}')} | "
+              f"{r.get('keep') or ''} | {r.get('cache') or 'dynamic'} | {_num(r.get('ttft_ms'), '{:.1f}')} | "
+              f"{_num(r.get('vision_ms'), '{:.1f}')} | {_num(r.get('itl_mean_ms'), '{:.1f}')} | "
               f"{(r.get('error') or '')[:60]} |")
 
 

@@ -174,7 +174,8 @@ def test_static_cache_generate_in_cuda_graphs(rng):
 
     def call(inputs, **kw):
         with torch.no_grad():
-            return model.generate(**inputs, max_new_tokens=8, do_sample=False, **kw)
+            return model.generate(**inputs, max_new_tokens=6, do_sample=False, output_scores=True,
+                                  return_dict_in_generate=True, **kw)
 
     launch.run_decode = counting
     try:
@@ -182,10 +183,13 @@ def test_static_cache_generate_in_cuda_graphs(rng):
         static = call(inputs, cache_implementation="static")
         assert any(launched), "no decode kernel was launched inside a CUDA graph capture"
         dynamic = call(inputs)
+        # Teacher-forced comparison up to the first token the two runs chose differently (bf16 on
+        # random weights has near ties): the scores of every step up to it agree.
         T = inputs["input_ids"].shape[1]
-        agree = (static[:, T:] == dynamic[:, T:]).float().mean().item()
-        # bf16 on random weights: a near tie may flip a late token; the first ones must agree.
-        assert torch.equal(static[:, T:T + 2], dynamic[:, T:T + 2]) and agree >= 0.75, (static, dynamic)
+        same = (static.sequences[:, T:] == dynamic.sequences[:, T:]).all(0).long().cumprod(0).sum().item()
+        for a, b in zip(static.scores[:same + 1], dynamic.scores[:same + 1]):
+            torch.testing.assert_close(a.float(), b.float(), atol=0.05, rtol=0.05)
+        assert same >= 1, (static.sequences, dynamic.sequences)  # at least one step in graphs compared
         seen = _twice(make, lambda x: call(x, cache_implementation="static"))
     finally:
         launch.run_decode = real
