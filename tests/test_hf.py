@@ -526,16 +526,27 @@ def test_static_cache_decode_step_compiles_to_one_graph(seed):
     torch.testing.assert_close(want, s_ref[:, 1], **TOL)
 
 
-def test_mask_function_static_cache_is_dense():
+def test_mask_function_static_cache():
     """transformers 5 passes a static cache's q_offset as a tensor: its queries sit anywhere in the
-    cache, so the mask comes 4-D (the compact form assumes the queries are the last keys)."""
+    cache. In eager calls the compact mask covers the keys written so far (the queries are their
+    last ones); a static sliding-window layer, and any call under torch.compile, get the 4-D mask."""
     from transformers.masking_utils import causal_mask_function, sdpa_mask
 
     if "q_length" not in __import__("inspect").signature(sdpa_mask).parameters:
         pytest.skip("transformers 4.57 spells the queries cache_position (covered by the generate test)")
     common = dict(batch_size=1, q_length=3, kv_length=8, kv_offset=0, device="cpu", mask_function=causal_mask_function,
-                  attention_mask=torch.ones(1, 3, dtype=torch.bool))
-    got = hf.mask_function(**common, q_offset=torch.tensor(0))
-    want = sdpa_mask(**common, q_offset=torch.tensor(0), allow_is_causal_skip=False)
+                  attention_mask=torch.ones(1, 5, dtype=torch.bool))  # the tokens seen so far
+    got = hf.mask_function(**common, q_offset=torch.tensor(2))  # eager: the first 5 keys, the last 3 queries
+    assert torch.equal(got, torch.tensor([[True] * 5]))
+    with_padding = dict(common, attention_mask=torch.tensor([[False, True, True, True, True]]))
+    assert torch.equal(hf.mask_function(**with_padding, q_offset=torch.tensor(2)), with_padding["attention_mask"])
+    assert hf.mask_function(**dict(common, kv_length=5), q_offset=2) is None
+    # A sliding-window layer of a static cache is a rolling buffer: always the 4-D mask.
+    got = hf.mask_function(**common, q_offset=torch.tensor(0), local_size=4)
+    want = sdpa_mask(**common, q_offset=torch.tensor(0), local_size=4, allow_is_causal_skip=False)
     assert got.shape == (1, 1, 3, 8) and torch.equal(got, want)
-    assert hf.mask_function(**dict(common, kv_length=3), q_offset=0) is None
+    # Under torch.compile nothing is read on the host: the 4-D mask.
+    compiled = torch.compile(lambda q_offset: hf.mask_function(**common, q_offset=q_offset), fullgraph=True,
+                             backend="eager")
+    want = sdpa_mask(**common, q_offset=torch.tensor(0), allow_is_causal_skip=False)
+    assert torch.equal(compiled(torch.tensor(0)), want)

@@ -104,32 +104,46 @@ def key_padding(kwargs):
     return None if bool(padding.all()) else padding
 
 
-def queries_are_last(kwargs) -> bool:
-    """Whether the T query rows of a mask-function call are the last T of its keys (no cache, a
-    DynamicCache, a sliding-window cache), which the compact masks assume. transformers 5 passes
-    ``q_offset``: an int for those caches, a tensor for a static cache (whose keys are its whole
-    fixed length). 4.57 passes ``cache_position`` (a tensor): read on the host in eager calls; under
-    torch.compile the answer is False (the 4-D mask is always right)."""
-    q_length = kwargs.get("q_length")
-    kv_end = int(kwargs["kv_length"]) + int(kwargs.get("kv_offset", 0) or 0)
-    if q_length is not None:  # transformers 5
-        q_offset = kwargs.get("q_offset", 0)
-        return not isinstance(q_offset, torch.Tensor) and int(q_offset) + int(q_length) == kv_end
-    positions = kwargs.get("cache_position")
-    if positions is None:
-        return True
-    if torch.compiler.is_compiling() or positions.numel() == 0:
-        return False
-    return int(positions[-1]) + 1 == kv_end
+def visible_keys(kwargs) -> int | None:
+    """How many keys the T query rows of a mask-function call see as the last T of them: L when the
+    queries are the last T of the first L keys, so that causality (and padding) say the rest;
+    None when that cannot be told (the 4-D mask is then built). No cache, a DynamicCache or a
+    sliding-window cache: L = kv_length (transformers 5 passes ``q_offset`` as an int). A static
+    cache (q_offset a tensor; 4.57 passes ``cache_position``, a tensor, for every cache): its full
+    attention layers hold the keys in position order, so L is the queries' end, read on the host in
+    eager calls; under torch.compile nothing is read (None), and a static sliding-window layer (a
+    rolling buffer) is always None."""
+    kv_length, kv_offset = int(kwargs["kv_length"]), int(kwargs.get("kv_offset", 0) or 0)
+    if kwargs.get("q_length") is not None:  # transformers 5
+        T, start = int(kwargs["q_length"]), kwargs.get("q_offset", 0)
+    else:
+        start = kwargs.get("cache_position")
+        if start is None:
+            return kv_length
+        T = start.numel()
+    if isinstance(start, torch.Tensor):
+        if torch.compiler.is_compiling() or start.numel() == 0:
+            return None
+        first, last = start.reshape(-1)[[0, -1]].tolist() if start.numel() > 1 else [int(start.reshape(-1)[0])] * 2
+        if last - first + 1 != T and start.numel() > 1:
+            return None
+        start = first
+    end = int(start) + T - kv_offset
+    if end == kv_length:
+        return kv_length
+    if kv_offset == 0 and kwargs.get("local_size") is None and T <= end < kv_length:
+        return end
+    return None
 
 
 def mask_function(*args, **kwargs):
     """transformers mask interface for "mmfa".
 
-    Returns None (no padding), a bool (B, S) padding mask of the keys (plain causal, sliding-window
-    causal or bidirectional masks with the queries last: the attention function adds causality and
-    the window itself), or the 4-D bool mask (B, 1, T, S) that ``sdpa_mask`` would build, for every
-    other pattern. Takes the arguments of ``transformers.masking_utils.sdpa_mask`` (4.57 and 5.x
+    Returns None (no padding), a bool (B, L) padding mask of the first L <= S keys (plain causal,
+    sliding-window causal or bidirectional masks whose queries are the last of those L keys, see
+    ``visible_keys``: the attention function adds causality and the window itself, and drops the
+    keys past L), or the 4-D bool mask (B, 1, T, S) that ``sdpa_mask`` would build, for every other
+    pattern. Takes the arguments of ``transformers.masking_utils.sdpa_mask`` (4.57 and 5.x
     spellings).
     """
     from transformers.masking_utils import sdpa_mask
@@ -140,8 +154,15 @@ def mask_function(*args, **kwargs):
     bidirectional_plain = kwargs.get("allow_is_bidirectional_skip", False) and kwargs.get("local_size") is None
     config = kwargs.get("config")
     chunked = getattr(config, "attention_chunk_size", None) is not None
-    if (causal_plain or bidirectional_plain) and not chunked and queries_are_last(kwargs):
-        return key_padding(kwargs)
+    visible = visible_keys(kwargs) if (causal_plain or bidirectional_plain) and not chunked else None
+    if visible is not None:
+        padding = key_padding(kwargs)
+        if visible == int(kwargs["kv_length"]):
+            return padding
+        # Only the first ``visible`` keys are there (a static cache's written part): a shorter mask.
+        if padding is None:
+            return torch.ones(int(kwargs["batch_size"]), visible, dtype=torch.bool, device=kwargs.get("device"))
+        return padding[:, :visible]
     kwargs["allow_is_causal_skip"] = False
     kwargs["allow_is_bidirectional_skip"] = False
     kwargs.pop("dtype", None)
@@ -162,8 +183,9 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
       module: the attention module (its ``is_causal`` is the default for ``is_causal``).
       query: (B, Hq, T, D); key, value: (B, Hkv, S, D), Hkv dividing Hq (GQA heads not repeated).
         With a KV cache the T query rows are the last T of the S keys (decode: T = 1).
-      attention_mask: None, bool (B, S) key padding (from ``mask_function``), or a 4-D bool or
-        additive float mask broadcastable to (B, Hq, T, S), which then holds the whole pattern.
+      attention_mask: None, bool (B, L) key padding of the first L <= S keys (from ``mask_function``;
+        the keys past L are not there yet), or a 4-D bool or additive float mask broadcastable to
+        (B, Hq, T, S), which then holds the whole pattern.
       dropout: dropout on the weights; mmfa has none, so training with dropout > 0 falls back to
         transformers' sdpa.
       scaling: softmax scale (default 1/sqrt(D)); sliding_window: keys within ``sliding_window``
@@ -177,6 +199,10 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
         return _sdpa_fallback(module, query, key, value, attention_mask, dropout, scaling, sliding_window, softcap,
                               causal, **kwargs)
     T, S = query.shape[2], key.shape[2]
+    if attention_mask is not None and attention_mask.dim() == 2 and T > 1 and attention_mask.shape[-1] < S:
+        # The queries see only the first L keys (a static cache's written part): the rest is not there.
+        key, value = key[:, :, :attention_mask.shape[-1]], value[:, :, :attention_mask.shape[-1]]
+        S = key.shape[2]
     if T == 1 and _settings["decode"] == "sdpa" and softcap is None:
         return _torch_decode(query, key, value, attention_mask, scaling, sliding_window), None
     scorer = getattr(module, _SCORER, None)
@@ -204,7 +230,7 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
     else:
         if attention_mask is not None:
             if attention_mask.dim() != 2 or attention_mask.shape[-1] != S:
-                raise ValueError(f"attention_mask must be None, a (B, S={S}) padding mask or a 4-D mask, got shape "
+                raise ValueError(f"attention_mask must be None, a (B, L<=S={S}) padding mask or a 4-D mask, got shape "
                                  f"{tuple(attention_mask.shape)}")
             valid = attention_mask.to(torch.bool)
             segments = (valid[:, S - T:].to(torch.int32), valid.to(torch.int32))  # queries are the last T keys
@@ -237,8 +263,8 @@ def _key_mask(attention_mask, B: int, S: int):
     or False when it is not one (an additive float mask, or a 4-D mask that differs per head)."""
     if attention_mask is None:
         return None
-    if attention_mask.dim() == 2:
-        return attention_mask.to(torch.bool)
+    if attention_mask.dim() == 2:  # (shorter than S: the keys past it are not there yet)
+        return torch.nn.functional.pad(attention_mask.to(torch.bool), (0, S - attention_mask.shape[-1]))
     if (attention_mask.dim() == 4 and attention_mask.dtype == torch.bool and attention_mask.shape[1] == 1
             and attention_mask.shape[-1] >= S):  # (longer: keys past the cache's, as sdpa_attention_forward cuts)
         return attention_mask[:, 0, -1, :S].expand(B, S)
@@ -265,7 +291,8 @@ def _torch_decode(query, key, value, attention_mask, scaling, sliding_window):
     S = key.shape[2]
     mask = None
     if attention_mask is not None:
-        mask = attention_mask.to(torch.bool)[:, None, None, :] if attention_mask.dim() == 2 else attention_mask
+        mask = (torch.nn.functional.pad(attention_mask.to(torch.bool), (0, S - attention_mask.shape[-1]))[:, None, None]
+                if attention_mask.dim() == 2 else attention_mask)
     if sliding_window and S > sliding_window - 1 and (attention_mask is None or attention_mask.dim() == 2):
         band = torch.arange(S, device=key.device) > S - 1 - sliding_window
         mask = band[None, None, None, :] if mask is None else mask & band
@@ -344,4 +371,4 @@ def implementation() -> str | None:
 
 
 __all__ = ["NAME", "Scorer", "attach_scorer", "attention_forward", "detach_scorer", "implementation",
-           "mask_function", "queries_are_last", "register", "set_implementation"]
+           "mask_function", "register", "set_implementation", "visible_keys"]

@@ -64,7 +64,7 @@ import torch
 
 from mmfa_jax import _checks, backends
 from mmfa_torch.dynamic_mask import dynamic_mask_attention, zoh_states
-from mmfa_torch.hf.backend import key_padding, queries_are_last
+from mmfa_torch.hf.backend import key_padding, visible_keys
 
 Tensor = torch.Tensor
 NAME = "mmfa_doge"  # the attention implementation a patched model runs under
@@ -204,7 +204,7 @@ def mask_function(*args, **kwargs):
             "mmfa Doge attention: transformers asked for a mask other than causal plus padding (packed sequences "
             "found from the position ids, a sliding window, or an or/and overlay); the dynamic mask kernels take a "
             "causal mask with key padding only. Pass an attention_mask (or no position ids) for unpacked batches")
-    if not queries_are_last(kwargs):
+    if visible_keys(kwargs) != int(kwargs["kv_length"]):
         raise NotImplementedError(
             "mmfa Doge attention: the queries are not the last keys of the cache (a static cache, whose keys are "
             "its whole fixed length); the patched layers take a DynamicCache")
