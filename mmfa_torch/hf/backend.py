@@ -111,8 +111,8 @@ def visible_keys(kwargs) -> int | None:
     sliding-window cache: L = kv_length (transformers 5 passes ``q_offset`` as an int). A static
     cache (q_offset a tensor; 4.57 passes ``cache_position``, a tensor, for every cache): its full
     attention layers hold the keys in position order, so L is the queries' end, read on the host in
-    eager calls; under torch.compile nothing is read (None), and a static sliding-window layer (a
-    rolling buffer) is always None."""
+    eager calls; under torch.compile nothing is read (None), and sliding-window layers with tensor
+    positions (a static cache's is a rolling buffer; 4.57 does not say which cache it is) are None."""
     kv_length, kv_offset = int(kwargs["kv_length"]), int(kwargs.get("kv_offset", 0) or 0)
     if kwargs.get("q_length") is not None:  # transformers 5
         T, start = int(kwargs["q_length"]), kwargs.get("q_offset", 0)
@@ -122,18 +122,19 @@ def visible_keys(kwargs) -> int | None:
             return kv_length
         T = start.numel()
     if isinstance(start, torch.Tensor):
-        if torch.compiler.is_compiling() or start.numel() == 0:
+        # Positions read on the host: trusted for keys in position order only (not a sliding
+        # window's cache, which a static cache keeps as a rolling buffer).
+        if torch.compiler.is_compiling() or start.numel() == 0 or kv_offset or kwargs.get("local_size") is not None:
             return None
-        first, last = start.reshape(-1)[[0, -1]].tolist() if start.numel() > 1 else [int(start.reshape(-1)[0])] * 2
-        if last - first + 1 != T and start.numel() > 1:
-            return None
-        start = first
-    end = int(start) + T - kv_offset
-    if end == kv_length:
-        return kv_length
-    if kv_offset == 0 and kwargs.get("local_size") is None and T <= end < kv_length:
-        return end
-    return None
+        if start.numel() == 1:  # q_offset (5.x), or one cache position (4.57)
+            first = int(start.reshape(-1)[0])
+        else:  # 4.57's cache positions of the T queries: consecutive ones only
+            first, last = start.reshape(-1)[[0, -1]].tolist()
+            if last - first + 1 != T:
+                return None
+        end = first + T
+        return end if T <= end <= kv_length else None
+    return kv_length if int(start) + T - kv_offset == kv_length else None
 
 
 def mask_function(*args, **kwargs):
