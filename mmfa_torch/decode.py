@@ -48,6 +48,9 @@ def decode_attention(query: Tensor, key: Tensor, value: Tensor, *, kv_lengths: T
         if not isinstance(key_mask, torch.Tensor) or key_mask.dtype != torch.bool:
             raise _checks.ArgumentTypeError(f"key_mask must be a bool tensor, got "
                                             f"{getattr(key_mask, 'dtype', type(key_mask).__name__)}")
+        if key.dim() == 4 and tuple(key_mask.shape) != (key.shape[0], key.shape[2]):
+            raise _checks.ArgumentError(f"key_mask must have shape (B, S) = {(key.shape[0], key.shape[2])}, got "
+                                        f"{tuple(key_mask.shape)}")
         key_mask = key_mask.to(query.device).contiguous()
     # Under torch.compile the step is the custom op (its fake kernel gives the shapes); eager calls
     # skip the op's dispatch, which costs host time on every call.

@@ -60,6 +60,9 @@ def test_key_mask(impl, rng):
     assert (out[2] == 0).all()
     with pytest.raises(TypeError, match="key_mask"):
         mmfa_torch.decode_attention(q, k, v, key_mask=mask.int().to(q.device), implementation=impl)
+    for bad in (mask[:, :S - 8], torch.ones(B, S + 8, dtype=torch.bool), mask[:1]):
+        with pytest.raises(ValueError, match="key_mask"):
+            mmfa_torch.decode_attention(q, k, v, key_mask=bad.to(q.device), implementation=impl)
 
 
 def test_bf16_and_no_lengths(impl, rng):

@@ -545,6 +545,13 @@ def test_mask_function_static_cache():
     got = hf.mask_function(**common, q_offset=torch.tensor(0), local_size=4)
     want = sdpa_mask(**common, q_offset=torch.tensor(0), local_size=4, allow_is_causal_skip=False)
     assert got.shape == (1, 1, 3, 8) and torch.equal(got, want)
+    # Cross-attention (an encoder's keys, the decoder's queries, no causality): the keys' padding only.
+    from transformers.masking_utils import bidirectional_mask_function
+
+    cross = dict(common, mask_function=bidirectional_mask_function, allow_is_bidirectional_skip=True,
+                 attention_mask=None, kv_length=12)
+    assert hf.mask_function(**cross, q_offset=0) is None
+    assert hf.mask_function(**dict(cross, q_length=1), q_offset=0) is None
     # Under torch.compile nothing is read on the host: the 4-D mask.
     compiled = torch.compile(lambda q_offset: hf.mask_function(**common, q_offset=q_offset), fullgraph=True,
                              backend="eager")

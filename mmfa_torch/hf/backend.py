@@ -155,7 +155,12 @@ def mask_function(*args, **kwargs):
     bidirectional_plain = kwargs.get("allow_is_bidirectional_skip", False) and kwargs.get("local_size") is None
     config = kwargs.get("config")
     chunked = getattr(config, "attention_chunk_size", None) is not None
-    visible = visible_keys(kwargs) if (causal_plain or bidirectional_plain) and not chunked else None
+    # Without causality the queries' place does not matter (cross-attention, vision towers).
+    visible = None
+    if bidirectional_plain and not chunked:
+        visible = int(kwargs["kv_length"])
+    elif causal_plain and not chunked:
+        visible = visible_keys(kwargs)
     if visible is not None:
         padding = key_padding(kwargs)
         if visible == int(kwargs["kv_length"]):

@@ -204,7 +204,10 @@ def mask_function(*args, **kwargs):
             "mmfa Doge attention: transformers asked for a mask other than causal plus padding (packed sequences "
             "found from the position ids, a sliding window, or an or/and overlay); the dynamic mask kernels take a "
             "causal mask with key padding only. Pass an attention_mask (or no position ids) for unpacked batches")
-    if visible_keys(kwargs) != int(kwargs["kv_length"]):
+    # A static cache (5.x says so by a tensor q_offset; under torch.compile on 4.57 the positions
+    # cannot be read, and a DynamicCache is assumed there) puts the queries anywhere in its keys.
+    visible = visible_keys(kwargs)
+    if isinstance(kwargs.get("q_offset"), torch.Tensor) or visible not in (None, int(kwargs["kv_length"])):
         raise NotImplementedError(
             "mmfa Doge attention: the queries are not the last keys of the cache (a static cache, whose keys are "
             "its whole fixed length); the patched layers take a DynamicCache")
