@@ -287,8 +287,7 @@ def _decode(query, key, value, key_mask, mask_is_whole, scaling, sliding_window,
     if not mask_is_whole and sliding_window and S > sliding_window:
         key, value = key[:, :, S - sliding_window:], value[:, :, S - sliding_window:]
         key_mask = None if key_mask is None else key_mask[:, S - sliding_window:]
-    return decode_attention(query, key, value, key_mask=None if key_mask is None else key_mask.contiguous(),
-                            scale=scaling, logits_soft_cap=softcap,
+    return decode_attention(query, key, value, key_mask=key_mask, scale=scaling, logits_soft_cap=softcap,
                             implementation=_settings["implementation"]).transpose(1, 2)
 
 
