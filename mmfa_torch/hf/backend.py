@@ -201,6 +201,17 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
       ((B, T, Hq, D), None): mmfa does not form the attention weights.
     """
     causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
+
+    def kernel_args():
+        return dict(scale=scaling, enable_gqa=query.shape[1] != key.shape[1], logits_soft_cap=softcap,
+                    implementation=_settings["implementation"])
+
+    bounds = windows.take(module)
+    if bounds is not None:  # a vision tower's one call for all its windows (mmfa_torch.hf.windows)
+        if causal or attention_mask is not None or sliding_window or (dropout and module.training):
+            raise RuntimeError("mmfa vision windows: the call over every window came with a causal flag, a mask, "
+                               "a window or dropout, which the window bounds do not combine with")
+        return windows.attend(bounds, query, key, value, kernel_args()), None
     if dropout and module.training:
         return _sdpa_fallback(module, query, key, value, attention_mask, dropout, scaling, sliding_window, softcap,
                               causal, **kwargs)
@@ -218,16 +229,8 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
             return _decode(query, key, value, key_mask, attention_mask is not None and attention_mask.dim() == 4,
                            scaling, sliding_window, softcap), None
 
-    def kernel_args():
-        return dict(scale=scaling, enable_gqa=query.shape[1] != key.shape[1], logits_soft_cap=softcap,
-                    implementation=_settings["implementation"])
-
     if not causal and attention_mask is None and not sliding_window and T == S:  # maybe one window of many
         windows.watch(module)
-        batch = module.__dict__.get("_mmfa_windows")
-        out = None if batch is None else batch.answer(query, key, value, kernel_args)
-        if out is not None:
-            return out, None
     call = kernel_args()
     segments = None
     if attention_mask is not None and attention_mask.dim() == 4:  # the whole pattern: no causal flag or window
