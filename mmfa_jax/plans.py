@@ -38,10 +38,11 @@ class KernelPlan:
     def arguments(self, named: dict) -> list:
         """The operands present in ``named`` (name -> array or tensor; None or missing: absent), in
         this kernel's order: its parameters before the results."""
-        return [t for t in self.ordered(**{n: t for n, t in named.items() if n in self.operands}) if t is not None]
+        return [t for n in self.operands if (t := named.get(n)) is not None]
 
 
-MASK_RANGES = KernelPlan("mmfa_mask_ranges", ("mask",), ("mask_ranges",))
+MASK_BLOCKS = KernelPlan("mmfa_mask_blocks", ("mask",), ("mask_blocks",))
+MASK_RANGES = KernelPlan("mmfa_mask_ranges", ("mask_blocks",), ("mask_ranges",))
 FORWARD = KernelPlan("mmfa_flash_forward", ("q", "k", "v", *_SIDE, "mask_ranges", "q_source", "kv_source"),
                      ("out", "lse"))
 BACKWARD_DQ = KernelPlan("mmfa_flash_dq", ("q", "k", "v", *_SIDE, "d_out", "lse", "delta"), ("dq", "dbias"))
@@ -70,7 +71,7 @@ BLOCK_SPARSE_DKV = KernelPlan("mmfa_block_sparse_dkv",
 
 def forward(has_mask: bool) -> tuple[KernelPlan, ...]:
     """The forward's kernels in launch order: with a dense mask, its block ranges first."""
-    return (MASK_RANGES, FORWARD) if has_mask else (FORWARD,)
+    return (MASK_BLOCKS, MASK_RANGES, FORWARD) if has_mask else (FORWARD,)
 
 
 def backward() -> tuple[KernelPlan, ...]:

@@ -123,13 +123,24 @@ class _Driver:
                                                    kernel.shared), f"opting {kernel.name} into shared memory")
         return function.value
 
-    def launch(self, function: int, grid, threads: int, shared: int, stream: int, pointers: list[int], name: str):
-        n = len(pointers)
-        values = (ctypes.c_uint64 * n)(*pointers)  # kernelParams: the address of each parameter's value
-        base = ctypes.addressof(values)
-        params = (ctypes.c_void_p * n)(*range(base, base + 8 * n, 8))
-        self.check(self.lib.cuLaunchKernel(function, grid[0], grid[1], grid[2], threads, 1, 1, shared, stream,
-                                           params, None), f"launching {name}")
+    def launch(self, function: int, grid, threads: int, shared: int, stream: int, params: _Parameters,
+               pointers: list[int], name: str):
+        with params.lock:  # the driver copies the values at the launch: the buffer is free again after it
+            params.values[:] = pointers
+            status = self.lib.cuLaunchKernel(function, grid[0], grid[1], grid[2], threads, 1, 1, shared, stream,
+                                             params.addresses, None)
+        self.check(status, f"launching {name}")
+
+
+class _Parameters:
+    """A kernel's parameter buffer, made once: the values (device pointers) and, as cuLaunchKernel's
+    kernelParams, the address of each value. Building these per call cost several microseconds."""
+
+    def __init__(self, n: int):
+        self.values = (ctypes.c_uint64 * n)()
+        base = ctypes.addressof(self.values)
+        self.addresses = (ctypes.c_void_p * n)(*range(base, base + 8 * n, 8))
+        self.lock = threading.Lock()
 
 
 @functools.cache
@@ -169,6 +180,14 @@ class _Kernel:
         """Its operands and results: the pointers it takes before Triton's own."""
         return self.launch.operands + len(self.launch.results)
 
+    @functools.cached_property
+    def _parameters(self) -> _Parameters:
+        return _Parameters(self.buffers + self.extra)
+
+    @functools.cached_property
+    def _results(self) -> tuple:
+        return tuple((shape, _TORCH_DTYPE[dtype]) for shape, dtype in self.launch.results)
+
     def run(self, named: dict, device: torch.device) -> dict:
         """Launch on ``named`` tensors (the plan's operand names; None or missing: absent); returns
         the results by the plan's names."""
@@ -176,13 +195,15 @@ class _Kernel:
         if len(operands) != self.launch.operands:
             raise LaunchError(f"{self.plan.name} was captured with {self.launch.operands} operands, called with "
                               f"{len(operands)}")
-        results = [torch.empty(shape, dtype=_TORCH_DTYPE[dtype], device=device) for shape, dtype in self.launch.results]
+        results = [torch.empty(shape, dtype=dtype, device=device) for shape, dtype in self._results]
         kernel = self.launch.kernel
         function = _function(kernel.key, device.index, kernel)
-        stream = _current_stream(device.index)
-        pointers = [t.data_ptr() for t in operands + results] + [0] * self.extra
-        _driver().launch(function, self.launch.grid, 32 * kernel.num_warps, kernel.shared, stream, pointers,
-                         kernel.name)
+        pointers = [t.data_ptr() for t in operands]
+        pointers += [t.data_ptr() for t in results]
+        if self.extra:
+            pointers += [0] * self.extra
+        _driver().launch(function, self.launch.grid, 32 * kernel.num_warps, kernel.shared,
+                         _current_stream(device.index), self._parameters, pointers, kernel.name)
         return dict(zip(self.plan.results, results))
 
 
@@ -348,7 +369,7 @@ def forward(opts: Options, q, k, v, bias, mask, q_seg, kv_seg, q_len, kv_len) ->
     structs = dict(named, mask=None if mask is None else named["mask"].view(torch.bool))
     *ranges_kernel, kernel = _forward_kernels(opts, _signature(*structs.values()), cc)
     if ranges_kernel:
-        named["mask_ranges"] = _mask_ranges(mask, named["mask"], ranges_kernel[0])
+        named["mask_ranges"] = _mask_ranges(mask, named["mask"], *ranges_kernel)
     results = kernel.run(named, q.device)
     return results["out"], results["lse"]
 
@@ -359,15 +380,15 @@ def forward(opts: Options, q, k, v, bias, mask, q_seg, kv_seg, q_len, kv_len) ->
 _ranges_of_mask: dict[int, tuple] = {}
 
 
-def _mask_ranges(mask: torch.Tensor, mask_int8: torch.Tensor, kernel: _Kernel) -> torch.Tensor:
-    """(Bm, Nm, query tiles, 4) int32 block ranges of ``mask`` (as the caller passed it; the kernel
-    reads ``mask_int8``, its (Bm, Nm, T, S) int8 form)."""
+def _mask_ranges(mask: torch.Tensor, mask_int8: torch.Tensor, blocks_kernel: _Kernel, kernel: _Kernel) -> torch.Tensor:
+    """(Bm, Nm, query tiles, 4) int32 block ranges of ``mask`` (as the caller passed it; the kernels
+    read ``mask_int8``, its (Bm, Nm, T, S) int8 form)."""
     key = (kernel.launch.kernel.key, tuple(mask_int8.shape))
     tracked = not mask.is_inference()
     entry = _ranges_of_mask.get(id(mask)) if tracked else None
     if entry is not None and entry[0]() is mask and entry[1:3] == (mask._version, key):
         return entry[3]
-    ranges = kernel.run(dict(mask=mask_int8), mask.device)["mask_ranges"]
+    ranges = kernel.run(blocks_kernel.run(dict(mask=mask_int8), mask.device), mask.device)["mask_ranges"]
     if not tracked:
         return ranges
     ident = id(mask)

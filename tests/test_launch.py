@@ -36,9 +36,10 @@ def test_capture_records_kernels_grids_and_parameters(cc):
                           torch.bfloat16)
     B, N, K, T, S, D = 2, 4, 2, 100, 130, 64
     sig = _signature(B, N, K, T, S, D, mask=True, segments=True, kv_lengths=True)
-    ranges, fwd = launch._forward_kernels(opts, sig, cc)
+    blocks, ranges, fwd = launch._forward_kernels(opts, sig, cc)
     operands = sum(s is not None for s in sig)
-    assert ranges.launch.kernel.name == "mmfa_mask_ranges" and ranges.buffers == 2  # the mask in, ranges out
+    assert blocks.launch.kernel.name == "mmfa_mask_blocks" and blocks.buffers == 2  # the mask in, block flags out
+    assert ranges.launch.kernel.name == "mmfa_mask_ranges" and ranges.buffers == 2  # the flags in, ranges out
     assert fwd.launch.kernel.name == "mmfa_flash_forward" and fwd.launch.kernel.cc == cc
     assert fwd.buffers == operands + 1 + 2  # the mask's ranges; out and lse
     assert launch.parameter_count(fwd.launch.kernel.ptx, "mmfa_flash_forward") == fwd.buffers + fwd.extra
