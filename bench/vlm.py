@@ -290,7 +290,7 @@ def main(argv=None):
     p.add_argument("--cache", choices=["dynamic", "static"], default="dynamic",
                    help="dynamic: a DynamicCache and eager decode steps (default); static: a StaticCache and the "
                         "decode step in CUDA graphs (torch.compile reduce-overhead), as generate's "
-                        "cache_implementation='static'. Pruning needs a DynamicCache")
+                        "cache_implementation='static'")
     p.add_argument("--profile", action="store_true", help="also print a cProfile of one prefill + decode step per row")
     p.add_argument("--kernels", action="store_true", help="also print the CUDA kernels of one prefill per row")
     p.add_argument("--out", type=Path, help="CSV path (default bench/results/vlm_<preset>.csv); PNG next to it")

@@ -92,12 +92,20 @@ def select_visual_tokens(importance: Tensor, visual_mask: Tensor, keep=None, *, 
                                     f"got {tuple(importance.shape)}")
     valid_lengths = None if valid_lengths is None else _int32(valid_lengths, "valid_lengths")
     S = visual_mask.shape[1]
-    kept, _ = _static_sizes(visual_mask, valid_lengths, rule, "text", None)
+    # On CUDA an output_length given is checked on the device (as multimodal_attention does), so the
+    # call needs no sync; otherwise the kept counts are read to size or check it.
+    deferred_check = output_length is not None and visual_mask.is_cuda
+    kept = None if deferred_check else _static_sizes(visual_mask, valid_lengths, rule, "text", None)[0]
     output_length = _jax_pruning.checked_output_length(output_length, kept, S, rule)
     idx, n = _jax_pruning.select_checked(to_jax(importance.detach().contiguous()), to_jax(visual_mask.contiguous()),
                                          to_jax(valid_lengths), rule=rule, output_length=output_length,
                                          lowering=_lowering(None, importance.device))
-    return to_torch(idx), to_torch(n)
+    n = to_torch(n)
+    if deferred_check:
+        torch._assert_async((n <= output_length).all(),
+                            f"output_length={output_length} is shorter than the tokens an example keeps ({rule}); "
+                            f"pass a longer output_length, or None")
+    return to_torch(idx), n
 
 
 def gather_tokens(x: Tensor, indices: Tensor, dim: int = 1) -> Tensor:

@@ -29,6 +29,6 @@ step dma python3 bench/dma.py --lengths 16384,65536 --keeps 2048 --impls mmfa_de
 step vlm python3 bench/vlm.py --preset h100 --families ${VLM_FAMILIES:-llava qwen2_5_vl gemma3} \
   --impls sdpa mmfa mmfa+prune --keeps 0.25 --visual ${VLM_VISUAL:-2304 9216} --new-tokens 16 --out "$out/vlm.csv"
 step vlm_static python3 bench/vlm.py --preset h100 --families ${VLM_STATIC_FAMILIES:-llava qwen2_5_vl gemma3} \
-  --impls sdpa mmfa --visual 9216 --new-tokens 16 --cache static --out "$out/vlm_static.csv"
+  --impls sdpa mmfa mmfa+prune --keeps 0.25 --visual 9216 --new-tokens 16 --cache static --out "$out/vlm_static.csv"
 python3 scripts/regression_table.py "$out" | tee "$out/table.md"
 exit $status

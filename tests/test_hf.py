@@ -492,6 +492,40 @@ def test_pruning_with_sliding_window_cache_shorter_than_prompt(seed):
         assert model.generate(**inputs, max_new_tokens=4, do_sample=False).shape[1] == inputs["input_ids"].shape[1] + 4
 
 
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl", "gemma3"])
+def test_pruning_with_static_cache_matches_dynamic(family, seed):
+    """generate(cache_implementation="static") of a pruned model gives the greedy tokens and scores of
+    its generate with a DynamicCache (checked against the masked reference above): the static layers
+    get the kept tokens in place, count L, and the later layers and steps write after them."""
+    model = vlms.build(family, attn_implementation="mmfa", seed=seed)
+    inputs = _static_inputs(model, family, seed)
+    handle = hf.prune_visual_tokens(model, keep=0.5, layer=1)
+    kw = dict(max_new_tokens=4, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        dynamic = model.generate(**inputs, **kw)
+        kept = handle.kept_positions.clone()
+        static = model.generate(**inputs, cache_implementation="static", **kw)
+    assert torch.equal(handle.kept_positions, kept) and kept.shape[1] < inputs["input_ids"].shape[1]
+    T = inputs["input_ids"].shape[1]
+    same = int((static.sequences[:, T:] == dynamic.sequences[:, T:]).all(0).long().cumprod(0).sum())
+    assert same >= 1, (static.sequences, dynamic.sequences)
+    for a, b in zip(static.scores[:same + 1], dynamic.scores[:same + 1]):
+        torch.testing.assert_close(a, b, **TOL)
+
+
+def test_pruning_with_static_sliding_window_shorter_than_prompt_is_refused(seed):
+    """A static cache's sliding-window layer at or before K is a rolling buffer shorter than the prompt:
+    the kept tokens cannot all be put back, and pruning says so rather than attend to the wrong keys."""
+    cfg = vlms.config("gemma3")
+    cfg.text_config.sliding_window = 6
+    torch.manual_seed(seed)
+    model = transformers.Gemma3ForConditionalGeneration._from_config(cfg, attn_implementation="mmfa").eval()
+    inputs = vlms.make_inputs(model, "gemma3", images_per_example=(3, 2), text_lengths=[4, 9], seed=seed)
+    hf.prune_visual_tokens(model, keep=0.5, layer=1)
+    with torch.no_grad(), pytest.raises(NotImplementedError, match="rolling buffer"):
+        model.generate(**inputs, max_new_tokens=2, do_sample=False, cache_implementation="static")
+
+
 def test_sdpa_decode_option(seed):
     """register(decode="sdpa"): single-row calls on torch SDPA (padding, sliding window) give the same
     decode logits as mmfa's kernels."""

@@ -146,11 +146,12 @@ def test_generate_compiles_nothing_when_warm(prune, impl, rng):
 
 
 @pytest.mark.gpu
-def test_static_cache_generate_in_cuda_graphs(rng):
+@pytest.mark.parametrize("prune", [False, True], ids=["dense", "prune"])
+def test_static_cache_generate_in_cuda_graphs(prune, rng):
     """generate(cache_implementation="static") on CUDA compiles the decode step with
     torch.compile(mode="reduce-overhead") (transformers' default): the steps run mmfa's decode
-    kernel inside CUDA graphs, give the greedy tokens of an eager generate with a dynamic cache,
-    and a second generate compiles no kernel."""
+    kernel inside CUDA graphs, give the greedy tokens of an eager generate with a dynamic cache
+    (both pruned, with ``prune``), and a second generate compiles no kernel."""
     pytest.importorskip("transformers")
     import torch
 
@@ -159,6 +160,8 @@ def test_static_cache_generate_in_cuda_graphs(rng):
 
     hf.register(implementation="pallas")
     model = vlms.build("llava", seed=int(rng.integers(2**31)), device="cuda", dtype=torch.bfloat16)
+    if prune:
+        hf.prune_visual_tokens(model, 0.25, layer=1)
     seeds = iter(rng.integers(2**31, size=3))
 
     def make():
@@ -195,3 +198,44 @@ def test_static_cache_generate_in_cuda_graphs(rng):
         launch.run_decode = real
         hf.register(implementation=None)
     assert seen.total == 0, f"a warm static-cache generate compiled: {seen}"
+
+
+@pytest.mark.gpu
+def test_pruned_prefill_syncs_once_more_than_a_plain_one(rng):
+    """Pruning reads its static sizes once, when the prompt arrives: a pruned prefill makes at most
+    one host sync more than the same prefill without pruning (a sync per later layer would stall
+    the host behind the GPU each time). Counted with torch's sync debug mode, warm."""
+    pytest.importorskip("transformers")
+    import warnings
+
+    import torch
+
+    from mmfa_torch import hf
+    from mmfa_torch.testing import vlms
+
+    hf.register(implementation="pallas")
+    model = vlms.build("llava", seed=int(rng.integers(2**31)), device="cuda", dtype=torch.bfloat16)
+    inputs = vlms.make_inputs(model, "llava", images_per_example=(1, 1), text_lengths=[3, 5],
+                              seed=int(rng.integers(2**31)), device="cuda", dtype=torch.bfloat16)
+
+    def syncs():
+        with torch.no_grad():
+            model(**inputs)  # warm
+            torch.cuda.synchronize()
+            with warnings.catch_warnings(record=True) as seen:
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    model(**inputs)
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+        return sum("synchroniz" in str(w.message) for w in seen)
+
+    try:
+        plain = syncs()
+        handle = hf.prune_visual_tokens(model, 0.25, layer=1)
+        pruned = syncs()
+        assert handle.kept_positions.shape[1] < inputs["input_ids"].shape[1]  # it did prune
+    finally:
+        hf.register(implementation=None)
+    assert pruned <= plain + 1, f"a pruned prefill made {pruned} host syncs, a plain one {plain}"

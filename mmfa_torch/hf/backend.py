@@ -223,7 +223,12 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
     if T == 1 and _settings["decode"] == "sdpa" and softcap is None:
         return _torch_decode(query, key, value, attention_mask, scaling, sliding_window), None
     scorer = getattr(module, _SCORER, None)
-    if T == 1 and not (scorer is not None and scorer.wants_scores(T, S)):
+    scoring = scorer is not None and scorer.wants_scores(T, S)
+    if scoring and S > T:  # a prompt in a static cache's first T slots (see Scorer)
+        key, value, S = key[:, :, :T], value[:, :, :T], T
+        if attention_mask is not None and attention_mask.dim() == 4:
+            attention_mask = attention_mask[..., :T]
+    if T == 1 and not scoring:
         key_mask = _key_mask(attention_mask, query.shape[0], S)
         if key_mask is not False:
             return _decode(query, key, value, key_mask, attention_mask is not None and attention_mask.dim() == 4,
@@ -256,7 +261,7 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
     # them a contiguous query too rather than have K and V copied into the query's order.
     if key.is_contiguous() and value.is_contiguous() and not query.is_contiguous():
         query = query.contiguous()
-    if scorer is not None and scorer.wants_scores(T, S):
+    if scoring:
         out, lse = scaled_dot_product_attention(query, key, value, return_lse=True, **call)
         dense = attention_mask is not None and attention_mask.dim() == 4
         scorer.score(query, key, lse, scale=scaling, is_causal=causal, window=window, softcap=softcap,
@@ -344,6 +349,8 @@ class Scorer(Protocol):
     ``wants_scores(T, S)`` is asked on the module's calls (T query rows, S keys) that reach mmfa's own
     path (not training with dropout, decode steps handed to torch's SDPA by ``register(decode="sdpa")``,
     or vision-window calls answered by one batched call); a wanted call never takes the decode path.
+    A scorer that wants a call with S > T says the T queries are a prompt in the first T slots of a
+    static cache: the call then attends to those T keys only (the slots past them are unwritten).
     The call computes the LSE with its output and hands it to ``score``, with how it ran: ``scale``
     (None: 1/sqrt(D)), ``is_causal`` and ``window`` (the kernel's ``local_window_size``), ``softcap``;
     ``dense_mask`` (True: a 4-D mask held the whole pattern, so ``is_causal`` is False and ``window``

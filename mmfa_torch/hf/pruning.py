@@ -56,6 +56,8 @@ class _PruneState:
     valid: Tensor | None = None         # (B, T) bool, not padding
     importance: Tensor | None = None    # (B, T) float32
     next_position: Tensor | None = None  # (B,) first position after the prompt (original numbering)
+    sizes: "_PrunedSizes | None" = None  # the prefill's static sizes, read once when the prompt arrives
+    static_cache: bool = False          # the pruned prefill's cache has static layers
     position_rank: int = 2              # 2: (B, n) position ids, 3: (3, B, n) (M-RoPE)
     # set by layer K, used by layers K+1.. of the same prefill
     in_prefill: bool = False
@@ -71,7 +73,8 @@ class _PruneState:
     recording: list = dataclasses.field(default_factory=list)
 
     def wants_scores(self, T: int, S: int) -> bool:
-        return self.pending and self.visual is not None and T == S == self.visual.shape[1]
+        # S > T: the prompt in a static cache's first T slots (the hooks score prompts from an empty cache only)
+        return self.pending and self.visual is not None and T == self.visual.shape[1] <= S
 
     def score(self, query, key, lse, *, scale, is_causal, window, softcap, dense_mask, module_causal, sliding_window):
         """Importance of every input token at layer K, from the attention's own LSE."""
@@ -88,19 +91,49 @@ class _PruneState:
         else:
             last = torch.where(valid, torch.arange(T, device=valid.device), -1).amax(dim=1)
             scorers = torch.arange(T, device=valid.device)[None, :] == last[:, None]
-        seg = None if bool(valid.all()) else valid.to(torch.int32)
+        seg = None if self.sizes.no_padding else valid.to(torch.int32)
         self.importance = mmfa_torch.visual_token_importance(
-            query, key, lse, visual & valid, scorers, scale=scale, is_causal=is_causal, local_window_size=window,
-            logits_soft_cap=softcap, segment_ids=seg, implementation=backend.implementation())
+            query, key, lse, visual & valid, scorers, max_scorers=self.sizes.scorers, scale=scale,
+            is_causal=is_causal, local_window_size=window, logits_soft_cap=softcap, segment_ids=seg,
+            implementation=backend.implementation())
 
     def reset(self):
         self.pending = self.in_prefill = self.active = False
         self.visual = self.valid = self.importance = self.next_position = None
-        self.index = self.kept_valid = None
+        self.index = self.kept_valid = self.sizes = None
         self.cache_ref = None
         self.memo = {}
         self.decoded = 0
         self.recording = []
+
+
+@dataclasses.dataclass(frozen=True)
+class _PrunedSizes:
+    """The static sizes of a pruned prefill, read from the prompt's masks in one transfer when it
+    arrives (the GPU has little queued then), so that layer K and the layers after it need no sync
+    of their own: each would stall the host until the GPU had caught up."""
+    selected: int          # the selection's output length: every non-visual position + the kept visual ones
+    kept: int              # L: the longest example's kept tokens (padding dropped)
+    all_slots_valid: bool  # every example keeps L tokens: no padding slot after pruning
+    no_padding: bool       # the prompt has no padding
+    scorers: int           # the most scorer rows of an example (rule "text": its text tokens; "last": 1)
+
+    @staticmethod
+    def of(visual: Tensor, valid: Tensor, keep: _checks.Keep, rule: str) -> "_PrunedSizes | None":
+        """None when the prompt has no visual token (nothing to prune)."""
+        from mmfa_jax.pruning import keep_table
+
+        B, T = visual.shape
+        shown = visual & valid
+        counts = torch.stack([shown.sum(1), (valid & ~visual).sum(1), valid.sum(1)]).cpu().numpy()
+        n_visual, n_text, n_valid = counts
+        if not n_visual.any():
+            return None
+        chosen = keep_table(T, keep)[n_visual]
+        kept = n_text + chosen
+        return _PrunedSizes(selected=int((T - n_visual + chosen).max()), kept=max(1, int(kept.max())),
+                            all_slots_valid=bool((kept == kept.max()).all()), no_padding=bool((n_valid == T).all()),
+                            scorers=max(1, int(n_text.max())) if rule == "text" else 1)
 
 
 class PruningHandle:
@@ -276,18 +309,24 @@ def _outer_pre_hook(state: _PruneState, mm):
                 raise ValueError("prune_visual_tokens finds visual tokens through input_ids: pass input_ids, not only "
                                  "inputs_embeds, on prefill (or remove the pruning hooks)")
             visual = torch.isin(input_ids, torch.tensor(state.token_ids, device=input_ids.device))
-            if n < 2 or not bool(visual.any()):
+            if n < 2:
+                return (), kwargs
+            mask = kwargs.get("attention_mask")
+            if _is_prepared(mask):  # generate's 4-D masks for a static cache: the padding they hold
+                mask = kwargs["attention_mask"] = _padding_of(mask, visual.shape[0], n).long()
+            valid = torch.ones_like(visual) if not isinstance(mask, torch.Tensor) or mask.dim() != 2 else \
+                mask.to(torch.bool)
+            sizes = _PrunedSizes.of(visual, valid, state.keep, state.rule)  # the prefill's one early sync
+            if sizes is None:  # no visual tokens
                 return (), kwargs
             if kwargs.get("labels") is not None:
                 raise ValueError("prune_visual_tokens is for inference: a prefill with labels would need every "
                                  "token's logits")
-            mask = kwargs.get("attention_mask")
             if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dim() != 2):
                 shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else ""
                 raise ValueError("prune_visual_tokens needs a 2-D (B, T) attention_mask (or None), got "
                                  f"{type(mask).__name__}{shape}")
-            state.visual = visual
-            state.valid = torch.ones_like(visual) if mask is None else mask.to(torch.bool)
+            state.visual, state.valid, state.sizes = visual, valid, sizes
             state.pending = True
             return (), kwargs
         if not state.active or state.cache_ref is None or state.cache_ref() is not cache:
@@ -299,13 +338,17 @@ def _outer_pre_hook(state: _PruneState, mm):
         full = state.full_length + state.decoded + n  # what a caller that knows nothing of pruning counts
         mask = kwargs.get("attention_mask")
         B = state.kept_valid.shape[0]
+        if _is_prepared(mask):
+            # generate built it from the caller's 2-D mask over the pruned cache's slots, so its padding
+            # columns are misplaced; the tokens generate feeds are real: the mask is rebuilt from the kept prefix.
+            mask = None
         if isinstance(mask, torch.Tensor) and mask.dim() == 2:
             if mask.shape[1] != full:
                 raise ValueError(f"attention_mask has {mask.shape[1]} columns; after a pruned prompt of "
                                  f"{state.full_length} tokens and {state.decoded} more, expected {full}")
             kwargs["attention_mask"] = torch.cat([state.kept_valid.to(mask.dtype), mask[:, state.full_length:]], 1)
         elif mask is None:
-            if not bool(state.kept_valid.all()):
+            if not state.sizes.all_slots_valid or state.static_cache:  # a static cache's mask says where its keys end
                 new = torch.ones(B, state.decoded + n, dtype=torch.long, device=state.kept_valid.device)
                 kwargs["attention_mask"] = torch.cat([state.kept_valid.long(), new], 1)
         else:
@@ -320,6 +363,26 @@ def _outer_pre_hook(state: _PruneState, mm):
         return (), kwargs
 
     return hook
+
+
+def _is_prepared(mask) -> bool:
+    """A mask generate prepared for a static cache: 4-D (or a dict of them, by layer kind), its
+    columns the cache's slots, that is the original positions."""
+    return isinstance(mask, dict) or (isinstance(mask, torch.Tensor) and mask.dim() == 4)
+
+
+def _padding_of(mask, B: int, n: int) -> Tensor:
+    """(B, n) bool: which tokens of a prompt of n are real, read from the diagonal of the mask
+    generate prepared for it (B|1, 1|H, n, S), its columns the slots of an empty cache: a row sees
+    itself unless it is padding."""
+    if isinstance(mask, dict):
+        mask = mask.get("full_attention", next(iter(mask.values())))
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 4 or mask.shape[-2] != n or mask.shape[-1] < n:
+        raise ValueError(f"prune_visual_tokens cannot read the padding of an attention_mask of "
+                         f"{type(mask).__name__}{tuple(getattr(mask, 'shape', ()))}")
+    own = torch.diagonal(mask[:, 0, :, :n], dim1=-2, dim2=-1)
+    visible = own if own.dtype == torch.bool else own > torch.finfo(own.dtype).min / 2
+    return visible.expand(B, n)
 
 
 def _lm_pre_hook(state: _PruneState):
@@ -375,11 +438,10 @@ def _lm_post_hook(state: _PruneState):
     return hook
 
 
-def _right_aligned(kept: Tensor) -> tuple[Tensor, Tensor]:
+def _right_aligned(kept: Tensor, L: int) -> tuple[Tensor, Tensor]:
     """(index (B, L), slot_valid (B, L)) placing each example's kept positions, in order, at the
     end of L = max kept count slots; padding slots (on the left) point at the first kept token."""
     counts = kept.sum(dim=1)
-    L = max(1, int(counts.max()))
     order = torch.argsort((~kept).to(torch.int8), dim=1, stable=True)[:, :L]  # kept positions first, ascending
     src = torch.arange(L, device=kept.device)[None, :] - (L - counts)[:, None]
     slot_valid = src >= 0
@@ -396,16 +458,19 @@ def _layer_k_hook(state: _PruneState):
             raise RuntimeError(f"prune_visual_tokens: decoder layer {state.layer}'s attention did not run through "
                                "mmfa, so there are no importance scores")
         visual = state.visual & state.valid
-        idx, lengths = mmfa_torch.select_visual_tokens(state.importance, visual, state.keep)  # a checked Keep
+        idx, lengths = mmfa_torch.select_visual_tokens(state.importance, visual, state.keep,  # a checked Keep
+                                                       output_length=state.sizes.selected)
         B, T = visual.shape
         live = torch.arange(idx.shape[1], device=idx.device)[None, :] < lengths[:, None]
         kept = torch.zeros(B, T, dtype=torch.bool, device=visual.device)
         kept.scatter_(1, torch.where(live, idx.long(), 0), live)
         kept &= state.valid
-        index, slot_valid = _right_aligned(kept)
+        index, slot_valid = _right_aligned(kept, state.sizes.kept)
         hidden = output[0] if isinstance(output, tuple) else output
         hidden = _gather_seq(hidden, index, axis=1)
         cache = _cache_of(kwargs)
+        layers = getattr(cache, "layers", None) or []
+        state.static_cache = any(type(layer).__name__ in _STATIC_LAYERS for layer in layers)
         if cache is not None:
             _reslice_cache(cache, state, index)
         state.index, state.kept_valid = index, slot_valid
@@ -449,9 +514,13 @@ def _reslice_cache(cache, state: _PruneState, index: Tensor):
     for i in range(state.layer + 1):
         layer = layers[i]
         kind = type(layer).__name__
-        if kind not in ("DynamicLayer", "DynamicSlidingWindowLayer"):
-            raise NotImplementedError(f"prune_visual_tokens re-slices DynamicCache layers only; layer {i} is {kind}")
         T = state.full_length if state.full_length else state.visual.shape[1]
+        if kind in _STATIC_LAYERS:
+            _reslice_static(layer, i, index, T)
+            continue
+        if kind not in ("DynamicLayer", "DynamicSlidingWindowLayer"):
+            raise NotImplementedError(f"prune_visual_tokens re-slices DynamicCache and StaticCache layers; layer {i} "
+                                      f"is {kind}")
         if layer.keys.shape[-2] != T:
             raise NotImplementedError(f"cache layer {i} holds {layer.keys.shape[-2]} tokens of a {T}-token prompt "
                                       "(a sliding-window layer that could not record the whole prompt)")
@@ -466,6 +535,30 @@ def _reslice_cache(cache, state: _PruneState, index: Tensor):
                 layer.keys = layer.keys[:, :, -window + 1:, :]
                 layer.values = layer.values[:, :, -window + 1:, :]
     state.recording = []
+
+
+# The static layers of transformers 4.57 and 5.x whose buffers hold the prompt in position order from slot 0.
+_STATIC_LAYERS = ("StaticLayer", "StaticSlidingWindowLayer", "SlidingWindowLayer")
+
+
+def _reslice_static(layer, i: int, index: Tensor, T: int):
+    """A static cache layer's first L slots get the kept tokens, in place (its buffers keep their
+    addresses: torch.compile and CUDA graphs hold them); the slots the prompt left behind are zeroed
+    (4.57 counts a static layer's length by its non-zero slots) and the layer's count says L."""
+    L = index.shape[1]
+    capacity = layer.keys.shape[-2]
+    if T > capacity:
+        raise NotImplementedError(f"static cache layer {i} holds {capacity} tokens, fewer than the {T}-token prompt "
+                                  "(a sliding window's rolling buffer has already dropped some): prune at a layer "
+                                  "before the first sliding-window layer, or use a DynamicCache")
+    for buffer in (layer.keys, layer.values):
+        kept = _gather_seq(buffer[:, :, :T], index, axis=2, batch_axis=0)
+        buffer[:, :, :L].copy_(kept)
+        buffer[:, :, L:T].zero_()
+    if isinstance(getattr(layer, "cumulative_length", None), torch.Tensor):  # 5.x
+        layer.cumulative_length.fill_(L)
+    if hasattr(layer, "cumulative_length_int"):
+        layer.cumulative_length_int = L
 
 
 def _later_layer_hook(state: _PruneState):
@@ -484,10 +577,14 @@ def _later_layer_hook(state: _PruneState):
             return memo[key][1]
 
         mask = kwargs.get("attention_mask")
-        if mask is None or (isinstance(mask, torch.Tensor) and mask.dim() == 2):
-            kwargs["attention_mask"] = None if bool(slot_valid.all()) else slot_valid
+        if mask is None:
+            kwargs["attention_mask"] = None if state.sizes.all_slots_valid else slot_valid
+        elif isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            # Kept whole even when every slot is valid: a 2-D mask may say how many keys are there (a
+            # static cache's written part, see backend.mask_function), now the L kept ones.
+            kwargs["attention_mask"] = slot_valid
         elif isinstance(mask, torch.Tensor) and mask.dim() == 4:
-            kwargs["attention_mask"] = once(mask, lambda m: _gather_mask(m, index, slot_valid))
+            kwargs["attention_mask"] = once(mask, lambda m: _gather_mask(m, index, slot_valid, state.static_cache))
         else:
             raise NotImplementedError("prune_visual_tokens cannot slice an attention mask of type "
                                       f"{type(mask).__name__}")
@@ -512,17 +609,21 @@ def _later_layer_hook(state: _PruneState):
     return hook
 
 
-def _gather_mask(mask: Tensor, index: Tensor, slot_valid: Tensor) -> Tensor:
-    """A 4-D (B|1, 1|H, T, T) mask restricted to the kept rows and columns; padding slots masked."""
+def _gather_mask(mask: Tensor, index: Tensor, slot_valid: Tensor, static: bool) -> Tensor:
+    """A 4-D (B|1, 1|H, T, S) mask restricted to the kept rows and the kept columns of the prompt,
+    which move to the first L; padding slots masked. ``static``: the S columns are a static cache's
+    slots, which stay (those past L masked); otherwise the result has L columns."""
     B, L = index.shape
     mask = mask.expand(B, *mask.shape[1:])
     H, S = mask.shape[1], mask.shape[3]
     m = torch.gather(mask, 2, index[:, None, :, None].expand(B, H, L, S))   # rows
     m = torch.gather(m, 3, index[:, None, None, :].expand(B, H, L, L))      # columns
     pair = slot_valid[:, None, :, None] & slot_valid[:, None, None, :]
-    if m.dtype == torch.bool:
-        return m & pair
-    return torch.where(pair, m, torch.finfo(m.dtype).min)
+    hidden = False if m.dtype == torch.bool else torch.finfo(m.dtype).min
+    m = m & pair if m.dtype == torch.bool else torch.where(pair, m, hidden)
+    if static and S > L:
+        m = torch.nn.functional.pad(m, (0, S - L), value=hidden)
+    return m
 
 
 __all__ = ["RULES", "SUPPORTED_FAMILIES", "PruningHandle", "prune_visual_tokens"]
