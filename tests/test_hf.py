@@ -513,6 +513,33 @@ def test_pruning_with_static_cache_matches_dynamic(family, seed):
         torch.testing.assert_close(a, b, **TOL)
 
 
+@pytest.mark.parametrize("family", ["llava", "gemma3"])
+def test_pruning_with_static_cache_compiled_steps(family, seed):
+    """The decode steps of a pruned static cache compiled as generate compiles them (here with the
+    aot_eager backend, on the CPU): the greedy tokens of the eager dynamic-cache generate, and a
+    second generate of the same shapes traces nothing (no host read of a step's length or state
+    forces a recompile)."""
+    from torch._dynamo.utils import counters
+    from transformers import GenerationConfig
+    from transformers.generation.configuration_utils import CompileConfig
+
+    model = vlms.build(family, attn_implementation="mmfa", seed=seed)
+    inputs = _static_inputs(model, family, seed)
+    hf.prune_visual_tokens(model, keep=0.5, layer=1)
+    config = GenerationConfig(max_new_tokens=5, do_sample=False, cache_implementation="static",
+                              compile_config=CompileConfig(backend="aot_eager", mode=None, fullgraph=False))
+    config.compile_config._compile_all_devices = True  # transformers compiles on accelerators only by default
+    torch._dynamo.reset()
+    with torch.no_grad():
+        want = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+        first = model.generate(**inputs, generation_config=config)
+        assert counters["frames"]["ok"] >= 1  # the steps were compiled
+        counters.clear()
+        second = model.generate(**inputs, generation_config=config)
+    assert not counters["frames"], dict(counters["frames"])
+    assert torch.equal(first, want) and torch.equal(second, want)
+
+
 def test_pruning_with_static_sliding_window_shorter_than_prompt_is_refused(seed):
     """A static cache's sliding-window layer at or before K is a rolling buffer shorter than the prompt:
     the kept tokens cannot all be put back, and pruning says so rather than attend to the wrong keys."""

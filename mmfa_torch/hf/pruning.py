@@ -58,6 +58,7 @@ class _PruneState:
     next_position: Tensor | None = None  # (B,) first position after the prompt (original numbering)
     sizes: "_PrunedSizes | None" = None  # the prefill's static sizes, read once when the prompt arrives
     static_cache: bool = False          # the pruned prefill's cache has static layers
+    static_mask: Tensor | None = None   # (B, slots) long: the mask of every call continuing that cache
     position_rank: int = 2              # 2: (B, n) position ids, 3: (3, B, n) (M-RoPE)
     # set by layer K, used by layers K+1.. of the same prefill
     in_prefill: bool = False
@@ -100,7 +101,7 @@ class _PruneState:
     def reset(self):
         self.pending = self.in_prefill = self.active = False
         self.visual = self.valid = self.importance = self.next_position = None
-        self.index = self.kept_valid = self.sizes = None
+        self.index = self.kept_valid = self.sizes = self.static_mask = None
         self.cache_ref = None
         self.memo = {}
         self.decoded = 0
@@ -299,10 +300,13 @@ def _outer_pre_hook(state: _PruneState, mm):
     def hook(module, args, kwargs):
         kwargs = _bind(module, args, kwargs)
         cache = _cache_of(kwargs)
-        past = _cache_length(cache)
         input_ids = kwargs.get("input_ids")
         embeds = kwargs.get("inputs_embeds")
         n = input_ids.shape[1] if input_ids is not None else embeds.shape[1]
+        pruned_cache = state.active and state.cache_ref is not None and state.cache_ref() is cache
+        if pruned_cache and state.static_cache and torch.compiler.is_compiling():  # nothing read on the host
+            return (), _continue_static(state, kwargs, cache, n)
+        past = _cache_length(cache)
         if past == 0:  # a new prompt
             state.reset()
             if input_ids is None:
@@ -329,8 +333,10 @@ def _outer_pre_hook(state: _PruneState, mm):
             state.visual, state.valid, state.sizes = visual, valid, sizes
             state.pending = True
             return (), kwargs
-        if not state.active or state.cache_ref is None or state.cache_ref() is not cache:
+        if not pruned_cache:
             return (), kwargs  # a cache this model did not prune
+        if state.static_cache:
+            return (), _continue_static(state, kwargs, cache, n)
         expected = state.pruned_length + state.decoded
         if past != expected:
             raise RuntimeError(f"the pruned KV cache holds {past} tokens, expected {expected} (kept prompt "
@@ -338,17 +344,13 @@ def _outer_pre_hook(state: _PruneState, mm):
         full = state.full_length + state.decoded + n  # what a caller that knows nothing of pruning counts
         mask = kwargs.get("attention_mask")
         B = state.kept_valid.shape[0]
-        if _is_prepared(mask):
-            # generate built it from the caller's 2-D mask over the pruned cache's slots, so its padding
-            # columns are misplaced; the tokens generate feeds are real: the mask is rebuilt from the kept prefix.
-            mask = None
         if isinstance(mask, torch.Tensor) and mask.dim() == 2:
             if mask.shape[1] != full:
                 raise ValueError(f"attention_mask has {mask.shape[1]} columns; after a pruned prompt of "
                                  f"{state.full_length} tokens and {state.decoded} more, expected {full}")
             kwargs["attention_mask"] = torch.cat([state.kept_valid.to(mask.dtype), mask[:, state.full_length:]], 1)
         elif mask is None:
-            if not state.sizes.all_slots_valid or state.static_cache:  # a static cache's mask says where its keys end
+            if not state.sizes.all_slots_valid:
                 new = torch.ones(B, state.decoded + n, dtype=torch.long, device=state.kept_valid.device)
                 kwargs["attention_mask"] = torch.cat([state.kept_valid.long(), new], 1)
         else:
@@ -383,6 +385,36 @@ def _padding_of(mask, B: int, n: int) -> Tensor:
     own = torch.diagonal(mask[:, 0, :, :n], dim1=-2, dim2=-1)
     visible = own if own.dtype == torch.bool else own > torch.finfo(own.dtype).min / 2
     return visible.expand(B, n)
+
+
+def _continue_static(state: _PruneState, kwargs: dict, cache, n: int) -> dict:
+    """The arguments of a call continuing a pruned static cache. Its mask covers the cache's slots:
+    the kept prefix's padding, then every later slot real (causality says which are written): one
+    tensor for every step, so that a compiled step sees one shape and reads nothing on the host.
+    A mask generate prepared (4-D, over the pruned cache's slots from the caller's 2-D mask, so its
+    padding columns are misplaced) is replaced too: the tokens generate feeds are real."""
+    mask = kwargs.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+        if not torch.compiler.is_compiling() and not bool(mask[:, state.full_length:].all()):
+            raise ValueError("after a pruned prompt in a static cache the tokens fed must be real (their "
+                             "attention_mask columns 1)")
+    elif mask is not None and not _is_prepared(mask):
+        raise ValueError("after a pruned prompt the attention_mask must be 2-D, generate's 4-D one, or None")
+    kwargs["attention_mask"] = state.static_mask
+    cp = kwargs.get("cache_position")  # transformers < 5: cache indices, which pruning shifted
+    if isinstance(cp, torch.Tensor):
+        kwargs["cache_position"] = cp - (state.full_length - state.pruned_length)
+    if kwargs.get("position_ids") is None:
+        device = state.next_position.device
+        fed = torch.as_tensor(cache.get_seq_length(), device=device) - state.pruned_length
+        pos = state.next_position[:, None] + fed + torch.arange(n, device=device)
+        kwargs["position_ids"] = pos[None].expand(3, -1, -1) if state.position_rank == 3 else pos
+    return kwargs
+
+
+def _static_width(cache) -> int:
+    """The slots of a static cache's full-attention layers (its max_cache_len)."""
+    return max(int(layer.max_cache_len) for layer in cache.layers if hasattr(layer, "max_cache_len"))
 
 
 def _lm_pre_hook(state: _PruneState):
@@ -473,6 +505,10 @@ def _layer_k_hook(state: _PruneState):
         state.static_cache = any(type(layer).__name__ in _STATIC_LAYERS for layer in layers)
         if cache is not None:
             _reslice_cache(cache, state, index)
+        if state.static_cache:
+            width = _static_width(cache)
+            state.static_mask = torch.ones(slot_valid.shape[0], width, dtype=torch.long, device=slot_valid.device)
+            state.static_mask[:, :slot_valid.shape[1]] = slot_valid
         state.index, state.kept_valid = index, slot_valid
         state.full_length, state.pruned_length = T, index.shape[1]
         state.cache_ref = weakref.ref(cache) if cache is not None else None
