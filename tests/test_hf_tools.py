@@ -1,5 +1,6 @@
-"""bench/vlm.py (smoke preset) and scripts/vqa_eval.py (metric; end to end on a tiny saved model and
-a tiny VQAv2-format dataset that the test writes)."""
+"""bench/vlm.py (smoke preset), scripts/vqa_eval.py (metric; end to end on a tiny saved model and
+a tiny VQAv2-format dataset that the test writes) and scripts/needle_video.py (the haystack; end to
+end on a tiny random model)."""
 
 from __future__ import annotations
 
@@ -158,3 +159,35 @@ def test_bench_vlm_smoke(tmp_path):
     dense, pruned = written[2], written[3]
     assert int(pruned["kept_tokens"]) < int(dense["kept_tokens"]) == int(dense["prompt_tokens"])
     assert out.with_suffix(".png").stat().st_size > 1000
+
+
+# ------------------------------------------------------------------------------------------------
+# The needle-in-a-video check
+
+needle = _load("scripts/needle_video.py", "needle_video")
+
+
+def test_needle_haystack_writes_the_word_on_one_frame():
+    plain = needle.haystack(9, 64, seed=3)
+    marked = needle.haystack(9, 64, seed=3, needle="kiwi", depth=0.5)
+    assert plain.shape == marked.shape == (9, 64, 64, 3) and plain.dtype == np.uint8
+    changed = [i for i in range(9) if not np.array_equal(plain[i], marked[i])]
+    assert changed == [4]  # round(0.5 * 8)
+    assert (marked[4] == 0).all(-1).any() and not (plain[4] == 0).all(-1).any()  # black letters
+    # the frames drift slowly: neighbours are closer than frames far apart
+    d = lambda a, b: float(np.abs(plain[a].astype(int) - plain[b].astype(int)).mean())  # noqa: E731
+    assert d(0, 1) < d(0, 8)
+
+
+def test_needle_tiny_end_to_end(tmp_path):
+    out, cfg = tmp_path / "needle.json", tmp_path / "cfg.json"
+    result = needle.main(["--tiny", "qwen2_5_vl", "--search", "--block", "8", "--min-tokens", "8", "--frames", "3",
+                          "--depths", "0.2", "0.8", "--implementation", "xla", "--device", "cpu",
+                          "--target-recall", "0.9", "--max-new-tokens", "3", "--out", str(out),
+                          "--save-config", str(cfg)])
+    assert json.loads(out.read_text())["rows"] == result["rows"] and cfg.stat().st_size > 0
+    for row in result["rows"]:
+        assert row["sparse_calls"]["sparse"] > 0 and len(row["dense"]) == len(row["sparse"]) == 3
+    again = needle.main(["--tiny", "qwen2_5_vl", "--config", str(cfg), "--min-tokens", "8", "--frames", "3",
+                         "--depths", "0.2", "--implementation", "xla", "--device", "cpu", "--max-new-tokens", "3"])
+    assert again["rows"][0]["sparse"] == result["rows"][0]["sparse"]  # the saved config drives the same prefill
