@@ -82,7 +82,10 @@ def _float(x):
 def select_visual_tokens(importance: Tensor, visual_mask: Tensor, keep=None, *, keep_count=None,
                          valid_lengths: Tensor | None = None, output_length: int | None = None) -> tuple[Tensor, Tensor]:
     """(indices (B, L) int32, lengths (B,) int32) of the kept tokens, in order; see
-    ``mmfa_jax.pruning.select_visual_tokens`` (``keep`` a ratio in (0, 1], or ``keep_count``)."""
+    ``mmfa_jax.pruning.select_visual_tokens`` (``keep`` a ratio in (0, 1], or ``keep_count``).
+    On CUDA an ``output_length`` given is checked on the device, with no sync: one too short for an
+    example's kept tokens fails a device-side assert at the next sync (which ends the CUDA context,
+    as for ``gather``'s indices); elsewhere, or without it, an ArgumentError now."""
     rule = _checks.checked_keep(keep, keep_count)
     if visual_mask.dim() != 2 or visual_mask.dtype != torch.bool:
         raise _checks.ArgumentError(f"visual_mask must be a boolean (B, S) tensor, got {visual_mask.dtype} "

@@ -540,6 +540,60 @@ def test_pruning_with_static_cache_compiled_steps(family, seed):
     assert torch.equal(first, want) and torch.equal(second, want)
 
 
+def test_pruning_with_static_sliding_window_filling_up_matches_dynamic(seed):
+    """Gemma 3 whose window is just over the prompt: after pruning, the static sliding layers at or
+    before K count L tokens, so they fill (and start rolling) at the step the dynamic ones do."""
+    cfg = vlms.config("gemma3")
+    probe = transformers.Gemma3ForConditionalGeneration._from_config(cfg, attn_implementation="mmfa")
+    inputs = _static_inputs(probe, "gemma3", seed)
+    cfg.text_config.sliding_window = inputs["input_ids"].shape[1] + 2
+    torch.manual_seed(seed)
+    model = transformers.Gemma3ForConditionalGeneration._from_config(cfg, attn_implementation="mmfa").eval()
+    hf.prune_visual_tokens(model, keep=0.25, layer=1)
+    kw = dict(max_new_tokens=8, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        dynamic = model.generate(**inputs, **kw)
+        static = model.generate(**inputs, cache_implementation="static", **kw)
+    for a, b in zip(static.scores, dynamic.scores):
+        torch.testing.assert_close(a, b, **TOL)
+
+
+def test_pruning_compiled_static_steps_refused_where_unsupported(seed, monkeypatch):
+    """Where compiled steps of a pruned static cache are refused (CUDA graphs: pretended here on the
+    CPU), generate raises the error, though dynamo meets it while tracing, and eager steps still run."""
+    from transformers import GenerationConfig
+    from transformers.generation.configuration_utils import CompileConfig
+
+    monkeypatch.setattr(hf.pruning, "_refused_in_graphs", lambda t: True)
+    model = vlms.build("llava", attn_implementation="mmfa", seed=seed)
+    inputs = _static_inputs(model, "llava", seed)
+    hf.prune_visual_tokens(model, keep=0.5, layer=1)
+    config = GenerationConfig(max_new_tokens=3, do_sample=False, cache_implementation="static",
+                              compile_config=CompileConfig(backend="aot_eager", mode=None, fullgraph=False))
+    config.compile_config._compile_all_devices = True
+    torch._dynamo.reset()
+    with torch.no_grad():
+        with pytest.raises(NotImplementedError, match="disable_compile=True"):
+            model.generate(**inputs, generation_config=config)
+        out = model.generate(**inputs, max_new_tokens=3, do_sample=False, cache_implementation="static",
+                             disable_compile=True)
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 3
+
+
+def test_pruning_keeps_the_first_token_of_an_example_keeping_fewer(seed):
+    """Examples that keep different counts: every real token an example keeps is there, the first
+    one included (unused selection entries once overwrote position 0's flag)."""
+    model = vlms.build("llava", attn_implementation="mmfa", seed=seed)
+    inputs = vlms.make_inputs(model, "llava", images_per_example=(2, 1), text_lengths=[3, 3], seed=seed)
+    handle = hf.prune_visual_tokens(model, keep=0.25, layer=1)
+    with torch.no_grad():
+        model(**inputs)
+    kept = handle.kept_positions
+    text = inputs["attention_mask"].bool() & ~_visual(model, inputs)
+    for b in range(kept.shape[0]):
+        assert set(torch.nonzero(text[b]).flatten().tolist()) <= set(kept[b].tolist())  # every text token stays
+
+
 def test_pruning_with_static_sliding_window_shorter_than_prompt_is_refused(seed):
     """A static cache's sliding-window layer at or before K is a rolling buffer shorter than the prompt:
     the kept tokens cannot all be put back, and pruning says so rather than attend to the wrong keys."""

@@ -305,12 +305,8 @@ def _outer_pre_hook(state: _PruneState, mm):
         n = input_ids.shape[1] if input_ids is not None else embeds.shape[1]
         pruned_cache = state.active and state.cache_ref is not None and state.cache_ref() is cache
         if pruned_cache and state.static_cache and torch.compiler.is_compiling():  # nothing read on the host
-            if state.static_mask.is_cuda:
-                # On the CPU (aot_eager) the compiled steps give the eager tokens; in CUDA graphs the GPU
-                # test's scores differed from the dynamic cache's, cause not found yet: refused, not wrong.
-                raise NotImplementedError(
-                    "prune_visual_tokens: a pruned static cache's compiled decode steps on CUDA (CUDA graphs) are "
-                    "not supported yet; pass disable_compile=True to generate (eager steps), or use a DynamicCache")
+            if _refused_in_graphs(state.static_mask):
+                _refuse_compiled_cuda_steps()
             return (), _continue_static(state, kwargs, cache, n)
         past = _cache_length(cache)
         if past == 0:  # a new prompt
@@ -322,7 +318,7 @@ def _outer_pre_hook(state: _PruneState, mm):
             if n < 2:
                 return (), kwargs
             mask = kwargs.get("attention_mask")
-            if _is_prepared(mask):  # generate's 4-D masks for a static cache: the padding they hold
+            if _is_prepared(mask) and _has_static_layers(cache):  # generate's 4-D masks: the padding they hold
                 mask = kwargs["attention_mask"] = _padding_of(mask, visual.shape[0], n).long()
             valid = torch.ones_like(visual) if not isinstance(mask, torch.Tensor) or mask.dim() != 2 else \
                 mask.to(torch.bool)
@@ -334,8 +330,8 @@ def _outer_pre_hook(state: _PruneState, mm):
                                  "token's logits")
             if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dim() != 2):
                 shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else ""
-                raise ValueError("prune_visual_tokens needs a 2-D (B, T) attention_mask (or None), got "
-                                 f"{type(mask).__name__}{shape}")
+                raise ValueError("prune_visual_tokens needs a 2-D (B, T) attention_mask (or None; with a static "
+                                 f"cache also generate's 4-D one), got {type(mask).__name__}{shape}")
             state.visual, state.valid, state.sizes = visual, valid, sizes
             state.pending = True
             return (), kwargs
@@ -393,6 +389,20 @@ def _padding_of(mask, B: int, n: int) -> Tensor:
     return visible.expand(B, n)
 
 
+def _refused_in_graphs(t: Tensor) -> bool:
+    return t.is_cuda
+
+
+@torch._dynamo.disable
+def _refuse_compiled_cuda_steps():
+    # On the CPU (aot_eager) the compiled steps give the eager tokens; in CUDA graphs the GPU test's
+    # scores differed from the dynamic cache's, cause not found yet: refused rather than wrong. Run
+    # outside dynamo (a raise it traces would only make it give up the frame and run it eagerly).
+    raise NotImplementedError(
+        "prune_visual_tokens: a pruned static cache's compiled decode steps on CUDA (CUDA graphs) are not "
+        "supported yet; pass disable_compile=True to generate (eager steps), or use a DynamicCache")
+
+
 def _continue_static(state: _PruneState, kwargs: dict, cache, n: int) -> dict:
     """The arguments of a call continuing a pruned static cache. Its mask covers the cache's slots:
     the kept prefix's padding, then every later slot real (causality says which are written): one
@@ -416,6 +426,10 @@ def _continue_static(state: _PruneState, kwargs: dict, cache, n: int) -> dict:
         pos = state.next_position[:, None] + fed + torch.arange(n, device=device)
         kwargs["position_ids"] = pos[None].expand(3, -1, -1) if state.position_rank == 3 else pos
     return kwargs
+
+
+def _has_static_layers(cache) -> bool:
+    return any(type(layer).__name__ in _STATIC_LAYERS for layer in getattr(cache, "layers", None) or [])
 
 
 def _static_width(cache) -> int:
@@ -500,15 +514,15 @@ def _layer_k_hook(state: _PruneState):
                                                        output_length=state.sizes.selected)
         B, T = visual.shape
         live = torch.arange(idx.shape[1], device=idx.device)[None, :] < lengths[:, None]
-        kept = torch.zeros(B, T, dtype=torch.bool, device=visual.device)
-        kept.scatter_(1, torch.where(live, idx.long(), 0), live)
-        kept &= state.valid
+        # The unused entries go to a spare column T (sent to 0 they would overwrite position 0's flag).
+        kept = torch.zeros(B, T + 1, dtype=torch.bool, device=visual.device)
+        kept.scatter_(1, torch.where(live, idx.long(), T), True)
+        kept = kept[:, :T] & state.valid
         index, slot_valid = _right_aligned(kept, state.sizes.kept)
         hidden = output[0] if isinstance(output, tuple) else output
         hidden = _gather_seq(hidden, index, axis=1)
         cache = _cache_of(kwargs)
-        layers = getattr(cache, "layers", None) or []
-        state.static_cache = any(type(layer).__name__ in _STATIC_LAYERS for layer in layers)
+        state.static_cache = _has_static_layers(cache)
         if cache is not None:
             _reslice_cache(cache, state, index)
         if state.static_cache:
@@ -597,8 +611,11 @@ def _reslice_static(layer, i: int, index: Tensor, T: int):
         kept = _gather_seq(buffer[:, :, :T], index, axis=2, batch_axis=0)
         buffer[:, :, :L].copy_(kept)
         buffer[:, :, L:T].zero_()
-    if isinstance(getattr(layer, "cumulative_length", None), torch.Tensor):  # 5.x
-        layer.cumulative_length.fill_(L)
+    count = getattr(layer, "cumulative_length", None)
+    if isinstance(count, torch.Tensor):  # 5.x
+        count.fill_(L)
+    elif isinstance(count, int):  # 4.57's sliding-window layers
+        layer.cumulative_length = L
     if hasattr(layer, "cumulative_length_int"):
         layer.cumulative_length_int = L
 
@@ -622,9 +639,9 @@ def _later_layer_hook(state: _PruneState):
         if mask is None:
             kwargs["attention_mask"] = None if state.sizes.all_slots_valid else slot_valid
         elif isinstance(mask, torch.Tensor) and mask.dim() == 2:
-            # Kept whole even when every slot is valid: a 2-D mask may say how many keys are there (a
-            # static cache's written part, see backend.mask_function), now the L kept ones.
-            kwargs["attention_mask"] = slot_valid
+            # With a static cache the 2-D mask also says how many keys are there (its written part, see
+            # backend.mask_function), now the L kept ones: kept even when every slot is valid.
+            kwargs["attention_mask"] = None if state.sizes.all_slots_valid and not state.static_cache else slot_valid
         elif isinstance(mask, torch.Tensor) and mask.dim() == 4:
             kwargs["attention_mask"] = once(mask, lambda m: _gather_mask(m, index, slot_valid, state.static_cache))
         else:
