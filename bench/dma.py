@@ -16,12 +16,20 @@ Per (length, keep_window_size, mode in fwd / fwd+bwd), medians of repeats:
 
 The issue's targets: mmfa_dma at least 4x faster than mmfa_dense at 16k with 2048 kept, at least
 10x at 64k with 2048 kept. Writes a CSV and prints a table.
+
+    python bench/dma.py --sweep --lengths 16384 --keeps 2048     # tiles of the DMA kernels
+
+``--sweep`` times mmfa_dma per kernel configuration instead: the forward over query positions per
+tile x key block x warps x stages, then fwd+bwd over the backward's warps and stages on the
+forward's best tiles (the backward shares the forward's tiles: the candidate lists depend on them).
+The winners go into ``mmfa_jax/tuning.py`` by hand, with the figures in bench/NOTES.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import os
 import sys
 from pathlib import Path
@@ -112,6 +120,44 @@ def _selection(keep, impl):
     return select
 
 
+def _sweep(args, dt, impl):
+    """Times mmfa_dma per configuration (see the module's docstring); prints the best rows."""
+    from mmfa_jax.tuning import AttentionConfig, KernelConfig
+
+    group = args.heads // args.kv_heads
+    rng = np.random.default_rng(0)
+    for T, keep in itertools.product(args.lengths, args.keeps):
+        q, k, v, zoh, do = _inputs(rng, T, args.heads, args.kv_heads, args.head_dim, dt)
+
+        def timed(cfg, mode):
+            fn = lambda q, k, v, z: mmfa_jax.dynamic_mask_attention(  # noqa: E731
+                q, k, v, z, keep_window_size=keep, implementation=impl, config=cfg)
+            try:
+                return _jax_time(fn, (q, k, v, zoh, do), mode, args.min_time, args.repeats)[0]
+            except Exception as e:  # noqa: BLE001  (shared memory exceeded, lowering errors: skipped)
+                print(f"   {cfg}: failed: {str(e).splitlines()[0][:100] if str(e) else type(e).__name__}")
+                return float("inf")
+
+        bwd = KernelConfig(0, 0, 8, 2)
+        forward = {}
+        for pos, bk, w, st in itertools.product((16, 32, 64), (32, 64, 128), (4, 8), (1, 2, 3)):
+            f = KernelConfig(pos * group, bk, w, st)
+            forward[f] = timed(AttentionConfig(f, bwd, bwd), "fwd")
+            print(f"{T:>6} keep {keep:<5} fwd  positions {pos:<3} block_k {bk:<4} warps {w} stages {st}: "
+                  f"{forward[f]:8.3f} ms", flush=True)
+        best = sorted(forward, key=forward.get)[:args.top]
+        print("best forward:", *(f"{f} {forward[f]:.3f} ms" for f in best), sep="\n  ")
+        both = {}
+        for f in best[:3]:
+            for w, st in itertools.product((4, 8), (1, 2, 3)):
+                b = KernelConfig(f.block_q, f.block_k, w, st)
+                both[f, b] = timed(AttentionConfig(f, b, b), "fwd+bwd")
+                print(f"{T:>6} keep {keep:<5} fwd+bwd {f} backward warps {w} stages {st}: {both[f, b]:8.3f} ms",
+                      flush=True)
+        print("best fwd+bwd:", *(f"{f} / {b} {both[f, b]:.3f} ms" for f, b in sorted(both, key=both.get)[:args.top]),
+              sep="\n  ")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
@@ -128,11 +174,15 @@ def main(argv=None):
     ap.add_argument("--min-time", type=float, default=0.0)
     ap.add_argument("--smoke", action="store_true", help="the Pallas interpreter (a CPU check of the script)")
     ap.add_argument("--out", default="results/dma.csv")
+    ap.add_argument("--sweep", action="store_true", help="time mmfa_dma per kernel configuration instead")
+    ap.add_argument("--top", type=int, default=5, help="rows the sweep prints")
     args = ap.parse_args(argv)
     print(f"devices: {jax.devices()}  jax {jax.__version__}", flush=True)
     rng = np.random.default_rng(0)
     impl = "interpret" if args.smoke else None
     dt = jnp.dtype(args.dtype)
+    if args.sweep:
+        return _sweep(args, dt, impl)
     rows = []
     base = dict(heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim, dtype=args.dtype)
     for T in args.lengths:

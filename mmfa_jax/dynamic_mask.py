@@ -183,7 +183,10 @@ def _static(opts: Options, d: _checks.Dims, keep: int, dtype) -> _Static:
         table = opts.kernel_config(problem.head_dim_padded, dtype)
         fwd = table.forward_rows or table.forward
         bq, bk = dma.tile_positions(d.q_len, fwd.block_q, d.q_heads // d.kv_heads), block_size(d.kv_len, fwd.block_k)
-        own = lambda c: tuning.KernelConfig(bq, bk, c.num_warps, min(c.num_stages, 2))  # noqa: E731
+        # The table's rows are tuned for the dense kernels: their stages are capped at 2 here. A
+        # caller's configuration (a sweep's, ``bench/dma.py --sweep``) is taken as it is.
+        stages = (lambda c: min(c.num_stages, 2)) if opts.config is None else (lambda c: c.num_stages)  # noqa: E731
+        own = lambda c: tuning.KernelConfig(bq, bk, c.num_warps, stages(c))  # noqa: E731
         config = tuning.AttentionConfig(own(fwd), own(table.backward_dq), own(table.backward_dkv))
     return _Static(dma.DmaProblem(problem, keep, bq, bk), config, opts.lowering)
 

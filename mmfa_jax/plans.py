@@ -95,18 +95,20 @@ def block_sparse_backward() -> tuple[KernelPlan, ...]:
     return (BLOCK_SPARSE_DQ, BLOCK_SPARSE_DKV)
 
 
-# Dynamic mask attention (``mmfa_jax.kernels.dynamic_mask``, Flash-DMA): zoh (B, K, S); thresholds
-# thr_key / thr_index (B, K, T) int32; in the nested case (no segment ids) the per-query-tile candidate
-# lists ``candidates`` (B, K, nq, list_buffer) int32 and ``counts`` (B, K, nq) int32 and every row's
-# threshold, made by DMA_SELECT from the keys sorted best first (``sorted_index``, ``sorted_key``
-# (B, K, S) int32: ``kernels.dynamic_mask.sort_keys``), their ``rank`` and ``count_table``; with
-# segment ids DMA_SELECT_ROWS gives every row's threshold and the attention kernels take no lists. The backward's dk_acc, dv_acc
+# Dynamic mask attention (``mmfa_jax.kernels.dynamic_mask``, Flash-DMA): zoh (B, K, S); each key's
+# ``rank`` (B, K, S) int32 (its place with the keys sorted best first) and each row's threshold as a
+# rank, ``thr_pos`` (B, K, T) int32; in the nested case (no segment ids) the per-query-tile candidate
+# lists ``candidates`` (B, K, nq, list_buffer) int32 and ``counts`` (B, K, nq) int32 and the
+# thresholds, made by DMA_SELECT from the sorted order (``sorted_index`` (B, K, S) int32:
+# ``kernels.dynamic_mask.sort_keys``), the ranks and the ``count_table``; with segment ids
+# DMA_SELECT_ROWS gives every row's threshold as (order key, index), made ranks by XLA, and the
+# attention kernels take no lists. The backward's dk_acc, dv_acc
 # (B, K, S + block_k, padded D) and dzoh_acc (B, K, S + block_k) float32 start as zeros and are aliased
 # to its last three results (atomic adds).
-_DMA_ATTENTION = ("q", "k", "v", "zoh", "candidates", "counts", "thr_key", "thr_index", "q_seg", "kv_seg",
+_DMA_ATTENTION = ("q", "k", "v", "zoh", "candidates", "counts", "rank", "thr_pos", "q_seg", "kv_seg",
                   "q_lengths", "kv_lengths")
-DMA_SELECT = KernelPlan("mmfa_dma_select", ("sorted_index", "sorted_key", "rank", "count_table", "kv_lengths"),
-                        ("candidates", "counts", "thr_key", "thr_index"))
+DMA_SELECT = KernelPlan("mmfa_dma_select", ("sorted_index", "rank", "count_table", "kv_lengths"),
+                        ("candidates", "counts", "thr_pos"))
 DMA_SELECT_ROWS = KernelPlan("mmfa_dma_select_rows", ("zoh", "q_seg", "kv_seg", "kv_lengths"),
                              ("thr_key", "thr_index"))
 DMA_FORWARD = KernelPlan("mmfa_dma_forward", _DMA_ATTENTION, ("out", "lse"))

@@ -452,8 +452,9 @@ def test_order_key_preserves_the_order_of_floats(rng):
                                                  ("top_left", 203, 203, 37), ("bottom_right", 150, 260, 90),
                                                  ("bottom_right", 40, 17000, 5000)])  # table columns of 2 blocks
 def test_thresholds_and_candidate_lists(rng, alignment, T, S, keep):
-    """The selection kernels (interpreted) against the reference's kept sets: each row's threshold
-    is its best excluded allowed key (or the sentinel), and each query tile's list holds every key
+    """The selection kernels (interpreted) against the reference's kept sets: each key's rank is its
+    place in the (larger zoh, lower index) order, each row's threshold the rank of its best excluded
+    allowed key (or S when it excludes none), and each query tile's list holds every key
     some row of the tile keeps, within the bound min(keep, e_t0) + (e_last - e_t0)."""
     from mmfa_jax import dynamic_mask as jax_dma
     from mmfa_jax.kernels import dynamic_mask as dma
@@ -469,22 +470,24 @@ def test_thresholds_and_candidate_lists(rng, alignment, T, S, keep):
     static, _, _ = jax_dma.prepare(opts, keep, q, kv, kv, zoh, None, None, jnp.asarray(kv_lengths))
     static = jax_dma._with_sides(static, None, None, kv_lengths)
     dp = static.dp
-    cand, count, thr_key, thr_idx = dma.select(dp, static.config.forward, zoh, None, None, jnp.asarray(kv_lengths),
-                                               lowering=static.lowering)
-    cand, count, thr_key, thr_idx = (np.asarray(x) for x in (cand, count, thr_key, thr_idx))
+    cand, count, rank, thr_pos = dma.select(dp, static.config.forward, zoh, None, None, jnp.asarray(kv_lengths),
+                                            lowering=static.lowering)
+    cand, count, rank, thr_pos = (np.asarray(x) for x in (cand, count, rank, thr_pos))
     kept = dynamic_mask_kept(np.asarray(zoh, np.float64), keep, T, bottom_right=bottom, kv_lengths=kv_lengths)
     keys = np.asarray(dma.order_key(zoh)).astype(np.int64)
     offset = S - T if bottom else 0
     for b in range(B):
         for h in range(K):
+            in_order = sorted(range(S), key=lambda s: (-keys[b, h, s], s))
+            assert rank[b, h, in_order].tolist() == list(range(S)), (b, h)
             for t in range(T):
                 allowed = np.flatnonzero(np.arange(S) < min(t + offset + 1, kv_lengths[b]))
                 excluded = [s for s in allowed if not kept[b, h, t, s]]
                 if excluded:
                     best = max(excluded, key=lambda s: (keys[b, h, s], -s))
-                    assert (thr_key[b, h, t], thr_idx[b, h, t]) == (keys[b, h, best], best), (b, h, t)
+                    assert thr_pos[b, h, t] == rank[b, h, best], (b, h, t)
                 else:
-                    assert thr_key[b, h, t] == dma.INT32_MIN, (b, h, t)
+                    assert thr_pos[b, h, t] == S, (b, h, t)
             for tile in range(dp.num_q_blocks):
                 rows = range(tile * dp.block_q, min((tile + 1) * dp.block_q, T))
                 listed = cand[b, h, tile, :count[b, h, tile]]

@@ -9,10 +9,12 @@ the lower key index, a NaN zoh counting as larger than every number; logits on k
 Order. zoh values become int32 keys by an order-preserving map of the float32 bits (``order_key``:
 negative floats have their 31 low bits flipped, -0 reads as +0, NaN as INT32_MAX), so that "key a
 beats key b" is the lexicographic ``(key_a, -a) > (key_b, -b)``: every pair of keys is ordered,
-ties included. A row's **threshold** is the best key it does *not* keep (the (keep+1)-th best
-allowed key), or the sentinel (INT32_MIN, 0) when it allows at most ``keep`` keys; the row keeps
-exactly the allowed keys that beat its threshold. Thresholds are (B, K, T) pairs of int32: no
-T x S memory anywhere.
+ties included. One XLA sort per (batch, KV head) puts the keys in that order, best first
+(``sort_keys``); a key's **rank** is its place in it (``ranks``), so "a beats b" is ``rank_a <
+rank_b``. A row's **threshold** is the best key it does *not* keep (the (keep+1)-th best allowed
+key), held as that key's rank, or S when the row allows at most ``keep`` keys; the row keeps
+exactly the allowed keys ranked before its threshold: one integer comparison per logit in the
+attention kernels. Thresholds are (B, K, T) int32 (``thr_pos``): no T x S memory anywhere.
 
 Two cases, decided statically (``DmaProblem.nested``):
 
@@ -22,8 +24,7 @@ Two cases, decided statically (``DmaProblem.nested``):
   key that row t >= t0 keeps is either kept by row t0 or one of the keys [e_t0, e_t) that entered
   since: the kept keys of the whole query tile [t0, t0 + block_q) are among
   ``min(keep, e_t0) + (e_last - e_t0) <= keep + block_q - 1`` **candidates**.
-  The keys are sorted best first once per (batch, KV head) by XLA (``sort_keys``), with each
-  key's sorted position (``ranks``) and a count table (``count_table``: for key boundaries m *
+  With the sorted order and the ranks comes a count table (``count_table``: for key boundaries m *
   block_q and position boundaries c * width, how many sorted positions before the latter hold a
   key before the former). Row t's threshold is the (keep+1)-th sorted position holding a key
   < e_t. ``mmfa_dma_select`` (grid (query tiles, K, B), once per KV head: the GQA group shares
@@ -42,6 +43,7 @@ Two cases, decided statically (``DmaProblem.nested``):
   block_k) count per pass over the keys up to the tile's last visible one), and the attention
   kernels walk all those key blocks (contiguous, no list). Correct, but the selection costs
   ~(33 + log2 S) x T x S comparisons and the attention T x S: no saving over dense attention.
+  Its (order key, index) thresholds become ranks like the nested case's (``_threshold_ranks``).
 
 Gather. Pallas's Triton lowering takes int vector indexers in loads and stores
 (``ref.at[rows[:, None], cols[None, :]]`` becomes a tensor of pointers), so K/V rows are gathered
@@ -121,11 +123,6 @@ def order_key(z):
     key = jnp.where(bits < 0, bits ^ jnp.int32(INT32_MAX), bits)
     nan = (bits & jnp.int32(INT32_MAX)) > jnp.int32(0x7F800000)
     return jnp.where(nan, jnp.int32(INT32_MAX), key)
-
-
-def beats(key, index, thr_key, thr_index):
-    """Whether key (key, index) ranks above (thr_key, thr_index): larger zoh, ties to the lower index."""
-    return (key > thr_key) | ((key == thr_key) & (index < thr_index))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -287,12 +284,10 @@ def _counter(zoh_ref, kv_len: int, num_blocks, block_k: int, allowed_fn, rows: i
 # Selection kernels.
 
 
-def _select_kernel(order_ref, sorted_key_ref, rank_ref, table_ref, kvlen_ref, cand_ref, count_ref, thr_key_ref,
-                   thr_idx_ref, *, dp: DmaProblem):
+def _select_kernel(order_ref, rank_ref, table_ref, kvlen_ref, cand_ref, count_ref, thr_ref, *, dp: DmaProblem):
     """Nested case, one (query tile, KV head, batch): every row's threshold and the tile's candidates,
-    from the keys sorted best first (``order_ref``: the key at each sorted position; ``sorted_key_ref``:
-    its order key; ``rank_ref``: the sorted position of each key) and their count table
-    (``count_table``).
+    from the keys sorted best first (``order_ref``: the key at each sorted position; ``rank_ref``:
+    the sorted position of each key) and their count table (``count_table``).
 
     Row t's threshold is the (keep+1)-th sorted position whose key is < e_t. The table brackets
     where the tile's rows reach that count (their e_t lie between two table rows), so the per-row
@@ -394,13 +389,10 @@ def _select_kernel(order_ref, sorted_key_ref, rank_ref, table_ref, kvlen_ref, ca
 
     lax.fori_loop(n // block_k, cap // block_k, fill, 0)
     count_ref[...] = n
-    found = need & (at < S)
-    at = jnp.where(found, at, 0)
-    thr_key = plgpu.load(sorted_key_ref.at[at], mask=found, other=INT32_MIN)
-    thr_idx = plgpu.load(order_ref.at[at], mask=found, other=0)
-    rows = jnp.where(in_q, q_pos, 0)
-    plgpu.store(thr_key_ref.at[rows], jnp.where(found, thr_key, INT32_MIN), mask=in_q)
-    plgpu.store(thr_idx_ref.at[rows], jnp.where(found, thr_idx, 0), mask=in_q)
+    # Rows past the query point past the array, each lane to its own place (never written): a masked
+    # lane of the interpreter's scatter must not share an index with a real row.
+    rows = jnp.where(in_q, q_pos, p.q_len + jnp.arange(block_q))
+    plgpu.store(thr_ref.at[rows], jnp.where(need & (at < S), at, S), mask=in_q)
 
 
 def _select_rows_kernel(zoh_ref, qseg_ref, kvseg_ref, kvlen_ref, thr_key_ref, thr_idx_ref, *, dp: DmaProblem):
@@ -409,7 +401,9 @@ def _select_rows_kernel(zoh_ref, qseg_ref, kvseg_ref, kvlen_ref, thr_key_ref, th
     t0 = pl.program_id(0) * block_q
     q_pos = t0 + jnp.arange(block_q)
     in_q = q_pos < p.q_len
-    rows = jnp.where(in_q, q_pos, 0)
+    # Rows past the query point past the array, each lane to its own place (never written): a masked
+    # lane of the interpreter's scatter must not share an index with a real row.
+    rows = jnp.where(in_q, q_pos, p.q_len + jnp.arange(block_q))
     kv_valid = _kv_valid(p, kvlen_ref)
     q_seg = plgpu.load(qseg_ref.at[rows], mask=in_q, other=-1)
     hi = _tile_key_end(p, t0, block_q, kv_valid)
@@ -470,10 +464,18 @@ def count_table(dp: DmaProblem, order):
     return jnp.cumsum(jnp.cumsum(hist, axis=2), axis=3)
 
 
+def _threshold_ranks(rank, thr_key, thr_idx):
+    """Thresholds as (order key, index) pairs (the radix select's) to ranks: the threshold key's
+    rank, S for the sentinel (INT32_MIN is no float's order key)."""
+    S = rank.shape[-1]
+    return jnp.where(thr_key == INT32_MIN, S, jnp.take_along_axis(rank, thr_idx, axis=2)).astype(jnp.int32)
+
+
 def select(dp: DmaProblem, cfg: KernelConfig, zoh, q_seg, kv_seg, kv_lengths, *, lowering: Lowering):
-    """The thresholds (thr_key, thr_index), (B, K, T) int32 each, and in the nested case the
-    candidate lists: (candidates (B, K, nq, list_buffer) int32, counts (B, K, nq) int32), else
-    (None, None). Returns (candidates, counts, thr_key, thr_index)."""
+    """What the attention kernels take besides q, k, v and zoh: (candidates (B, K, nq, list_buffer)
+    int32 and counts (B, K, nq) int32, the per-tile lists, in the nested case, else None, None;
+    rank (B, K, S) int32, each key's sorted position; thr_pos (B, K, T) int32, each row's
+    threshold as a rank)."""
     p = dp.problem
     grid = (dp.num_q_blocks, p.kv_heads, p.batch)
     same = lambda h: h  # noqa: E731 (grid axis 1 runs over K/V heads)
@@ -488,20 +490,21 @@ def select(dp: DmaProblem, cfg: KernelConfig, zoh, q_seg, kv_seg, kv_lengths, *,
             out_specs=[thr_spec, thr_spec], out_shape=[thr_shape, thr_shape],
             **lowering.pallas_args(cfg), name=plan.name,
         )(*plan.ordered(zoh=zoh, q_seg=q_seg, kv_seg=kv_seg, kv_lengths=kv_lengths))
-        return None, None, thr_key, thr_idx
-    sorted_key, order = sort_keys(zoh)
+        rank = ranks(sort_keys(zoh)[1])
+        return None, None, rank, _threshold_ranks(rank, thr_key, thr_idx)
+    order = sort_keys(zoh)[1]
     rank, table = ranks(order), count_table(dp, order)
     plan = plans.DMA_SELECT
     table_spec = pl.BlockSpec((None, None, dp.table_rows, dp.table_columns), lambda t, n, b: (b, n, 0, 0))
-    cand, count, thr_key, thr_idx = pl.pallas_call(
+    cand, count, thr_pos = pl.pallas_call(
         functools.partial(_select_kernel, dp=dp), grid=grid,
-        in_specs=[_zoh_spec(p, same), _zoh_spec(p, same), _zoh_spec(p, same), table_spec, kvlen_spec],
-        out_specs=[_per_tile_spec(same, dp.list_buffer), _per_tile_spec(same), thr_spec, thr_spec],
+        in_specs=[_zoh_spec(p, same), _zoh_spec(p, same), table_spec, kvlen_spec],
+        out_specs=[_per_tile_spec(same, dp.list_buffer), _per_tile_spec(same), thr_spec],
         out_shape=[jax.ShapeDtypeStruct((p.batch, p.kv_heads, dp.num_q_blocks, dp.list_buffer), jnp.int32),
-                   jax.ShapeDtypeStruct((p.batch, p.kv_heads, dp.num_q_blocks), jnp.int32), thr_shape, thr_shape],
+                   jax.ShapeDtypeStruct((p.batch, p.kv_heads, dp.num_q_blocks), jnp.int32), thr_shape],
         **lowering.pallas_args(cfg), name=plan.name,
-    )(*plan.ordered(sorted_index=order, sorted_key=sorted_key, rank=rank, count_table=table, kv_lengths=kv_lengths))
-    return cand, count, thr_key, thr_idx
+    )(*plan.ordered(sorted_index=order, rank=rank, count_table=table, kv_lengths=kv_lengths))
+    return cand, count, rank, thr_pos
 
 
 # ------------------------------------------------------------------------------------------------
@@ -544,15 +547,14 @@ class _Tile:
     list, or contiguous blocks in the general case) and which logits of a chunk are kept, for the
     tile's rows (positions ``q_pos``, real where ``valid``)."""
 
-    def __init__(self, dp: DmaProblem, q_pos, valid, zoh_ref, cand_ref, count_ref, thr_key_ref, thr_idx_ref, qseg_ref,
+    def __init__(self, dp: DmaProblem, q_pos, valid, zoh_ref, cand_ref, count_ref, rank_ref, thr_ref, qseg_ref,
                  kvseg_ref, kvlen_ref):
         p = dp.problem
         self.dp, self.p, self.q_pos = dp, p, q_pos
-        self.zoh_ref, self.cand_ref, self.kvseg_ref = zoh_ref, cand_ref, kvseg_ref
+        self.zoh_ref, self.cand_ref, self.rank_ref, self.kvseg_ref = zoh_ref, cand_ref, rank_ref, kvseg_ref
         self.in_q = valid
         self.kv_valid = _kv_valid(p, kvlen_ref)
-        self.thr_key = plgpu.load(thr_key_ref.at[q_pos], mask=valid, other=INT32_MAX)
-        self.thr_idx = plgpu.load(thr_idx_ref.at[q_pos], mask=valid, other=0)
+        self.thr = plgpu.load(thr_ref.at[q_pos], mask=valid, other=0)  # padding rows: nothing ranks before 0
         self.q_seg = None if qseg_ref is None else plgpu.load(qseg_ref.at[q_pos], mask=valid, other=-1)
         if dp.nested:
             self.length = count_ref[...]
@@ -571,30 +573,29 @@ class _Tile:
 
     def kept(self, k_pos, ok):
         """(kept (block_q, block_k) bool, zoh (block_k,) float32) of a chunk."""
-        key, z = _zoh_keys(self.zoh_ref, k_pos, ok)
+        z = plgpu.load(self.zoh_ref.at[k_pos], mask=ok, other=0.0).astype(jnp.float32)
+        rank = plgpu.load(self.rank_ref.at[k_pos], mask=ok, other=self.p.kv_len)  # S: before no threshold
         k_seg = None
         if self.q_seg is not None:
             k_seg = plgpu.load(self.kvseg_ref.at[k_pos], mask=ok, other=-2)
         allowed = _allowed(self.p, self.q_pos, k_pos, self.kv_valid, self.q_seg, k_seg)
-        keep = allowed & ok[None, :] & beats(key[None, :], k_pos[None, :], self.thr_key[:, None],
-                                             self.thr_idx[:, None])
-        return keep, z
+        return allowed & (rank[None, :] < self.thr[:, None]), z
 
 
 def _logits(p: Problem, q, k, z, keep):
-    """Base-2 logits of a chunk: (scale q.k + zoh) log2(e) where kept, -inf elsewhere."""
-    s = (dot(p, q, k, trans_b=True) * p.scale + z[None, :]) * LOG2E
+    """Base-2 logits of a chunk: (scale q.k + zoh) log2(e) where kept, -inf elsewhere (one
+    multiply-add per logit: zoh is scaled per key)."""
+    s = dot(p, q, k, trans_b=True) * (p.scale * LOG2E) + (z * LOG2E)[None, :]
     return jnp.where(keep, s, -jnp.inf)
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, zoh_ref, cand_ref, count_ref, thr_key_ref, thr_idx_ref, qseg_ref, kvseg_ref,
+def _forward_kernel(q_ref, k_ref, v_ref, zoh_ref, cand_ref, count_ref, rank_ref, thr_ref, qseg_ref, kvseg_ref,
                     qlen_ref, kvlen_ref, o_ref, lse_ref, *, dp: DmaProblem):
     p = dp.problem
     cols = column_mask(p)
     hp = p.head_dim_padded
     rows, lse_rows, q_pos, valid = _packed(dp, pl.program_id(2), pl.program_id(1))
-    tile = _Tile(dp, q_pos, valid, zoh_ref, cand_ref, count_ref, thr_key_ref, thr_idx_ref, qseg_ref, kvseg_ref,
-                 kvlen_ref)
+    tile = _Tile(dp, q_pos, valid, zoh_ref, cand_ref, count_ref, rank_ref, thr_ref, qseg_ref, kvseg_ref, kvlen_ref)
     q = _load_packed(q_ref, rows, valid, p)
 
     def body(j, carry):
@@ -618,15 +619,14 @@ def _forward_kernel(q_ref, k_ref, v_ref, zoh_ref, cand_ref, count_ref, thr_key_r
 
 
 def _attention_specs(dp: DmaProblem):
-    """In specs of (q flattened to rows, k, v, zoh, candidates, counts, thr_key, thr_index, q_seg,
+    """In specs of (q flattened to rows, k, v, zoh, candidates, counts, rank, thr_pos, q_seg,
     kv_seg, q_lengths, kv_lengths) for a (query tile, KV head, batch) grid."""
     p = dp.problem
     head = lambda h: h  # noqa: E731 (grid axis 1 runs over K/V heads)
-    thr = row_spec(p.q_len, None, head)
     return [whole_spec((p.batch * p.q_heads * p.q_len, p.head_dim)), seq_spec(p, p.kv_len, None, head),
             seq_spec(p, p.kv_len, None, head), _zoh_spec(p, head),
             optional(dp.nested, _per_tile_spec(head, dp.list_buffer)), optional(dp.nested, _per_tile_spec(head)),
-            thr, thr, optional(p.has_segments, batch_spec(p.q_len)), optional(p.has_segments, batch_spec(p.kv_len)),
+            _zoh_spec(p, head), row_spec(p.q_len, None, head), optional(p.has_segments, batch_spec(p.q_len)), optional(p.has_segments, batch_spec(p.kv_len)),
             optional(p.has_q_lengths, batch_spec(None)), optional(p.has_kv_lengths, batch_spec(None))]
 
 
@@ -635,7 +635,7 @@ def _rows_of(p: Problem, x):
     return x.reshape(p.batch * p.q_heads * p.q_len, p.head_dim)
 
 
-def forward(dp: DmaProblem, cfg: KernelConfig, q, k, v, zoh, cand, count, thr_key, thr_idx, q_seg, kv_seg, q_lengths,
+def forward(dp: DmaProblem, cfg: KernelConfig, q, k, v, zoh, cand, count, rank, thr_pos, q_seg, kv_seg, q_lengths,
             kv_lengths, *, lowering: Lowering):
     """(out like q, lse (B, Hq, T) float32, natural log; -inf for rows that keep nothing)."""
     p = dp.problem
@@ -646,12 +646,12 @@ def forward(dp: DmaProblem, cfg: KernelConfig, q, k, v, zoh, cand, count, thr_ke
         in_specs=_attention_specs(dp), out_specs=[whole_spec((rows, p.head_dim)), whole_spec((rows,))],
         out_shape=[jax.ShapeDtypeStruct((rows, p.head_dim), q.dtype), jax.ShapeDtypeStruct((rows,), jnp.float32)],
         **lowering.pallas_args(cfg), name=plan.name,
-    )(*plan.ordered(q=_rows_of(p, q), k=k, v=v, zoh=zoh, candidates=cand, counts=count, thr_key=thr_key,
-                    thr_index=thr_idx, q_seg=q_seg, kv_seg=kv_seg, q_lengths=q_lengths, kv_lengths=kv_lengths))
+    )(*plan.ordered(q=_rows_of(p, q), k=k, v=v, zoh=zoh, candidates=cand, counts=count, rank=rank,
+                    thr_pos=thr_pos, q_seg=q_seg, kv_seg=kv_seg, q_lengths=q_lengths, kv_lengths=kv_lengths))
     return out.reshape(q.shape), lse.reshape(p.batch, p.q_heads, p.q_len)
 
 
-def _backward_kernel(q_ref, k_ref, v_ref, zoh_ref, cand_ref, count_ref, thr_key_ref, thr_idx_ref, qseg_ref, kvseg_ref,
+def _backward_kernel(q_ref, k_ref, v_ref, zoh_ref, cand_ref, count_ref, rank_ref, thr_ref, qseg_ref, kvseg_ref,
                      qlen_ref, kvlen_ref, do_ref, lse_ref, delta_ref, dk_in, dv_in, dz_in, dq_ref, dk_ref, dv_ref,
                      dz_ref, *, dp: DmaProblem):
     del dk_in, dv_in, dz_in  # aliased to dk_ref, dv_ref, dz_ref: the accumulators start as zeros
@@ -659,8 +659,7 @@ def _backward_kernel(q_ref, k_ref, v_ref, zoh_ref, cand_ref, count_ref, thr_key_
     cols = column_mask(p)
     hp = p.head_dim_padded
     rows, lse_rows, q_pos, valid = _packed(dp, pl.program_id(2), pl.program_id(1))
-    tile = _Tile(dp, q_pos, valid, zoh_ref, cand_ref, count_ref, thr_key_ref, thr_idx_ref, qseg_ref, kvseg_ref,
-                 kvlen_ref)
+    tile = _Tile(dp, q_pos, valid, zoh_ref, cand_ref, count_ref, rank_ref, thr_ref, qseg_ref, kvseg_ref, kvlen_ref)
     q = _load_packed(q_ref, rows, valid, p)
     do = _load_packed(do_ref, rows, valid, p)
     lse = backward_lse(plgpu.load(lse_ref.at[lse_rows], mask=valid, other=-jnp.inf))
@@ -687,7 +686,7 @@ def _backward_kernel(q_ref, k_ref, v_ref, zoh_ref, cand_ref, count_ref, thr_key_
     _store_packed(dq_ref, rows, valid, p, dq)
 
 
-def backward(dp: DmaProblem, cfg: KernelConfig, q, k, v, zoh, cand, count, thr_key, thr_idx, q_seg, kv_seg, q_lengths,
+def backward(dp: DmaProblem, cfg: KernelConfig, q, k, v, zoh, cand, count, rank, thr_pos, q_seg, kv_seg, q_lengths,
              kv_lengths, d_out, lse, delta, *, lowering: Lowering):
     """(dq like q, dk and dv float32 (B, K, S, D), d_zoh float32 (B, K, S)) from the forward's LSE
     and ``delta`` (``mmfa_jax._autodiff.backward_delta``), both (B, Hq, T) float32. dK, dV and
@@ -700,8 +699,8 @@ def backward(dp: DmaProblem, cfg: KernelConfig, q, k, v, zoh, cand, count, thr_k
     dz_spec = pl.BlockSpec((None, None, rows), lambda t, h, b: (b, h, 0))
     acc = jnp.zeros((p.batch, p.kv_heads, rows, hp), jnp.float32)
     dz = jnp.zeros((p.batch, p.kv_heads, rows), jnp.float32)
-    operands = plan.ordered(q=_rows_of(p, q), k=k, v=v, zoh=zoh, candidates=cand, counts=count, thr_key=thr_key,
-                            thr_index=thr_idx, q_seg=q_seg, kv_seg=kv_seg, q_lengths=q_lengths, kv_lengths=kv_lengths,
+    operands = plan.ordered(q=_rows_of(p, q), k=k, v=v, zoh=zoh, candidates=cand, counts=count, rank=rank,
+                            thr_pos=thr_pos, q_seg=q_seg, kv_seg=kv_seg, q_lengths=q_lengths, kv_lengths=kv_lengths,
                             d_out=_rows_of(p, d_out), lse=lse.reshape(-1), delta=delta.reshape(-1), dk_acc=acc,
                             dv_acc=acc, dzoh_acc=dz)
     in_specs = [*_attention_specs(dp), whole_spec((q_rows, p.head_dim)), whole_spec((q_rows,)),
