@@ -20,6 +20,7 @@ import numbers
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from mmfa_jax import _checks, backends, kernels, tuning
 from mmfa_jax._autodiff import _first_order_only, backward_delta
@@ -38,25 +39,33 @@ MIN_KERNEL_BLOCK, MAX_KERNEL_BLOCK = 16, 256
 @jax.tree_util.register_pytree_node_class
 class BlockLists:
     """The lists the kernels walk, for one reading of the map (with or without ``is_causal``); all
-    int32, with Bm, Nm the map's batch and head extents and nq, nk its query and key blocks.
+    int32, with Bm, Nm the map's batch and head extents, nq, nk its query and key blocks and W the
+    lists' static width (capacity: ``from_indices``' list length L, ``from_dense``'s nk):
 
-      kv_count (Bm, Nm, nq)      key blocks computed for each query block
-      kv_full  (Bm, Nm, nq)      how many of them are wholly visible: the first ones of kv_index
-      kv_index (Bm, Nm, nq, nk)  the wholly visible blocks ascending, then the partial ones (which
-                                 need the token-level mask) ascending, then the rest (padding)
-      q_count, q_full (Bm, Nm, nk), q_index (Bm, Nm, nk, nq): the same per key block (its query
-                                 blocks), for the dK/dV backward.
+      kv_count (Bm, Nm, nq)     key blocks computed for each query block
+      kv_full  (Bm, Nm, nq)     how many of them are wholly visible: the first ones of kv_index
+      kv_index (Bm, Nm, nq, W)  the wholly visible blocks ascending, then the partial ones (which
+                                need the token-level mask) ascending, then padding (0, never read)
+      q_offset, q_count, q_full (Bm, Nm, nk)  the transposed lists, per key block, for the dK/dV
+                                backward: where its query blocks start in q_index, how many there
+                                are, and how many of them (the first) are wholly visible
+      q_index  (Bm, Nm, nq * W) the key blocks' query blocks, compressed: key block after key
+                                block, each one's wholly visible query blocks ascending then its
+                                partial ones ascending; padding (0) after the last.
 
-    A computed block is a listed block that holds some visible logit (with ``is_causal``, blocks
-    wholly above the diagonal are dropped); a wholly visible one lies inside both sequences (not a
-    ragged last block) and, with ``is_causal``, wholly on or below the diagonal."""
+    So the memory is linear in nq * W (the listed entries), never nq * nk unless the lists are
+    that wide. A computed block is a listed block that holds some visible logit (with
+    ``is_causal``, blocks wholly above the diagonal are dropped); a wholly visible one lies inside
+    both sequences (not a ragged last block) and, with ``is_causal``, wholly on or below the
+    diagonal."""
 
-    def __init__(self, kv_count, kv_full, kv_index, q_count, q_full, q_index):
+    def __init__(self, kv_count, kv_full, kv_index, q_offset, q_count, q_full, q_index):
         self.kv_count, self.kv_full, self.kv_index = kv_count, kv_full, kv_index
-        self.q_count, self.q_full, self.q_index = q_count, q_full, q_index
+        self.q_offset, self.q_count, self.q_full, self.q_index = q_offset, q_count, q_full, q_index
 
     def tree_flatten(self):
-        return (self.kv_count, self.kv_full, self.kv_index, self.q_count, self.q_full, self.q_index), None
+        return (self.kv_count, self.kv_full, self.kv_index, self.q_offset, self.q_count, self.q_full,
+                self.q_index), None
 
     @classmethod
     def tree_unflatten(cls, aux, children):
@@ -69,18 +78,12 @@ class BlockLists:
 
     @property
     def transposed(self) -> tuple:
-        """(q_count, q_full, q_index): what the dK/dV kernel takes."""
-        return self.q_count, self.q_full, self.q_index
+        """(q_offset, q_count, q_full, q_index): what the dK/dV kernel takes."""
+        return self.q_offset, self.q_count, self.q_full, self.q_index
 
 
-def _sorted_lists(computed, full):
-    """(count, full count, index) along the last axis: full entries first, then partial, then the
-    rest, each ascending (one argsort of a rank made unique by the position)."""
-    n = computed.shape[-1]
-    category = jnp.where(full, 0, jnp.where(computed, 1, 2)).astype(jnp.int32)
-    rank = category * n + jnp.arange(n, dtype=jnp.int32)
-    index = jnp.argsort(rank, axis=-1).astype(jnp.int32)
-    return (jnp.sum(computed, axis=-1, dtype=jnp.int32), jnp.sum(full, axis=-1, dtype=jnp.int32), index)
+# A list entry's class, which orders it: wholly visible, partial, or not computed (padding).
+_FULL, _PARTIAL, _NONE = 0, 1, 2
 
 
 def _block_extents(pos, block: int, length: int):
@@ -93,25 +96,69 @@ def _block_extents(pos, block: int, length: int):
     return lo, hi
 
 
-def _block_lists(blocks, block_size, seq_lens, causal: bool, positions=None) -> BlockLists:
+def _unique_rows(kj, nk: int):
+    """Each row of key blocks (Bm, Nm, nq, W) sorted ascending, repeats and entries outside
+    [0, nk) replaced by nk (past every real block, so they sort last)."""
+    kj = jnp.sort(jnp.where((kj >= 0) & (kj < nk), kj, nk), axis=-1)
+    repeat = jnp.concatenate([jnp.zeros(kj.shape[:-1] + (1,), bool), kj[..., 1:] == kj[..., :-1]], axis=-1)
+    return jnp.where(repeat, nk, kj)
+
+
+def _classes(kj, block_size, seq_lens, causal: bool, positions):
+    """The class (_FULL, _PARTIAL, _NONE) of each entry of unique rows ``kj`` (Bm, Nm, nq, W; nk
+    where unused), elementwise: the (nq, nk) grid of block pairs is never formed. With positions
+    and ``causal`` the result has the positions' batch B."""
     (bq, bk), (T, S) = block_size, seq_lens
-    nq, nk = blocks.shape[-2:]
-    qi, kj = np.arange(nq)[:, None], np.arange(nk)[None, :]
-    whole = ((qi + 1) * bq <= T) & ((kj + 1) * bk <= S)  # static (nq, nk): no ragged edge
+    nq, nk = _grid(block_size, seq_lens)
+    qi = jnp.arange(nq, dtype=jnp.int32)[:, None]
+    listed = kj < nk
+    whole = ((qi + 1) * bq <= T) & ((kj + 1) * bk <= S)  # no ragged edge
     if causal and positions is not None:  # key visible when its position is at most the query's
         (q_lo, q_hi), (k_lo, k_hi) = _block_extents(positions[0], bq, T), _block_extents(positions[1], bk, S)
-        some = (k_lo[:, None, :] <= q_hi[:, :, None])[:, None]  # (B, 1, nq, nk)
-        every = (k_hi[:, None, :] <= q_lo[:, :, None])[:, None]
+        batch = q_lo.shape[0]
+        b = jnp.arange(batch)[:, None, None, None]
+        at = jnp.minimum(kj, nk - 1)
+        some = k_lo[b, at] <= q_hi[:, None, :, None]  # (B, Nm, nq, W)
+        every = k_hi[b, at] <= q_lo[:, None, :, None]
+        kj, listed, whole = (jnp.broadcast_to(x, (batch,) + x.shape[1:]) for x in (kj, listed, whole))
     elif causal:  # top-left: query i sees keys j <= i
-        some = kj * bk <= np.minimum((qi + 1) * bq, T) - 1  # the block's first key vs its last query
+        some = kj * bk <= jnp.minimum((qi + 1) * bq, T) - 1  # the block's first key vs its last query
         every = (kj + 1) * bk - 1 <= qi * bq  # its last key vs its first query
     else:
-        some, every = np.ones((nq, nk), bool), np.ones((nq, nk), bool)
-    computed = blocks & some
-    full = computed & (whole & every)
-    kv = _sorted_lists(computed, full)
-    q = _sorted_lists(jnp.swapaxes(computed, -1, -2), jnp.swapaxes(full, -1, -2))
-    return BlockLists(*kv, *q)
+        some = every = True
+    computed = listed & some
+    return jnp.where(computed & whole & every, _FULL, jnp.where(computed, _PARTIAL, _NONE)).astype(jnp.int32)
+
+
+def _block_lists(kj, block_size, seq_lens, causal: bool, positions=None) -> BlockLists:
+    """The lists of one reading from unique rows ``kj`` (``_unique_rows``): each row sorted by
+    (class, block), and its entries sorted by (key block, class, query block) into the compressed
+    transposed list. Memory and work linear in the entries (sorts of rows of W and of nq * W)."""
+    nq, nk = _grid(block_size, seq_lens)
+    category = _classes(kj, block_size, seq_lens, causal, positions)
+    kj = jnp.broadcast_to(kj, category.shape)
+    category, kj = lax.sort((category, kj), dimension=3, num_keys=2)
+    used = category != _NONE
+    kv_index = jnp.where(used, kj, 0)
+    kv_count = jnp.sum(used, axis=-1, dtype=jnp.int32)
+    kv_full = jnp.sum(category == _FULL, axis=-1, dtype=jnp.int32)
+
+    bm, nm, _, width = kj.shape
+    flat = (bm, nm, nq * width)
+    key = jnp.where(used, kj, nk).reshape(flat)
+    qi = jnp.broadcast_to(jnp.arange(nq, dtype=jnp.int32)[:, None], kj.shape).reshape(flat)
+    key, t_category, qi = lax.sort((key, category.reshape(flat), qi), dimension=2, num_keys=3)
+    q_index = jnp.where(key < nk, qi, 0)
+
+    def per_key_block(weights):  # (Bm, Nm, nq * W) -> (Bm, Nm, nk): summed per key block
+        rows = jax.vmap(lambda w, k: jax.ops.segment_sum(w, k, num_segments=nk + 1))
+        rows_of = (bm * nm, flat[-1])
+        return rows(weights.reshape(rows_of), key.reshape(rows_of))[:, :nk].reshape(bm, nm, nk)
+
+    q_count = per_key_block((key < nk).astype(jnp.int32))
+    q_full = per_key_block((t_category == _FULL).astype(jnp.int32))
+    q_offset = (jnp.cumsum(q_count, axis=-1) - q_count).astype(jnp.int32)
+    return BlockLists(kv_count, kv_full, kv_index, q_offset, q_count, q_full, q_index)
 
 
 @jax.tree_util.register_pytree_node_class
@@ -121,34 +168,39 @@ class BlockMask:
     Build it with ``BlockMask.from_dense`` (a boolean block map) or ``BlockMask.from_indices`` (per
     query block, the list of its key blocks). Attributes:
 
-      blocks      bool (Bm, Nm, nq, nk): the map, Bm in {1, B}, Nm in {1, Hq} (1: broadcast)
+      plain       ``BlockLists`` without ``is_causal``: it holds the map itself (its listed blocks)
+      causal      ``BlockLists`` with ``is_causal`` (top-left: query i sees keys j <= i)
       block_size  (block_q, block_k), static
       seq_lens    (T, S), static: nq = ceil(T / block_q), nk = ceil(S / block_k)
-      plain       ``BlockLists`` without ``is_causal``
-      causal      ``BlockLists`` with ``is_causal`` (top-left: query i sees keys j <= i)
+      positions   None, or (query positions (B, T), key positions (B, S)) int32
+      shape       (Bm, Nm, nq, nk), Bm in {1, B}, Nm in {1, Hq} (1: broadcast)
+      blocks      bool (Bm, Nm, nq, nk): the dense map, computed from the lists on demand
+                  (quadratic in the blocks: for the "xla" backend and for inspection)
 
-    Both readings are built (small int arrays); under ``jax.jit`` the one a call does not use is
-    dead code. The last blocks may be ragged (T, S not multiples of the block): their rows past the
-    sequence simply do not exist.
+    The mask stores lists only, of a static width W (see ``BlockLists``): from index lists of
+    length L its memory is linear in nq * L, however many key blocks there are. Both readings are
+    built (small int arrays); under ``jax.jit`` the one a call does not use is dead code. The last
+    blocks may be ragged (T, S not multiples of the block): their rows past the sequence simply do
+    not exist.
     """
 
-    def __init__(self, blocks, plain: BlockLists, causal: BlockLists, block_size: tuple[int, int],
+    def __init__(self, plain: BlockLists, causal: BlockLists, block_size: tuple[int, int],
                  seq_lens: tuple[int, int], positions=None):
-        self.blocks, self.plain, self.causal = blocks, plain, causal
+        self.plain, self.causal = plain, causal
         self.block_size, self.seq_lens = tuple(block_size), tuple(seq_lens)
         self.positions = positions
 
     def tree_flatten(self):
-        return (self.blocks, self.plain, self.causal, self.positions), (self.block_size, self.seq_lens)
+        return (self.plain, self.causal, self.positions), (self.block_size, self.seq_lens)
 
     @classmethod
     def tree_unflatten(cls, aux, children):
-        blocks, plain, causal, positions = children
-        return cls(blocks, plain, causal, *aux, positions=positions)
+        plain, causal, positions = children
+        return cls(plain, causal, *aux, positions=positions)
 
     def __repr__(self):
-        shape = getattr(self.blocks, "shape", None)
-        return f"BlockMask(blocks {shape}, block_size={self.block_size}, seq_lens={self.seq_lens})"
+        return (f"BlockMask(shape {self.shape}, lists of width {self.width}, block_size={self.block_size}, "
+                f"seq_lens={self.seq_lens})")
 
     @classmethod
     def from_dense(cls, blocks, block_size, *, seq_lens, positions=None) -> "BlockMask":
@@ -166,6 +218,8 @@ class BlockMask:
             rather than its index (the rows are in a permuted order, e.g. video tokens grouped by
             spatial position, ``mmfa_jax.sparse_patterns.permuted_attention``; causality is the
             original order's). The causal lists then have the positions' batch B.
+        The lists have width nk (a dense map may list every block): memory quadratic in the
+        blocks, as the map itself; ``from_indices`` gives lists as wide as its own.
         """
         block_size = _block_size(block_size)
         seq_lens = _seq_lens(seq_lens)
@@ -178,11 +232,9 @@ class BlockMask:
             raise ArgumentError(f"blocks must be (Bm, Nm, nq, nk) = (B or 1, Hq or 1, {want[0]}, {want[1]}) for "
                                 f"seq_lens={seq_lens} and block_size={block_size}, got shape {tuple(blocks.shape)}")
         blocks = blocks.reshape((1,) * (4 - blocks.ndim) + tuple(blocks.shape))
-        if positions is not None and blocks.shape[0] not in (1, positions[0].shape[0]):
-            raise ArgumentError(f"blocks has batch {blocks.shape[0]}: it must be 1 or the positions' batch "
-                                f"{positions[0].shape[0]}")
-        return cls(blocks, _block_lists(blocks, block_size, seq_lens, False),
-                   _block_lists(blocks, block_size, seq_lens, True, positions), block_size, seq_lens, positions)
+        # Each row's listed blocks are its True columns: ascending and unique already.
+        kj = jnp.where(blocks, jnp.arange(want[1], dtype=jnp.int32), want[1])
+        return cls._from_rows(kj, block_size, seq_lens, positions, "blocks")
 
     @classmethod
     def from_indices(cls, indices, counts, block_size, *, seq_lens, positions=None) -> "BlockMask":
@@ -194,10 +246,12 @@ class BlockMask:
           counts: integers (Bm, Nm, nq), each in [0, L]: how many entries of each list are used.
           block_size, seq_lens, positions: as for ``from_dense``.
         Indices and counts are checked when concrete; under jit the caller vouches for them (an
-        index outside [0, nk) is then dropped).
+        index outside [0, nk) is then dropped). The lists are built from the indices directly, of
+        width L (at least 1): memory linear in nq * L, whatever nk (no (nq, nk) array is formed).
         """
         block_size = _block_size(block_size)
         seq_lens = _seq_lens(seq_lens)
+        positions = _positions(positions, seq_lens)
         indices, counts = _array(indices, "indices"), _array(counts, "counts")
         for name, x in (("indices", indices), ("counts", counts)):
             if not jnp.issubdtype(x.dtype, jnp.integer) or _checks.dtype_name(x.dtype) == "bool":
@@ -222,20 +276,37 @@ class BlockMask:
             if np.any(ok & ((i < 0) | (i >= nk))):
                 bad = i[ok & ((i < 0) | (i >= nk))]
                 raise ArgumentError(f"indices must lie in [0, {nk}) (the key blocks) where counted, got {int(bad[0])}")
-        indices = indices.reshape((1,) * (4 - indices.ndim) + tuple(indices.shape))
-        valid = valid.reshape(indices.shape)
-        target = jnp.where(valid & (indices >= 0) & (indices < nk), indices, nk).astype(jnp.int32)  # nk: dropped
-        bm, nm = indices.shape[:2]
-        b = jnp.arange(bm)[:, None, None, None]
-        h = jnp.arange(nm)[None, :, None, None]
-        qi = jnp.arange(nq)[None, None, :, None]
-        blocks = jnp.zeros((bm, nm, nq, nk + 1), bool).at[b, h, qi, target].set(True)[..., :nk]
-        return cls.from_dense(blocks, block_size, seq_lens=seq_lens, positions=positions)
+        shape = (1,) * (4 - indices.ndim) + tuple(indices.shape)
+        kj = jnp.where(valid, indices.astype(jnp.int32), nk).reshape(shape)  # nk: unused
+        if length == 0:  # a list of one unused entry: the kernels' list specs want a width
+            kj = jnp.full(shape[:3] + (1,), nk, jnp.int32)
+        return cls._from_rows(_unique_rows(kj, nk), block_size, seq_lens, positions, "indices")
+
+    @classmethod
+    def _from_rows(cls, kj, block_size, seq_lens, positions, name: str) -> "BlockMask":
+        """Both readings' lists from unique rows ``kj`` (Bm, Nm, nq, W) int32 (nk: unused), built
+        from the argument ``name``."""
+        if positions is not None and kj.shape[0] not in (1, positions[0].shape[0]):
+            raise ArgumentError(f"{name} has batch {kj.shape[0]}: it must be 1 or the positions' batch "
+                                f"{positions[0].shape[0]}")
+        plain = _block_lists(kj, block_size, seq_lens, False)
+        return cls(plain, _block_lists(kj, block_size, seq_lens, True, positions), block_size, seq_lens, positions)
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
         """(Bm, Nm, nq, nk)."""
-        return tuple(self.blocks.shape)
+        return tuple(self.plain.kv_count.shape) + (self.plain.q_count.shape[-1],)
+
+    @property
+    def width(self) -> int:
+        """W, the lists' static capacity per query block."""
+        return self.plain.kv_index.shape[-1]
+
+    @property
+    def blocks(self):
+        """bool (Bm, Nm, nq, nk): the map, scattered from the plain lists. Quadratic in the
+        blocks (the mask itself never holds it)."""
+        return _dense_map(self.plain, self.shape[-1])
 
     def lists(self, is_causal: bool) -> BlockLists:
         return self.causal if is_causal else self.plain
@@ -247,13 +318,24 @@ class BlockMask:
 
     def dense_mask(self, is_causal: bool = False):
         """bool (Bm, Nm, T, S): the token-level mask of the map, without the causal mask, or with it
-        when there are positions and ``is_causal`` (then (B, Nm, T, S))."""
+        when there are positions and ``is_causal`` (then (B, Nm, T, S)). Quadratic in the lengths."""
         (bq, bk), (T, S) = self.block_size, self.seq_lens
         mask = jnp.repeat(jnp.repeat(self.blocks, bq, axis=2), bk, axis=3)[:, :, :T, :S]
         if is_causal and self.positions is not None:
             q_pos, kv_pos = self.positions
             mask = mask & (kv_pos[:, None, None, :] <= q_pos[:, None, :, None])
         return mask
+
+
+def _dense_map(lists: BlockLists, nk: int):
+    """bool (Bm, Nm, nq, nk): the blocks a reading's forward lists hold."""
+    count, _, index = lists.forward
+    bm, nm, nq, width = index.shape
+    target = jnp.where(jnp.arange(width) < count[..., None], index, nk)
+    b = jnp.arange(bm)[:, None, None, None]
+    h = jnp.arange(nm)[None, :, None, None]
+    qi = jnp.arange(nq)[None, None, :, None]
+    return jnp.zeros((bm, nm, nq, nk + 1), bool).at[b, h, qi, target].set(True)[..., :nk]
 
 
 def _array(x, name):
@@ -445,14 +527,15 @@ def _run(static, q, k, v, block_mask: BlockMask):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _sparse_flash(static, q, k, v, kv_count, kv_full, kv_index, q_count, q_full, q_index, q_pos, kv_pos):
-    return _sparse_flash_fwd(static, q, k, v, kv_count, kv_full, kv_index, q_count, q_full, q_index, q_pos,
+def _sparse_flash(static, q, k, v, kv_count, kv_full, kv_index, q_offset, q_count, q_full, q_index, q_pos, kv_pos):
+    return _sparse_flash_fwd(static, q, k, v, kv_count, kv_full, kv_index, q_offset, q_count, q_full, q_index, q_pos,
                              kv_pos)[0]
 
 
-def _sparse_flash_fwd(static, q, k, v, kv_count, kv_full, kv_index, q_count, q_full, q_index, q_pos, kv_pos):
+def _sparse_flash_fwd(static, q, k, v, kv_count, kv_full, kv_index, q_offset, q_count, q_full, q_index, q_pos, kv_pos):
     out, lse = _forward_kernels(static, q, k, v, kv_count, kv_full, kv_index, q_pos, kv_pos)
-    return (out, lse), (q, k, v, kv_count, kv_full, kv_index, q_count, q_full, q_index, q_pos, kv_pos, out, lse)
+    return (out, lse), (q, k, v, kv_count, kv_full, kv_index, q_offset, q_count, q_full, q_index, q_pos, kv_pos, out,
+                        lse)
 
 
 def _sparse_flash_bwd(static, residuals, cotangents):
@@ -460,7 +543,7 @@ def _sparse_flash_bwd(static, residuals, cotangents):
     d_out, d_lse = cotangents
     delta = backward_delta(out, d_out, d_lse, static[0].problem.layout)
     dq, dk, dv = _backward_kernels(static, *args, d_out, lse, delta)
-    return (dq, dk, dv) + (None,) * 8
+    return (dq, dk, dv) + (None,) * 9
 
 
 _sparse_flash.defvjp(_sparse_flash_fwd, _sparse_flash_bwd)
@@ -474,10 +557,10 @@ def _forward_kernels(static, q, k, v, kv_count, kv_full, kv_index, q_pos, kv_pos
 
 
 @_first_order_only
-def _backward_kernels(static, q, k, v, kv_count, kv_full, kv_index, q_count, q_full, q_index, q_pos, kv_pos, d_out,
-                      lse, delta):
+def _backward_kernels(static, q, k, v, kv_count, kv_full, kv_index, q_offset, q_count, q_full, q_index, q_pos, kv_pos,
+                      d_out, lse, delta):
     sp, config, lowering = static
     _check_fits(sp, config, ("dq", "dkv"), q.dtype, lowering)
     return kernels.block_sparse_backward(sp, config.backward_dq, config.backward_dkv, q, k, v, kv_count, kv_full,
-                                         kv_index, q_count, q_full, q_index, d_out, lse, delta, q_pos, kv_pos,
-                                         lowering=lowering)
+                                         kv_index, q_offset, q_count, q_full, q_index, d_out, lse, delta, q_pos,
+                                         kv_pos, lowering=lowering)

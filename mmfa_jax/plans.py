@@ -54,8 +54,10 @@ DECODE_PARTIAL = KernelPlan("mmfa_decode_partial", ("q", "k", "v", "seq_len", "k
                             ("partial_out", "partial_lse"))
 DECODE_MERGE = KernelPlan("mmfa_decode_merge", ("partial_out", "partial_lse"), ("out", "lse"))
 # Block-sparse attention (``mmfa_jax.kernels.block_sparse``): q, k, v as the dense kernels take them,
-# and a BlockMask's lists as it holds them (``mmfa_jax.block_sparse.BlockLists``: int32, (Bm, Nm, nq)
-# counts and (Bm, Nm, nq, nk) indices per query block; the transposed ones per key block for dK/dV).
+# and a BlockMask's lists as it holds them (``mmfa_jax.block_sparse.BlockLists``, int32): per query
+# block kv_count, kv_full (Bm, Nm, nq) and kv_index (Bm, Nm, nq, W), W the lists' static width; for
+# dK/dV per key block q_offset, q_count, q_full (Bm, Nm, nk) into the compressed q_index
+# (Bm, Nm, nq * W), which holds every key block's query blocks one after the other.
 # ``q_pos`` (B, T) / ``kv_pos`` (B, S) int32, optional: the positions the causal mask compares (a
 # permuted order attends with the causality of the original one: ``BlockMask(positions=...)``).
 BLOCK_SPARSE_FORWARD = KernelPlan("mmfa_block_sparse_forward",
@@ -65,8 +67,8 @@ BLOCK_SPARSE_DQ = KernelPlan("mmfa_block_sparse_dq",
                              ("q", "k", "v", "kv_count", "kv_full", "kv_index", "q_pos", "kv_pos", "d_out", "lse",
                               "delta"), ("dq",))
 BLOCK_SPARSE_DKV = KernelPlan("mmfa_block_sparse_dkv",
-                              ("q", "k", "v", "q_count", "q_full", "q_index", "q_pos", "kv_pos", "d_out", "lse",
-                               "delta"), ("dk", "dv"))
+                              ("q", "k", "v", "q_offset", "q_count", "q_full", "q_index", "q_pos", "kv_pos", "d_out",
+                               "lse", "delta"), ("dk", "dv"))
 
 
 def forward(has_mask: bool) -> tuple[KernelPlan, ...]:

@@ -279,10 +279,14 @@ class BlockMask:
     query block, the list of its key blocks) or ``BlockMask.from_flex`` (a FlexAttention mask).
     It holds, as torch tensors on the map's device, what ``mmfa_jax.BlockMask`` holds, built by it:
 
-      blocks      bool (Bm, Nm, nq, nk): the map, Bm in {1, B}, Nm in {1, Hq} (1: broadcast)
+      shape       (Bm, Nm, nq, nk), Bm in {1, B}, Nm in {1, Hq} (1: broadcast)
       lists(is_causal)  the lists the kernels walk for that reading of the map (int32; see
                   ``mmfa_jax.block_sparse.BlockLists``): kv_count, kv_full (Bm, Nm, nq),
-                  kv_index (Bm, Nm, nq, nk), q_count, q_full (Bm, Nm, nk), q_index (Bm, Nm, nk, nq)
+                  kv_index (Bm, Nm, nq, W) (W: the lists' width, from_indices' L or
+                  from_dense's nk), q_offset, q_count, q_full (Bm, Nm, nk), q_index
+                  (Bm, Nm, nq * W) (per key block its query blocks, packed one after another)
+      blocks      bool (Bm, Nm, nq, nk): the dense map, computed from the lists on demand
+                  (quadratic in the blocks; the mask never holds it)
       block_size  (block_q, block_k)
       seq_lens    (T, S): nq = ceil(T / block_q), nk = ceil(S / block_k)
 
@@ -387,13 +391,20 @@ class BlockMask:
 
     @property
     def blocks(self) -> Tensor:
-        """bool (Bm, Nm, nq, nk): the map."""
-        return self._view().blocks
+        """bool (Bm, Nm, nq, nk): the map, scattered from the plain lists (quadratic in the
+        blocks; the mask holds lists only)."""
+        count, _, index = self.lists(False).forward
+        nk = self.shape[-1]
+        unused = torch.arange(index.shape[-1], device=index.device) >= count[..., None]
+        target = torch.where(unused, nk, index).long()
+        dense = torch.zeros(*index.shape[:-1], nk + 1, dtype=torch.bool, device=index.device)
+        return dense.scatter_(-1, target, True)[..., :nk]
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
         """(Bm, Nm, nq, nk)."""
-        return tuple(self.blocks.shape)
+        plain = self.lists(False)
+        return tuple(plain.kv_count.shape) + (plain.q_count.shape[-1],)
 
     @property
     def device(self) -> torch.device:
@@ -419,8 +430,8 @@ class BlockMask:
         return BlockMask([t.to(device) for t in self.leaves], self.structure, self.block_size, self.seq_lens)
 
     def __repr__(self):
-        return (f"mmfa_torch.BlockMask(blocks {tuple(self.leaves[0].shape)}, block_size={self.block_size}, "
-                f"seq_lens={self.seq_lens}, device={self.device})")
+        return (f"mmfa_torch.BlockMask(shape {self.shape}, block_size={self.block_size}, seq_lens={self.seq_lens}, "
+                f"device={self.device})")
 
 
 def _static_sizes(block_size, seq_lens):

@@ -296,16 +296,44 @@ def brute_force_lists(blocks, block, T, S, causal):
     return full, partial
 
 
-def check_lists(count, n_full, index, full, partial, what):
+def check_lists(count, n_full, index, full, partial, what, offset=None):
+    """Counts and rows of lists against the brute force's sets: per row its wholly visible blocks
+    ascending, then its partial ones. ``offset``: the rows are the compressed transposed lists,
+    row r at index[..., offset[r]:offset[r] + count[r]], packed one after the other."""
     count, n_full, index = np.asarray(count), np.asarray(n_full), np.asarray(index)
     n = full.shape[-1]
     np.testing.assert_array_equal(count, (full | partial).sum(-1), err_msg=f"{what}: counts")
     np.testing.assert_array_equal(n_full, full.sum(-1), err_msg=f"{what}: full counts")
     assert ((index >= 0) & (index < n)).all(), f"{what}: padding indices out of range"
+    if offset is not None:
+        offset = np.asarray(offset)
+        np.testing.assert_array_equal(offset, np.cumsum(count, -1) - count, err_msg=f"{what}: packed offsets")
     for pos in np.ndindex(*count.shape):
-        row, c, f = index[pos], count[pos], n_full[pos]
+        c, f = count[pos], n_full[pos]
+        row = index[pos] if offset is None else index[pos[:-1]][offset[pos]:offset[pos] + c]
         assert list(row[:f]) == list(np.flatnonzero(full[pos])), f"{what}: full blocks of {pos}"
         assert list(row[f:c]) == list(np.flatnonzero(partial[pos])), f"{what}: partial blocks of {pos}"
+
+
+def check_same_lists(got: BlockMask, want: BlockMask, what):
+    """Two masks hold the same lists (whatever their widths): counts, offsets, and the used
+    entries of every row."""
+    assert (got.shape, got.block_size, got.seq_lens) == (want.shape, want.block_size, want.seq_lens), what
+    for causal in (False, True):
+        a, b = got.lists(causal), want.lists(causal)
+        for name in ("kv_count", "kv_full", "q_offset", "q_count", "q_full"):
+            np.testing.assert_array_equal(np.asarray(getattr(a, name)), np.asarray(getattr(b, name)),
+                                          err_msg=f"{what}: {name} (causal={causal})")
+        count = np.asarray(a.kv_count)
+        used = np.arange(a.kv_index.shape[-1]) < count[..., None]
+        wide = np.asarray(b.kv_index)[..., :a.kv_index.shape[-1]]
+        np.testing.assert_array_equal(np.where(used, a.kv_index, -1), np.where(used, wide, -1),
+                                      err_msg=f"{what}: kv_index (causal={causal})")
+        total = count.sum(-1)[..., None]
+        used = np.arange(a.q_index.shape[-1]) < total
+        wide = np.asarray(b.q_index)[..., :a.q_index.shape[-1]]
+        np.testing.assert_array_equal(np.where(used, a.q_index, -1), np.where(used, wide, -1),
+                                      err_msg=f"{what}: q_index (causal={causal})")
 
 
 @pytest.mark.parametrize("T, S, block", [(70, 45, (16, 32)), (64, 64, (16, 16)), (33, 100, (32, 16))])
@@ -321,7 +349,8 @@ def test_lists_separate_wholly_visible_from_partial_blocks(rng, T, S, block, cau
     full, partial = brute_force_lists(blocks, block, T, S, causal)
     check_lists(lists.kv_count, lists.kv_full, lists.kv_index, full, partial, "per query block")
     check_lists(lists.q_count, lists.q_full, lists.q_index, np.swapaxes(full, -1, -2), np.swapaxes(partial, -1, -2),
-                "per key block")
+                "per key block", offset=lists.q_offset)
+    assert lists.kv_index.shape == (2, 3, nq, nk) and lists.q_index.shape == (2, 3, nq * nk)
     assert int(mask.computed_blocks(causal)) == int((full | partial).sum())
 
 
@@ -336,8 +365,8 @@ def test_from_indices_equals_from_dense(rng):
         order[pos][counts[pos]:] = rng.integers(-5, 50, nk - counts[pos])
     got = BlockMask.from_indices(jnp.asarray(order), jnp.asarray(counts), block, seq_lens=(T, S))
     want = BlockMask.from_dense(jnp.asarray(blocks), block, seq_lens=(T, S))
-    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    check_same_lists(got, want, "from_indices")
+    np.testing.assert_array_equal(np.asarray(got.blocks), blocks)
     assert (got.block_size, got.seq_lens, got.shape) == (block, (T, S), (1, 2, nq, nk))
     # Under jit too (the checks of concrete values are then the caller's).
     built = jax.jit(lambda i, c: BlockMask.from_indices(i, c, block, seq_lens=(T, S)))(jnp.asarray(order),
@@ -577,3 +606,164 @@ def test_blocks_too_large_for_shared_memory_are_refused():
     with pytest.raises(ArgumentError, match=r"block_size \(256, 128\) is too large for the forward kernel"):
         triton_route.lower_for(attend((256, 128)), q, kv, kv, jax.ShapeDtypeStruct((1, 1, 1, 2), jnp.bool_),
                                device_kind="NVIDIA H100")
+
+
+# ------------------------------------------------------------------------------------------------
+# Narrow index lists: the lists as wide as the indices, not as the key blocks.
+
+
+def random_lists(rng, shape, nk, width):
+    """Index lists (shape + (width,)) and counts (shape) with repeats inside the counted entries,
+    junk (out-of-range values too) past them, and some empty rows; and the boolean map they list."""
+    indices = rng.integers(-3, nk + 3, shape + (width,))
+    counts = rng.integers(0, width + 1, shape)
+    counts.reshape(-1)[::5] = 0  # empty rows
+    counted = np.arange(width) < counts[..., None]
+    indices = np.where(counted, rng.integers(0, nk, shape + (width,)), indices)
+    indices[..., 1] = np.where(counts > 1, indices[..., 0], indices[..., 1])  # a repeat where two are counted
+    blocks = np.zeros(shape + (nk,), bool)
+    for pos in np.ndindex(*shape):
+        blocks[pos][indices[pos][:counts[pos]]] = True
+    return indices.astype(np.int32), counts.astype(np.int32), blocks
+
+
+NARROW_CASES = {
+    "gqa-ragged": Case(B=2, T=300, S=270, N=4, K=2, D=16, block=(16, 16)),
+    "gqa-ragged-causal": Case(B=2, T=300, S=270, N=4, K=2, D=16, block=(16, 16), causal=True),
+    "mqa-rect-broadcast-causal": Case(B=1, T=130, S=250, N=2, K=1, D=24, block=(32, 16), causal=True, map_bn=(1, 1)),
+}
+
+
+@pytest.mark.parametrize("name", list(NARROW_CASES))
+def test_narrow_index_lists_match_the_dense_map(impl, rng, name):
+    """Lists of 3 entries for 17 to 19 key blocks (repeats, junk past the counts, empty rows,
+    ragged last blocks, GQA): lists of width 3, and the same outputs, LSE and gradients as the
+    same map given densely, against the reference."""
+    c = NARROW_CASES[name]
+    nq, nk = grid(c)
+    bm, nm = (c.B if c.map_bn[0] == "B" else 1), (c.N if c.map_bn[1] == "N" else 1)
+    indices, counts, blocks = random_lists(rng, (bm, nm, nq), nk, 3)
+    narrow = BlockMask.from_indices(jnp.asarray(indices), jnp.asarray(counts), c.block, seq_lens=(c.T, c.S))
+    dense = BlockMask.from_dense(jnp.asarray(blocks), c.block, seq_lens=(c.T, c.S))
+    assert narrow.width == 3 and dense.width == nk and narrow.shape == dense.shape == (bm, nm, nq, nk)
+    for causal in (False, True):
+        lists = narrow.lists(causal)
+        assert lists.kv_index.shape == (bm, nm, nq, 3) and lists.q_index.shape == (bm, nm, nq * 3)
+    check_same_lists(narrow, dense, name)
+    np.testing.assert_array_equal(np.asarray(narrow.blocks), blocks)
+    (q, k, v), (q64, k64, v64) = inputs(rng, c)
+
+    def run(mask):
+        return lambda q, k, v: mmfa_jax.block_sparse_attention(q, k, v, mask, is_causal=c.causal, implementation=impl,
+                                                               return_lse=True)
+
+    (out, lse), vjp = jax.vjp(run(narrow), q, k, v)
+    (want_out, want_lse), want_vjp = jax.vjp(run(dense), q, k, v)
+    ref_out, ref_lse = block_sparse_reference(q64, k64, v64, blocks, c.block, is_causal=c.causal)
+    assert np.isinf(ref_lse).any(), "the case has rows that see nothing"
+    tol = tolerance(c.dtype)
+    assert_close(out, ref_out, tol, f"{name}: out")
+    assert_close(lse, ref_lse, tol, f"{name}: lse")
+    assert_close(out, mmfa_jax_ref(want_out), tol, f"{name}: out against the dense map's")
+    assert_close(lse, mmfa_jax_ref(want_lse), tol, f"{name}: lse against the dense map's")
+    d_out, d_out64 = normal(rng, out.shape, c.dtype)
+    d_lse, d_lse64 = normal(rng, lse.shape, "float32")
+    refs = block_sparse_reference_grads(q64, k64, v64, blocks, c.block, d_out64, d_lse64, is_causal=c.causal)
+    for got, want, ref, what in zip(vjp((d_out, d_lse)), want_vjp((d_out, d_lse)), refs, ("dq", "dk", "dv")):
+        assert_close(got, ref, tolerance(c.dtype, grad=True), f"{name}: {what}")
+        assert_close(got, mmfa_jax_ref(want), tolerance(c.dtype, grad=True), f"{name}: {what} against the dense map's")
+
+
+def test_narrow_index_lists_with_positions(impl, rng):
+    """Narrow lists in a permuted order, causal by the positions (per-batch permutations, GQA,
+    ragged blocks): the same as the dense map, against the reference, forward and gradients."""
+    c = Case(B=2, T=150, S=150, N=4, K=2, D=16, block=(16, 16), causal=True)
+    nq, nk = grid(c)
+    indices, counts, blocks = random_lists(rng, (1, c.N, nq), nk, 4)
+    perm = np.stack([rng.permutation(c.T) for _ in range(c.B)]).astype(np.int32)
+    narrow = BlockMask.from_indices(jnp.asarray(indices), jnp.asarray(counts), c.block, seq_lens=(c.T, c.S),
+                                    positions=(perm, perm))
+    dense = BlockMask.from_dense(jnp.asarray(blocks), c.block, seq_lens=(c.T, c.S), positions=(perm, perm))
+    check_same_lists(narrow, dense, "positions")
+    assert narrow.causal.kv_index.shape == (c.B, c.N, nq, 4) and narrow.plain.kv_index.shape == (1, c.N, nq, 4)
+    (q, k, v), (q64, k64, v64) = inputs(rng, c)
+
+    def f(q, k, v):
+        return mmfa_jax.block_sparse_attention(q, k, v, narrow, is_causal=True, implementation=impl, return_lse=True)
+
+    (out, lse), vjp = jax.vjp(f, q, k, v)
+    token_mask = block_sparse_mask(blocks, c.block, c.T, c.S) & (perm[:, None, None, :] <= perm[:, None, :, None])
+    ref_out, ref_lse = attention_reference(q64, k64, v64, mask=token_mask)
+    assert_close(out, ref_out, tolerance(c.dtype), "out")
+    assert_close(lse, ref_lse, tolerance(c.dtype), "lse")
+    d_out, d_out64 = normal(rng, out.shape, c.dtype)
+    d_lse, d_lse64 = normal(rng, lse.shape, "float32")
+    refs = attention_reference_grads(q64, k64, v64, d_out64, d_lse64, mask=token_mask)[:3]
+    for got, ref, what in zip(vjp((d_out, d_lse)), refs, ("dq", "dk", "dv")):
+        assert_close(got, ref, tolerance(c.dtype, grad=True), what)
+
+
+def _shapes(jaxpr):
+    """Every array shape a jaxpr (and the jaxprs inside it) makes."""
+    for eqn in jaxpr.eqns:
+        for var in eqn.outvars:
+            yield tuple(getattr(var.aval, "shape", ()))
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else (param,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):  # a (closed) jaxpr: a jitted or mapped body
+                    yield from _shapes(inner)
+
+
+@pytest.mark.parametrize("with_positions", [False, True], ids=["plain", "positions"])
+def test_from_indices_memory_is_linear_in_the_lists(with_positions):
+    """4096 x 4096 blocks listed 4 per query block: building the mask (both readings, under jit)
+    makes no array with a query-block and a key-block axis, nor any of more than a sixteenth of
+    nq * nk elements; the lists are nq * 4 wide."""
+    T = S = 4096 * 16
+    nq = nk = 4096
+    indices = jax.ShapeDtypeStruct((1, 2, nq, 4), jnp.int32)
+    counts = jax.ShapeDtypeStruct((1, 2, nq), jnp.int32)
+    positions = (jax.ShapeDtypeStruct((1, T), jnp.int32),) * 2 if with_positions else None
+
+    def build(indices, counts, positions):
+        return BlockMask.from_indices(indices, counts, 16, seq_lens=(T, S), positions=positions)
+
+    jaxpr = jax.make_jaxpr(build)(indices, counts, positions)
+    shapes = list(_shapes(jaxpr.jaxpr))
+    assert shapes, "the jaxpr was read"
+    for shape in shapes:
+        assert sum(n >= nq for n in shape) < 2 and int(np.prod(shape)) <= nq * nk // 16, shape
+    mask = jax.eval_shape(build, indices, counts, positions)
+    assert mask.plain.kv_index.shape == (1, 2, nq, 4) and mask.plain.q_index.shape == (1, 2, nq * 4)
+    compiled = jax.jit(build).lower(indices, counts, positions).compile()
+    analysis = compiled.memory_analysis()
+    if analysis is not None:
+        assert analysis.temp_size_in_bytes < nq * nk * 4 // 16, analysis
+
+
+def test_narrow_lists_compile_for_hopper(tmp_path, monkeypatch):
+    """Lists of a width that is not a power of two (3) lower and compile for sm_90 (forward and
+    gradient) with every operand of the plans."""
+    pytest.importorskip("triton")
+    from mmfa_jax import plans, triton_route
+
+    monkeypatch.setenv("MMFA_CACHE_DIR", str(tmp_path))
+    triton_route.clear_memory_cache()
+    B, T, N, K, D = 1, 300, 4, 2, 64
+    q = jax.ShapeDtypeStruct((B, T, N, D), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((B, T, K, D), jnp.bfloat16)
+
+    def fn(q, k, v, indices, counts):
+        mask = BlockMask.from_indices(indices, counts, 64, seq_lens=(T, T))
+        loss = lambda q, k, v: mmfa_jax.block_sparse_attention(  # noqa: E731
+            q, k, v, mask, is_causal=True, implementation="triton").astype(jnp.float32).sum()
+        return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+    compiled = triton_route.lower_for(fn, q, kv, kv, jax.ShapeDtypeStruct((B, N, 5, 3), jnp.int32),
+                                      jax.ShapeDtypeStruct((B, N, 5), jnp.int32), device_kind="NVIDIA H100")
+    kernel_plans = plans.block_sparse_forward() + plans.block_sparse_backward()
+    assert [k.name for k, *_ in compiled] == [p.name for p in kernel_plans]
+    for (kernel, _, _, operands, _), plan in zip(compiled, kernel_plans):
+        present = [n for n in plan.operands if n not in ("q_pos", "kv_pos")]
+        assert operands == len(present) and len(kernel.cubin) > 0, plan.name

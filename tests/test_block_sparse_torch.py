@@ -289,7 +289,7 @@ def test_mask_holds_the_jax_faces_lists(rng, causal):
     assert (mask.block_size, mask.seq_lens, mask.shape) == (ref.block_size, ref.seq_lens, ref.shape)
     assert torch.equal(mask.blocks, torch.from_numpy(blocks))
     got, want = mask.lists(causal), ref.lists(causal)
-    for name in ("kv_count", "kv_full", "kv_index", "q_count", "q_full", "q_index"):
+    for name in ("kv_count", "kv_full", "kv_index", "q_offset", "q_count", "q_full", "q_index"):
         t = getattr(got, name)
         assert isinstance(t, torch.Tensor) and t.dtype == torch.int32, name
         np.testing.assert_array_equal(t.numpy(), np.asarray(getattr(want, name)), err_msg=name)
@@ -325,6 +325,41 @@ def test_from_indices_equals_from_dense(impl, rng):
     out = mmfa_torch.block_sparse_attention(q, k, v, got, is_causal=True, implementation=impl)
     ref_out, _ = block_sparse_reference(q64, k64, v64, blocks, c.block, is_causal=True)
     assert_close(btnh(to_numpy(out)), ref_out, tolerance(c.dtype), "out")
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_narrow_index_lists(impl, rng, causal):
+    """Lists of 3 entries for 12 key blocks (repeats, junk past the counts, empty rows, GQA, ragged
+    blocks): the mask's lists are 3 wide (q_index nq * 3), its map the listed blocks, and the
+    output and gradients those of the reference for that map."""
+    c = Case(B=2, T=150, S=180, Hq=4, Hkv=2, block=(16, 16), causal=causal)
+    nq, nk = grid(c)
+    shape = (c.B, c.Hq, nq)
+    counts = rng.integers(0, 4, shape)
+    counts.reshape(-1)[::4] = 0
+    counted = np.arange(3) < counts[..., None]
+    indices = np.where(counted, rng.integers(0, nk, shape + (3,)), rng.integers(-4, nk + 4, shape + (3,)))
+    indices[..., 1] = np.where(counts > 1, indices[..., 0], indices[..., 1])  # a repeat
+    blocks = np.zeros(shape + (nk,), bool)
+    for pos in np.ndindex(*shape):
+        blocks[pos][indices[pos][:counts[pos]]] = True
+    mask = BlockMask.from_indices(torch.from_numpy(indices).to(DEVICE[0]), torch.from_numpy(counts).to(DEVICE[0]),
+                                  c.block, seq_lens=(c.T, c.S))
+    lists = mask.lists(causal)
+    assert lists.kv_index.shape == (c.B, c.Hq, nq, 3) and lists.q_index.shape == (c.B, c.Hq, nq * 3)
+    assert mask.shape == (c.B, c.Hq, nq, nk) and torch.equal(mask.blocks.cpu(), torch.from_numpy(blocks))
+    (q, k, v), (q64, k64, v64) = inputs(rng, c, requires_grad=True)
+    out, lse = mmfa_torch.block_sparse_attention(q, k, v, mask, is_causal=causal, implementation=impl,
+                                                 return_lse=True)
+    ref_out, ref_lse = block_sparse_reference(q64, k64, v64, blocks, c.block, is_causal=causal)
+    assert np.isinf(ref_lse).any(), "the case has rows that see nothing"
+    assert_close(btnh(to_numpy(out)), ref_out, tolerance(c.dtype), "out")
+    assert_close(btnh(to_numpy(lse)), ref_lse, tolerance(c.dtype), "lse")
+    d_out = torch.from_numpy(rng.standard_normal(tuple(out.shape))).to(out)
+    out.backward(d_out)
+    want = block_sparse_reference_grads(q64, k64, v64, blocks, c.block, btnh(to_numpy(d_out)), is_causal=causal)
+    for t, ref, what in zip((q, k, v), want, ("dq", "dk", "dv")):
+        assert_close(btnh(to_numpy(t.grad)), ref, tolerance(c.dtype, grad=True), what)
 
 
 def test_warm_calls_compile_nothing(impl, rng):
@@ -520,8 +555,8 @@ def test_direct_launch_names_every_kernel_operand(causal, by_positions):
     expect = {"mmfa_block_sparse_forward": (q, k, k, lists.kv_count, lists.kv_full, lists.kv_index, *pos),
               "mmfa_block_sparse_dq": (q, k, k, lists.kv_count, lists.kv_full, lists.kv_index, *pos, q, named["lse"],
                                        named["delta"]),
-              "mmfa_block_sparse_dkv": (q, k, k, lists.q_count, lists.q_full, lists.q_index, *pos, q, named["lse"],
-                                        named["delta"])}
+              "mmfa_block_sparse_dkv": (q, k, k, lists.q_offset, lists.q_count, lists.q_full, lists.q_index, *pos, q,
+                                        named["lse"], named["delta"])}
     for kernel, grid in zip((fwd, dq, dkv), ((4, Hq, B), (4, Hq, B), (3, Hkv, B))):
         operands = kernel.plan.arguments(named)
         assert kernel.launch.operands == len(operands) == len(expect[kernel.plan.name]), kernel.plan.name

@@ -7,9 +7,13 @@ per (map batch, map head, block):
 
   kv_count (Bm, Nm, nq) int32     key blocks listed for query block qi (blocks with some visible logit)
   kv_full  (Bm, Nm, nq) int32     how many of them come first in ``kv_index`` and are wholly visible
-  kv_index (Bm, Nm, nq, nk) int32 the wholly visible blocks (ascending), then the partial ones
-                                  (ascending), then unlisted blocks (padding, never read)
-  q_count, q_full, q_index        the same transposed: per key block, its query blocks (dK/dV)
+  kv_index (Bm, Nm, nq, W) int32  the wholly visible blocks (ascending), then the partial ones
+                                  (ascending), then padding (never read); W: the lists' width
+  q_offset, q_count, q_full (Bm, Nm, nk) int32   the same transposed, per key block (dK/dV): its
+                                  query blocks are q_index[offset : offset + count], the first
+                                  q_full of them wholly visible
+  q_index  (Bm, Nm, nq * W) int32 every key block's query blocks, one after the other (compressed:
+                                  the size of the listed entries, not nk x nq)
 
 with Bm in {1, B}, Nm in {1, Hq} (broadcast by the index maps, never materialised). A wholly
 visible block is taken unmasked; a partial one (crossing the causal diagonal, or the ragged last
@@ -132,17 +136,19 @@ def _list_specs(sp: SparseProblem, length: int, tiles_per_block: int = 1):
 
 
 def _group_list_specs(sp: SparseProblem, length: int, tiles_per_block: int):
-    """The same for the dK/dV grid over K/V heads: the lists of the group's G query heads (one
-    list for all when the map broadcasts its head axis)."""
+    """Specs of the transposed (offset, count, full, index) for the dK/dV grid over K/V heads: the
+    scalars of the tile's key block and the whole compressed index row (``length`` = nq * W: a
+    key block's entries lie anywhere in it), of the group's G query heads (one list for all when
+    the map broadcasts its head axis)."""
     block = lambda t: t // tiles_per_block  # noqa: E731
     if sp.map_heads == 1:
         count = pl.BlockSpec((None, None, None), lambda t, h, b: (_map_batch(sp, b), 0, block(t)))
-        index = pl.BlockSpec((None, None, None, length), lambda t, h, b: (_map_batch(sp, b), 0, block(t), 0))
+        index = pl.BlockSpec((None, None, length), lambda t, h, b: (_map_batch(sp, b), 0, 0))
     else:
         g = sp.problem.group
         count = pl.BlockSpec((None, g, None), lambda t, h, b: (_map_batch(sp, b), h, block(t)))
-        index = pl.BlockSpec((None, g, None, length), lambda t, h, b: (_map_batch(sp, b), h, block(t), 0))
-    return [count, count, index]
+        index = pl.BlockSpec((None, g, length), lambda t, h, b: (_map_batch(sp, b), h, 0))
+    return [count, count, count, index]
 
 
 def _entry(ref, head, *idx):
@@ -246,7 +252,7 @@ def forward(sp: SparseProblem, cfg: KernelConfig, q, k, v, kv_count, kv_full, kv
     p = sp.problem
     q_head, kv_head = (lambda n: n), (lambda n: n // p.group)
     in_specs = [seq_spec(p, p.q_len, None, q_head), seq_spec(p, p.kv_len, None, kv_head),
-                seq_spec(p, p.kv_len, None, kv_head), *_list_specs(sp, sp.num_k_blocks),
+                seq_spec(p, p.kv_len, None, kv_head), *_list_specs(sp, kv_index.shape[-1]),
                 *_position_specs(p, q_pos)]
     out_specs = [seq_spec(p, p.q_len, None, q_head), row_spec(p.q_len, None, q_head)]
     out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype),
@@ -298,8 +304,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, count_ref, full_ref, index_ref, qpos_ref, kv
     plgpu.store(dq_ref.at[q_rows, :], dq.astype(dq_ref.dtype), mask=combine(in_q[:, None], cols))
 
 
-def _dkv_kernel(q_ref, k_ref, v_ref, count_ref, full_ref, index_ref, qpos_ref, kvpos_ref, do_ref, lse_ref, delta_ref,
-                dk_ref, dv_ref, *, sp: SparseProblem, tile_q: int, tile_k: int):
+def _dkv_kernel(q_ref, k_ref, v_ref, offset_ref, count_ref, full_ref, index_ref, qpos_ref, kvpos_ref, do_ref, lse_ref,
+                delta_ref, dk_ref, dv_ref, *, sp: SparseProblem, tile_q: int, tile_k: int):
     p = sp.problem
     per_block = sp.block_q // tile_q  # query tiles per listed query block
     k_start = pl.program_id(0) * tile_k
@@ -318,11 +324,12 @@ def _dkv_kernel(q_ref, k_ref, v_ref, count_ref, full_ref, index_ref, qpos_ref, k
         lse_g, delta_g = HeadView(lse_ref, g), HeadView(delta_ref, g)
         list_head = g if per_head else None
         n_all, n_full = _entry(count_ref, list_head), _entry(full_ref, list_head)
+        offset = _entry(offset_ref, list_head)  # this key block's entries in the compressed list
 
         def body(i, carry, masked):
             dk, dv = carry
             entry, tile = _entry_and_tile(i, per_block)
-            q_start = _entry(index_ref, list_head, entry) * sp.block_q + tile * tile_q
+            q_start = _entry(index_ref, list_head, offset + entry) * sp.block_q + tile * tile_q
             q_rows = pl.ds(q_start, tile_q)
             q_pos = q_start + jnp.arange(tile_q)
             in_q = q_pos < p.q_len if masked else None
@@ -349,7 +356,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, count_ref, full_ref, index_ref, qpos_ref, k
 
 
 def backward(sp: SparseProblem, dq_cfg: KernelConfig, dkv_cfg: KernelConfig, q, k, v, kv_count, kv_full, kv_index,
-             q_count, q_full, q_index, do, lse, delta, q_pos=None, kv_pos=None, *, lowering: Lowering):
+             q_offset, q_count, q_full, q_index, do, lse, delta, q_pos=None, kv_pos=None, *, lowering: Lowering):
     """(dq, dk, dv) from the forward's LSE and ``delta`` (``mmfa_jax._autodiff.backward_delta``),
     both (B, Hq, T) float32. The configs' tiles may be smaller than the map's blocks (each dividing
     its block): a program then takes one tile of its block, and walks the tiles of each listed
@@ -357,11 +364,13 @@ def backward(sp: SparseProblem, dq_cfg: KernelConfig, dkv_cfg: KernelConfig, q, 
     p = sp.problem
     for cfg in (dq_cfg, dkv_cfg):
         assert sp.block_q % cfg.block_q == 0 and sp.block_k % cfg.block_k == 0, (sp, cfg)
-    operands = dict(q=q, k=k, v=v, kv_count=kv_count, kv_full=kv_full, kv_index=kv_index, q_count=q_count,
-                    q_full=q_full, q_index=q_index, d_out=do, lse=lse, delta=delta, q_pos=q_pos, kv_pos=kv_pos)
+    operands = dict(q=q, k=k, v=v, kv_count=kv_count, kv_full=kv_full, kv_index=kv_index, q_offset=q_offset,
+                    q_count=q_count, q_full=q_full, q_index=q_index, d_out=do, lse=lse, delta=delta, q_pos=q_pos,
+                    kv_pos=kv_pos)
     q_head, kv_head = (lambda n: n), (lambda n: n // p.group)
     in_specs = [seq_spec(p, p.q_len, None, q_head), seq_spec(p, p.kv_len, None, kv_head),
-                seq_spec(p, p.kv_len, None, kv_head), *_list_specs(sp, sp.num_k_blocks, sp.block_q // dq_cfg.block_q),
+                seq_spec(p, p.kv_len, None, kv_head),
+                *_list_specs(sp, kv_index.shape[-1], sp.block_q // dq_cfg.block_q),
                 *_position_specs(p, q_pos), seq_spec(p, p.q_len, None, q_head), row_spec(p.q_len, None, q_head),
                 row_spec(p.q_len, None, q_head)]
     (dq,) = pl.pallas_call(
@@ -375,7 +384,7 @@ def backward(sp: SparseProblem, dq_cfg: KernelConfig, dkv_cfg: KernelConfig, q, 
     g, group_of = p.group, (lambda h: h)  # grid axis 1 runs over K/V heads
     in_specs = [seq_spec(p, p.q_len, g, group_of), seq_spec(p, p.kv_len, None, group_of),
                 seq_spec(p, p.kv_len, None, group_of),
-                *_group_list_specs(sp, sp.num_q_blocks, sp.block_k // dkv_cfg.block_k), *_position_specs(p, q_pos),
+                *_group_list_specs(sp, q_index.shape[-1], sp.block_k // dkv_cfg.block_k), *_position_specs(p, q_pos),
                 seq_spec(p, p.q_len, g, group_of), row_spec(p.q_len, g, group_of), row_spec(p.q_len, g, group_of)]
     kv_spec = seq_spec(p, p.kv_len, None, group_of)
     dk, dv = pl.pallas_call(
