@@ -7,8 +7,11 @@ attends exactly to the keys of its listed blocks (intersected with the causal ma
 (``mmfa_jax.kernels.block_sparse``) take the map's blocks as their tiles and visit only the listed
 ones, so the cost is proportional to the number of computed blocks.
 
-``BlockMask`` holds the map and the lists the kernels walk, built with jax ops (jittable); it is a
-pytree (block sizes and sequence lengths static), so it passes through ``jax.jit``.
+``BlockMask`` holds the lists the kernels walk (per query block its key blocks; per key block its
+query blocks, packed), built with jax ops (jittable), of a static width: from index lists their
+memory is linear in the listed entries, never quadratic in the blocks (the dense map is computed
+only on demand). It is a pytree (block sizes and sequence lengths static), so it passes through
+``jax.jit``.
 """
 
 from __future__ import annotations

@@ -10,6 +10,11 @@ for causal self-attention over one sequence of T tokens in square blocks of ``bl
   with_boundaries   modality boundaries (MMInference): text query rows see every earlier block
                     (Q-boundary), and every query sees the text key blocks (2D-boundary)
 
+Index-list routes, for ``BlockMask.from_indices`` (memory linear in the blocks, for maps of many
+blocks, e.g. a 1M-token video): ``block_topk_indices`` (block_topk's blocks, its scores computed a
+chunk of query blocks at a time) and ``with_text_blocks`` (the 2D-boundary's text key blocks
+added to every list).
+
 Video is frame-periodic: a token attends to the same place in other frames, a stripe every
 ``tokens_per_frame`` keys, which no block map of the frame order captures sparsely.
 ``video_permutation`` reorders the visual tokens position-major (each spatial position's tokens
@@ -21,7 +26,8 @@ mask's ``positions``) and puts the rows back.
 exp(LSE_sparse - LSE_dense), from the kernels' own log-sum-exps, so it needs no T x S memory.
 
 The estimations run as jax ops over (last rows x S) scores per head (``vertical_slash``) or over
-pooled (nq x nk) block scores (``block_topk``); they are not yet Pallas kernels.
+pooled (nq x nk) block scores (``block_topk``; ``block_topk_indices``: (chunk x nk) at a time);
+they are not yet Pallas kernels.
 """
 
 from __future__ import annotations
@@ -136,25 +142,38 @@ def vertical_slash(query, key, *, vertical: int, slash: int, last_q: int = 64, b
     return blocks & causal_blocks(T, block, positions)
 
 
+def _pooled(x, block: int):
+    """(B, T, H, D) -> (B, H, n, D) float32: the mean over each block's rows (a ragged last block:
+    its own rows)."""
+    B, T, H, D = x.shape
+    n = _blocks_of(T, block)
+    x = jnp.pad(x.astype(jnp.float32), ((0, 0), (0, n * block - T), (0, 0), (0, 0)))
+    counts = jnp.minimum(block, T - jnp.arange(n) * block).astype(jnp.float32)
+    return jnp.moveaxis(x.reshape(B, n, block, H, D).sum(2) / counts[None, :, None, None], 2, 1)
+
+
+def _pooled_pair(query, key, block: int):
+    """Pooled query (B, N, n, D) and pooled key repeated to the N query heads (pooled first: the
+    repeat is of n rows, not T)."""
+    N, K = query.shape[2], key.shape[2]
+    if N % K:
+        raise ArgumentError(f"key's heads {K} must divide query's heads {N}")
+    return _pooled(query, block), jnp.repeat(_pooled(key, block), N // K, axis=1)
+
+
 @functools.partial(jax.jit, static_argnames=("keep", "block", "scale"))
 def block_topk(query, key, *, keep: int, block: int = 128, scale: float | None = None, positions=None) -> jax.Array:
     """(B, N, n, n) bool: per query block, the ``keep`` visible key blocks (``causal_blocks``: earlier
     ones, or with ``positions`` (B, T) those holding earlier positions) with the highest score
     between the block-mean query and block-mean key (query (B, T, N, D), key (B, T, K, D)), plus
-    the diagonal block and the first block (attention sinks)."""
+    the diagonal block and the first block (attention sinks). Quadratic in the blocks (the scores
+    and the map): ``block_topk_indices`` gives the same blocks as index lists, in chunks."""
     B, T, N, D = query.shape
     n = _blocks_of(T, block)
     keep = _checks.integer(keep, "keep", minimum=1)
     scale = D ** -0.5 if scale is None else scale
-    k = _group(query, key)
-
-    def pooled(x):  # (B, T, N, D) -> (B, N, n, D), mean over each block's rows
-        pad = n * block - T
-        x = jnp.pad(x.astype(jnp.float32), ((0, 0), (0, pad), (0, 0), (0, 0)))
-        counts = jnp.minimum(block, T - jnp.arange(n) * block).astype(jnp.float32)
-        return jnp.moveaxis(x.reshape(B, n, block, N, D).sum(2) / counts[None, :, None, None], 2, 1)
-
-    scores = jnp.einsum("bnid,bnjd->bnij", pooled(query), pooled(k)) * scale
+    pq, pk = _pooled_pair(query, key, block)
+    scores = jnp.einsum("bnid,bnjd->bnij", pq, pk) * scale
     i, j = jnp.arange(n)[:, None], jnp.arange(n)[None, :]
     visible = causal_blocks(T, block, positions)
     scores = jnp.where(visible, scores, _NEG)
@@ -162,6 +181,110 @@ def block_topk(query, key, *, keep: int, block: int = 128, scale: float | None =
     blocks = jnp.zeros((B, N, n, n), bool).at[
         jnp.arange(B)[:, None, None, None], jnp.arange(N)[None, :, None, None], i[None, None], top].set(True)
     return (blocks | (i == j) | (j == 0)) & visible
+
+
+def _visible_entries(kj, qi, T: int, block: int, positions):
+    """Whether key block ``kj`` (Bk, Nk, rows, L) holds a logit causally visible to query block
+    ``qi`` (rows, 1) (``causal_blocks``' rule, elementwise: no (n, n) array); with positions
+    (B, T) the result has their batch."""
+    if positions is None:
+        return kj <= qi
+    lo, hi = _block_extents(positions, block, T)  # (B, n) each
+    B = lo.shape[0]
+    kj = jnp.broadcast_to(kj, (B,) + kj.shape[1:])
+    earliest_key = lo[jnp.arange(B)[:, None, None, None], jnp.clip(kj, 0, lo.shape[1] - 1)]
+    return earliest_key <= hi[:, qi[:, 0]][:, None, :, None]
+
+
+def _counted_first(indices, used):
+    """(indices with the ``used`` entries first, in their order; how many per row, int32): the
+    counted prefix ``BlockMask.from_indices`` reads."""
+    order = jnp.argsort(~used, axis=-1, stable=True)
+    return (jnp.take_along_axis(indices, order, axis=-1).astype(jnp.int32),
+            jnp.sum(used, axis=-1, dtype=jnp.int32))
+
+
+@functools.partial(jax.jit, static_argnames=("keep", "block", "scale", "chunk"))
+def block_topk_indices(query, key, *, keep: int, block: int = 128, scale: float | None = None, positions=None,
+                       chunk: int = 256):
+    """``block_topk``'s blocks as index lists for ``BlockMask.from_indices``: (indices (B, N, n, k)
+    int32, counts (B, N, n) int32), k = min(keep, n) + 2 (the top key blocks, then the diagonal
+    block and the first block; repeats are harmless). Each row's counted entries are its visible
+    ones, so the lists list exactly ``block_topk``'s map. The pooled scores are computed ``chunk``
+    query blocks at a time (``lax.map``: (B, N, chunk, n) scores each), so memory is linear in n
+    for a fixed chunk: a 1M-token map never holds (n, n) scores."""
+    B, T, N, D = query.shape
+    n = _blocks_of(T, block)
+    keep = min(_checks.integer(keep, "keep", minimum=1), n)
+    chunk = min(_checks.integer(chunk, "chunk", minimum=1), n)
+    scale = D ** -0.5 if scale is None else scale
+    if positions is not None:
+        positions = jnp.asarray(positions, jnp.int32)
+        if positions.ndim != 2 or positions.shape[1] != T:
+            raise ArgumentError(f"positions must be (B, {T}), got shape {tuple(positions.shape)}")
+    pq, pk = _pooled_pair(query, key, block)
+    chunks = -(-n // chunk)
+    pq = jnp.pad(pq, ((0, 0), (0, 0), (0, chunks * chunk - n), (0, 0)))
+    pq = jnp.moveaxis(pq.reshape(B, N, chunks, chunk, D), 2, 0)  # (chunks, B, N, chunk, D)
+    kj = jnp.arange(n)[None, :]
+
+    def top_of(args):
+        first, q_chunk = args
+        qi = jnp.minimum(first + jnp.arange(chunk), n - 1)[:, None]  # padded rows: the last block's
+        scores = jnp.einsum("bnid,bnjd->bnij", q_chunk, pk) * scale
+        visible = _visible_entries(jnp.broadcast_to(kj, (chunk, n))[None, None], qi, T, block, positions)
+        return jax.lax.top_k(jnp.where(visible, scores, _NEG), keep)[1]  # (B, N, chunk, keep)
+
+    top = jax.lax.map(top_of, (jnp.arange(chunks) * chunk, pq))
+    top = jnp.moveaxis(top, 0, 2).reshape(B, N, chunks * chunk, keep)[:, :, :n]
+    qi = jnp.arange(n)[:, None]
+    fixed = jnp.broadcast_to(jnp.concatenate([qi, jnp.zeros_like(qi)], axis=1), (B, N, n, 2))
+    indices = jnp.concatenate([top, fixed], axis=-1)
+    used = jnp.broadcast_to(_visible_entries(indices, qi, T, block, positions), indices.shape)
+    return _counted_first(indices, used)
+
+
+def with_text_blocks(indices, counts, visual_mask, *, block: int = 128, max_text_blocks: int, positions=None):
+    """MMInference's 2D-boundary on index lists: every query block also lists the key blocks that
+    hold a text token (``visual_mask`` (B, T) False), as ``with_boundaries(..., rows=False)`` does
+    on a dense map. ``indices`` (B or 1, N or 1, n, L), ``counts`` (B or 1, N or 1, n): lists for
+    ``BlockMask.from_indices``. Returns (indices (B, N or 1, n, L + max_text_blocks), counts), each
+    row's counted entries its own and the causally visible text blocks (``causal_blocks``' rule,
+    by ``positions`` (B, T) when given). ``max_text_blocks``: static, at least the number of text
+    key blocks of any example (checked when concrete). The Q-boundary (text query rows see every
+    earlier block) is not offered here: it would make those rows' lists n wide."""
+    visual_mask = jnp.asarray(visual_mask)
+    if visual_mask.ndim != 2 or visual_mask.dtype != jnp.bool_:
+        raise ArgumentError(f"visual_mask must be a boolean (B, T) array, got {visual_mask.dtype} {visual_mask.shape}")
+    B, T = visual_mask.shape
+    n = _blocks_of(T, block)
+    m = _checks.integer(max_text_blocks, "max_text_blocks", minimum=0)
+    indices, counts = jnp.asarray(indices), jnp.asarray(counts)
+    if indices.ndim != 4 or indices.shape[2] != n or indices.shape[0] not in (1, B):
+        raise ArgumentError(f"indices must be (B or 1, N or 1, {n}, L) for T={T} and block={block}, got shape "
+                            f"{tuple(indices.shape)}")
+    if tuple(counts.shape) != tuple(indices.shape[:3]):
+        raise ArgumentError(f"counts must be {tuple(indices.shape[:3])} (indices without its last axis), got "
+                            f"{tuple(counts.shape)}")
+    text = jnp.pad(~visual_mask, ((0, 0), (0, n * block - T))).reshape(B, n, block).any(-1)  # (B, n)
+    try:
+        most = int(np.asarray(text.sum(1)).max())
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+        most = None  # under jit: the caller vouches (text blocks past max_text_blocks are then left out)
+    if most is not None and most > m:
+        raise ArgumentError(f"max_text_blocks must be at least the text key blocks of an example, {most}, got {m}")
+    if positions is not None:
+        positions = jnp.asarray(positions, jnp.int32)
+        if positions.shape != (B, T):
+            raise ArgumentError(f"positions must be ({B}, {T}), got shape {tuple(positions.shape)}")
+    text_ids = jax.vmap(lambda t: jnp.nonzero(t, size=m, fill_value=n)[0])(text).astype(jnp.int32)  # (B, m)
+    nm, L = indices.shape[1], indices.shape[-1]
+    extra = jnp.broadcast_to(text_ids[:, None, None, :], (B, nm, n, m))
+    indices = jnp.concatenate([jnp.broadcast_to(indices, (B, nm, n, L)).astype(jnp.int32), extra], axis=-1)
+    qi = jnp.arange(n)[:, None]
+    own = jnp.arange(L) < jnp.broadcast_to(counts, (B, nm, n))[..., None]
+    seen = (extra < n) & _visible_entries(extra, qi, T, block, positions)
+    return _counted_first(indices, jnp.concatenate([own, jnp.broadcast_to(seen, extra.shape)], axis=-1))
 
 
 def with_boundaries(blocks, visual_mask, *, block: int = 128, rows: bool = True, columns: bool = True,
@@ -247,5 +370,5 @@ def recall(query, key, value, block_mask: BlockMask, *, implementation=None, per
     return jnp.where(jnp.isneginf(dense), 1.0, jnp.exp(sparse - dense))
 
 
-__all__ = ["a_shape", "block_topk", "causal_blocks", "permuted_attention", "recall", "vertical_slash", "video_permutation",
-           "with_boundaries"]
+__all__ = ["a_shape", "block_topk", "block_topk_indices", "causal_blocks", "permuted_attention", "recall",
+           "vertical_slash", "video_permutation", "with_boundaries", "with_text_blocks"]

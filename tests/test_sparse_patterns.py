@@ -176,3 +176,85 @@ def test_patterns_in_a_permuted_order_keep_earlier_keys_right_of_the_diagonal(rn
     boundaries = np.asarray(sp.with_boundaries(np.zeros((1, 1, n, n), bool), visual[:, perm[0]], block=block,
                                                positions=perm))[0, 0]
     assert boundaries[-1].sum() == visible[-1].sum(), "the text rows see every visible block"
+
+
+# ------------------------------------------------------------------------------------------------
+# Index-list routes: the same blocks as the dense maps, as lists for BlockMask.from_indices.
+
+
+@pytest.mark.parametrize("by_positions", [False, True], ids=["index-order", "positions"])
+@pytest.mark.parametrize("chunk", [1, 3, 64])
+def test_block_topk_indices_list_block_topks_map(rng, chunk, by_positions):
+    """Ragged T (7 blocks of 32, the last 14 rows), GQA, a chunk that does not divide the blocks:
+    the lists, read by from_indices, give exactly block_topk's map; counted entries come first."""
+    T, block, keep = 206, 32, 3
+    (q, k, _), _ = _qk(rng, T=T)
+    perm = np.stack([rng.permutation(T)]).astype(np.int32) if by_positions else None
+    if by_positions:
+        q, k = (jnp.take_along_axis(x, jnp.asarray(perm)[:, :, None, None], axis=1) for x in (q, k))
+    want = np.asarray(sp.block_topk(q, k, keep=keep, block=block, positions=perm))
+    indices, counts = sp.block_topk_indices(q, k, keep=keep, block=block, positions=perm, chunk=chunk)
+    n = -(-T // block)
+    assert indices.shape == (1, 4, n, keep + 2) and counts.shape == (1, 4, n) and indices.dtype == jnp.int32
+    mask = BlockMask.from_indices(indices, counts, block, seq_lens=(T, T))
+    np.testing.assert_array_equal(np.asarray(mask.blocks), want)
+
+
+def test_with_text_blocks_on_lists_is_the_2d_boundary(rng):
+    """Text key blocks added to top-k lists give with_boundaries(rows=False) of the dense map, per
+    example (two examples, text in different blocks); too small a max_text_blocks is refused."""
+    T, block = 200, 32
+    (q, k, _), _ = _qk(rng, T=T, B=2)
+    visual = np.ones((2, T), bool)
+    visual[0, 40:45] = False  # block 1
+    visual[0, 190:] = False  # blocks 5 and 6 (the ragged last one)
+    visual[1, 100:130] = False  # blocks 3 and 4
+    dense = sp.with_boundaries(sp.block_topk(q, k, keep=1, block=block), visual, block=block, rows=False)
+    indices, counts = sp.block_topk_indices(q, k, keep=1, block=block, chunk=2)
+    lists = sp.with_text_blocks(indices, counts, visual, block=block, max_text_blocks=3)
+    assert lists[0].shape == (2, 4, 7, 3 + 3)
+    mask = BlockMask.from_indices(*lists, block, seq_lens=(T, T))
+    np.testing.assert_array_equal(np.asarray(mask.blocks), np.asarray(dense))
+    with pytest.raises(ArgumentError, match="max_text_blocks must be at least .* 3, got 2"):
+        sp.with_text_blocks(indices, counts, visual, block=block, max_text_blocks=2)
+    # In a permuted order, causal by the positions (the visual mask in that order too).
+    perm = np.stack([rng.permutation(T) for _ in range(2)]).astype(np.int32)
+    q, k = (jnp.take_along_axis(x, jnp.asarray(perm)[:, :, None, None], axis=1) for x in (q, k))
+    visual = np.take_along_axis(visual, perm, axis=1)
+    dense = sp.with_boundaries(sp.block_topk(q, k, keep=1, block=block, positions=perm), visual, block=block,
+                               rows=False, positions=perm)
+    indices, counts = sp.block_topk_indices(q, k, keep=1, block=block, chunk=4, positions=perm)
+    lists = sp.with_text_blocks(indices, counts, visual, block=block, max_text_blocks=7, positions=perm)
+    mask = BlockMask.from_indices(*lists, block, seq_lens=(T, T))
+    np.testing.assert_array_equal(np.asarray(mask.blocks), np.asarray(dense))
+
+
+def test_block_topk_indices_never_holds_the_block_scores():
+    """4096 query and key blocks in chunks of 64: no array of the estimation and the lists has both
+    a query-block and a key-block axis (the jaxpr's shapes, inside lax.map's body too)."""
+    import jax
+
+    T, block, n = 4096 * 16, 16, 4096
+    q = jax.ShapeDtypeStruct((1, T, 2, 16), jnp.float32)
+    k = jax.ShapeDtypeStruct((1, T, 1, 16), jnp.float32)
+    visual = jax.ShapeDtypeStruct((1, T), jnp.bool_)
+
+    def lists(q, k, visual):
+        indices, counts = sp.block_topk_indices(q, k, keep=4, block=block, chunk=64)
+        return sp.with_text_blocks(indices, counts, visual, block=block, max_text_blocks=2)
+
+    def shapes(jaxpr):
+        for eqn in jaxpr.eqns:
+            yield from (tuple(getattr(v.aval, "shape", ())) for v in eqn.outvars)
+            for param in eqn.params.values():
+                for sub in param if isinstance(param, (tuple, list)) else (param,):
+                    inner = getattr(sub, "jaxpr", sub)
+                    if hasattr(inner, "eqns"):  # a (closed) jaxpr: a jitted or mapped body
+                        yield from shapes(inner)
+
+    seen = list(shapes(jax.make_jaxpr(lists)(q, k, visual).jaxpr))
+    assert (1, 2, 64, n) in seen, "the chunk's scores are there"
+    for shape in seen:
+        assert sum(d >= n for d in shape) < 2, shape
+    out = jax.eval_shape(lists, q, k, visual)
+    assert out[0].shape == (1, 2, n, 4 + 2 + 2) and out[1].shape == (1, 2, n)
