@@ -123,7 +123,6 @@ def _classes(kj, block_size, seq_lens, causal: bool, positions):
         at = jnp.minimum(kj, nk - 1)
         some = k_lo[b, at] <= q_hi[:, None, :, None]  # (B, Nm, nq, W)
         every = k_hi[b, at] <= q_lo[:, None, :, None]
-        kj, listed, whole = (jnp.broadcast_to(x, (batch,) + x.shape[1:]) for x in (kj, listed, whole))
     elif causal:  # top-left: query i sees keys j <= i
         some = kj * bk <= jnp.minimum((qi + 1) * bq, T) - 1  # the block's first key vs its last query
         every = (kj + 1) * bk - 1 <= qi * bq  # its last key vs its first query
