@@ -18,12 +18,16 @@ class KernelConfig:
 
     block_q / block_k: query rows and key rows per tile (powers of two, at least 16).
     num_warps / num_stages: Triton's warps per program and software-pipelining depth.
+    split_head: (the forward kernel) a head dimension that is not a power of two is computed in
+      two power-of-two column chunks when it rounds up to their sum (72 and 80 as 64 + 16, 96 as
+      64 + 32) instead of padded (to 128): ``kernels.common.head_chunks``.
     """
 
     block_q: int
     block_k: int
     num_warps: int
     num_stages: int
+    split_head: bool = False
 
     def halved(self) -> "KernelConfig":
         return dataclasses.replace(self, block_q=max(16, self.block_q // 2), block_k=max(16, self.block_k // 2))
@@ -100,8 +104,9 @@ ROWS_IN_PLACE_MAX = 8192
 TABLE: dict[tuple[str, int], AttentionConfig] = {
     ("sm90", 32): AttentionConfig(K(64, 128, 4, 2), K(128, 64, 4, 3), K(128, 64, 4, 2)),
     ("sm90", 64): AttentionConfig(K(64, 128, 4, 2), K(128, 64, 4, 3), K(128, 64, 4, 2)),
-    ("sm90", 128): AttentionConfig(K(128, 128, 8, 3), K(128, 64, 8, 3), K(64, 64, 4, 2), scorer=K(128, 64, 4, 2),
-                                   forward_small=K(64, 64, 4, 3), forward_rows=K(128, 64, 4, 3)),
+    ("sm90", 128): AttentionConfig(K(128, 128, 8, 3, split_head=True), K(128, 64, 8, 3), K(64, 64, 4, 2),
+                                   scorer=K(128, 64, 4, 2), forward_small=K(64, 64, 4, 3, split_head=True),
+                                   forward_rows=K(128, 64, 4, 3, split_head=True)),
     ("sm90", 256): AttentionConfig(K(64, 64, 4, 2), K(64, 32, 4, 2), K(32, 64, 4, 2)),
     ("sm80", 32): AttentionConfig(K(128, 64, 4, 3), K(128, 32, 4, 2), K(32, 128, 4, 2)),
     ("sm80", 64): AttentionConfig(K(128, 64, 4, 3), K(128, 32, 4, 2), K(32, 128, 4, 2)),
@@ -121,11 +126,16 @@ TABLE: dict[tuple[str, int], AttentionConfig] = {
     ("sm75-float32", 64): AttentionConfig(K(64, 64, 4, 1), K(64, 32, 4, 1), K(64, 32, 4, 1)),
     ("sm75-float32", 128): AttentionConfig(K(64, 32, 4, 1), K(16, 16, 4, 1), K(16, 16, 4, 1)),
     ("sm75-float32", 256): AttentionConfig(K(16, 16, 4, 1), K(16, 16, 2, 1), K(16, 16, 2, 1)),
-    # (The interpreter's rows read the pipeline's kept rows in place, so the CPU suite runs that path.)
-    ("any", 32): AttentionConfig(K(64, 64, 4, 2), K(64, 64, 4, 2), K(64, 64, 4, 2), forward_rows=K(64, 64, 4, 2)),
-    ("any", 64): AttentionConfig(K(64, 64, 4, 2), K(64, 64, 4, 2), K(64, 64, 4, 2), forward_rows=K(64, 64, 4, 2)),
-    ("any", 128): AttentionConfig(K(64, 64, 4, 2), K(64, 64, 4, 2), K(64, 64, 4, 2), forward_rows=K(64, 64, 4, 2)),
-    ("any", 256): AttentionConfig(K(32, 32, 4, 2), K(32, 32, 4, 2), K(32, 32, 4, 2), forward_rows=K(32, 32, 4, 2)),
+    # (The interpreter's rows read the pipeline's kept rows in place and split head dims, so the CPU
+    # suite runs those paths.)
+    ("any", 32): AttentionConfig(K(64, 64, 4, 2, True), K(64, 64, 4, 2), K(64, 64, 4, 2),
+                                 forward_rows=K(64, 64, 4, 2, True)),
+    ("any", 64): AttentionConfig(K(64, 64, 4, 2, True), K(64, 64, 4, 2), K(64, 64, 4, 2),
+                                 forward_rows=K(64, 64, 4, 2, True)),
+    ("any", 128): AttentionConfig(K(64, 64, 4, 2, True), K(64, 64, 4, 2), K(64, 64, 4, 2),
+                                  forward_rows=K(64, 64, 4, 2, True)),
+    ("any", 256): AttentionConfig(K(32, 32, 4, 2, True), K(32, 32, 4, 2), K(32, 32, 4, 2),
+                                  forward_rows=K(32, 32, 4, 2, True)),
 }
 
 

@@ -26,6 +26,7 @@ import dataclasses
 import functools
 import math
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
@@ -74,6 +75,41 @@ class Problem:
 def padded_head_dim(head_dim: int) -> int:
     """The head dimension the kernels compute with: a power of two, at least 16 (masked loads)."""
     return max(16, pl.next_power_of_2(head_dim))
+
+
+@dataclasses.dataclass(frozen=True)
+class Columns:
+    """A chunk of the head dimension a kernel computes in: ``width`` columns (a power of two)
+    from ``start``; columns at or past the head dimension are masked (read as 0, not stored)."""
+
+    start: int
+    width: int
+    head_dim: int
+
+    @property
+    def index(self):
+        """The chunk's columns as a load/store indexer (the whole padded row for a single chunk)."""
+        return slice(None) if self.start == 0 and self.width >= self.head_dim else pl.ds(self.start, self.width)
+
+    @property
+    def mask(self):
+        """(1, width) bool of the columns inside the head dimension, or None when all are."""
+        if self.start + self.width <= self.head_dim:
+            return None
+        return (self.start + jnp.arange(self.width) < self.head_dim)[None, :]
+
+
+def head_chunks(head_dim: int, split: bool) -> tuple[Columns, ...]:
+    """The column chunks of the head dimension: the padded power of two as one chunk, or with
+    ``split``, when the head dimension rounded up to 16 is the sum of two powers of two, those two
+    (72 and 80 as 64 + 16, 96 as 64 + 32): the dots then cost 80 columns rather than 128."""
+    hp = padded_head_dim(head_dim)
+    need = -(-head_dim // 16) * 16
+    big = hp // 2
+    rest = need - big
+    if split and need < hp and rest >= 16 and rest & (rest - 1) == 0:
+        return Columns(0, big, head_dim), Columns(big, rest, head_dim)
+    return (Columns(0, hp, head_dim),)
 
 
 def block_size(n: int, block: int) -> int:
@@ -162,17 +198,19 @@ def _view(ref):
     return ref if ref is None or isinstance(ref, HeadView) else HeadView(ref)
 
 
-def load(ref, rows, row_mask, col_mask):
-    """Masked tile load: rows out of range and padded head columns read as 0."""
+def load(ref, rows, row_mask, col_mask, columns=slice(None)):
+    """Masked tile load: rows out of range and padded head columns read as 0 (``columns``: the
+    column indexer, by default the whole padded row; ``col_mask`` then covers those columns)."""
     mask = combine(None if row_mask is None else row_mask[:, None], col_mask)
-    return _view(ref).load(rows, slice(None), mask=mask, other=0)
+    return _view(ref).load(rows, columns, mask=mask, other=0)
 
 
-def load_rows(ref, rows, row_mask, col_mask, width: int):
-    """Masked load of the tile at arbitrary rows (an int vector) of a (L, width) ref. Both axes
-    take array indexers: the CPU interpreter's loads take arrays or slices, not a mix."""
+def load_rows(ref, rows, row_mask, col_mask, width: int, start: int = 0):
+    """Masked load of the tile at arbitrary rows (an int vector) of a (L, width) ref, columns
+    [start, start + width). Both axes take array indexers: the CPU interpreter's loads take arrays
+    or slices, not a mix."""
     mask = combine(None if row_mask is None else row_mask[:, None], col_mask)
-    return plgpu.load(ref.at[rows[:, None], jnp.arange(width)[None, :]], mask=mask,
+    return plgpu.load(ref.at[rows[:, None], start + jnp.arange(width)[None, :]], mask=mask,
                       other=None if mask is None else 0)
 
 
@@ -184,14 +222,15 @@ def dot(p: Problem, a, b, trans_b: bool = False, trans_a: bool = False):
 def online_softmax_step(p, carry, s, v):
     """One key block of the online softmax: the running (acc, m, l) of a query tile updated with
     the block's base-2 logits ``s`` (rows, keys) and values ``v``. A row that has seen only masked
-    logits keeps m = -inf; it shifts by 0 there so that exp2(-inf - shift) is 0 rather than NaN."""
+    logits keeps m = -inf; it shifts by 0 there so that exp2(-inf - shift) is 0 rather than NaN.
+    ``acc`` and ``v`` may be tuples of column chunks (``head_chunks``), one accumulator each."""
     acc, m, l = carry
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
     shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
     alpha = jnp.exp2(m - shift)
     probs = jnp.exp2(s - shift[:, None])
     l = l * alpha + jnp.sum(probs, axis=1)
-    acc = acc * alpha[:, None] + dot(p, probs.astype(v.dtype), v)
+    acc = jax.tree.map(lambda a, vc: a * alpha[:, None] + dot(p, probs.astype(vc.dtype), vc), acc, v)
     return acc, m_new, l
 
 

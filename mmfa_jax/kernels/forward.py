@@ -19,9 +19,9 @@ from mmfa_jax.kernels.common import (
     Side,
     batch_spec,
     block_size,
-    column_mask,
     common_in_specs,
     dot,
+    head_chunks,
     heads_inside_tiles,
     load,
     load_rows,
@@ -49,13 +49,19 @@ from mmfa_jax.tuning import KernelConfig
 
 def _forward_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, qseg_ref, kvseg_ref, qlen_ref, kvlen_ref,
                     mask_ranges_ref, q_source_ref, kv_source_ref, o_ref, lse_ref, *, p: Problem, block_q: int,
-                    block_k: int, tile_axis: int):
+                    block_k: int, tile_axis: int, split_head: bool):
     t = query_tile(p, tile_axis)
     q_start = t * block_q
     q_pos = q_start + jnp.arange(block_q)
     q_rows = pl.ds(q_start, block_q)
-    cols = column_mask(p)
-    hp = p.head_dim_padded
+    # Q, K, V and the accumulator are tuples of column chunks (one chunk: the padded head dim).
+    chunks = head_chunks(p.head_dim, split_head)
+
+    def tile(ref, rows, row_mask):
+        return tuple(load(ref, rows, row_mask, c.mask, c.index) for c in chunks)
+
+    def tile_rows(ref, rows, row_mask):
+        return tuple(load_rows(ref, rows, row_mask, c.mask, c.width, c.start) for c in chunks)
 
     kv_valid = jnp.minimum(scalar(kvlen_ref, p.kv_len), p.kv_len)
     q_valid = jnp.minimum(scalar(qlen_ref, p.q_len), p.q_len)
@@ -65,9 +71,9 @@ def _forward_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, qseg_ref, kvseg_ref
     # Query rows read in place (``q_source``): once per program, before the key loop, so the
     # indirect load costs nothing in the loop's pipelining.
     if q_source_ref is None:
-        q = load(q_ref, q_rows, in_q, cols)
+        q = tile(q_ref, q_rows, in_q)
     else:
-        q = load_rows(q_ref, plgpu.load(q_source_ref.at[q_rows], mask=in_q, other=0), in_q, cols, hp)
+        q = tile_rows(q_ref, plgpu.load(q_source_ref.at[q_rows], mask=in_q, other=0), in_q)
     num_k_blocks = pl.cdiv(p.kv_len, block_k)
     ranges = kv_block_range(p.band, q_start, block_q, block_k, kv_valid, num_k_blocks)
     if mask_ranges_ref is not None:  # a dense mask: visit only its live blocks, unmasked where it is all True
@@ -87,18 +93,19 @@ def _forward_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, qseg_ref, kvseg_ref
         # are skipped, and the one that holds it takes this masked path, so this costs nothing.
         v_ok = k_pos < kv_valid if masked else None
         if kv_source_ref is None:
-            k = load(k_ref, k_rows, row_ok, cols)
-            v = load(v_ref, k_rows, v_ok, cols)
+            k = tile(k_ref, k_rows, row_ok)
+            v = tile(v_ref, k_rows, v_ok)
         else:
             src = plgpu.load(kv_source_ref.at[k_rows], mask=row_ok, other=None if row_ok is None else 0)
-            k = load_rows(k_ref, src, row_ok, cols, hp)
-            v = load_rows(v_ref, src, v_ok, cols, hp)
-        s, _ = logits(p, dot(p, q, k, trans_b=True), side.pair_tile(bias_ref, q_rows, k_rows, q_pos, k_pos, 0))
+            k = tile_rows(k_ref, src, row_ok)
+            v = tile_rows(v_ref, src, v_ok)
+        qk = sum(dot(p, qc, kc, trans_b=True) for qc, kc in zip(q, k))
+        s, _ = logits(p, qk, side.pair_tile(bias_ref, q_rows, k_rows, q_pos, k_pos, 0))
         if masked:
             s = jnp.where(side.visible(q_rows, k_rows, q_pos, k_pos), s, -jnp.inf)
         return online_softmax_step(p, (acc, m, l), s, v)
 
-    init = (jnp.zeros((block_q, hp), jnp.float32),
+    init = (tuple(jnp.zeros((block_q, c.width), jnp.float32) for c in chunks),
             jnp.full((block_q,), -jnp.inf, jnp.float32),
             jnp.zeros((block_q,), jnp.float32))
     acc, m, l = three_ranges(body, ranges, init, any_full=any_full)
@@ -106,11 +113,11 @@ def _forward_kernel(q_ref, k_ref, v_ref, bias_ref, mask_ref, qseg_ref, kvseg_ref
     # Rows with something to attend to. l is exactly 0 where every logit was masked; a NaN in the
     # inputs makes l NaN, and such a row must give NaN (as jax.nn and torch SDPA do), not zeros.
     live = (l != 0) & (q_pos < q_valid)
-    out = acc / jnp.where(live, l, 1.0)[:, None]
-    out = jnp.where(live[:, None], out, 0.0)
     lse = jnp.where(live, (m + jnp.log2(jnp.where(live, l, 1.0))) * LN2, -jnp.inf)
     store_rows = q_pos < p.q_len
-    plgpu.store(o_ref.at[q_rows, :], out.astype(o_ref.dtype), mask=combine(store_rows[:, None], cols))
+    for c, a in zip(chunks, acc):
+        out = jnp.where(live[:, None], a / jnp.where(live, l, 1.0)[:, None], 0.0)
+        plgpu.store(o_ref.at[q_rows, c.index], out.astype(o_ref.dtype), mask=combine(store_rows[:, None], c.mask))
     plgpu.store(lse_ref.at[q_rows], lse, mask=store_rows)
 
 
@@ -158,7 +165,8 @@ def forward(p: Problem, cfg: KernelConfig, q, k, v, bias, dense_mask, q_seg, kv_
     grid, tile_axis, specs = tile_grid(num_tiles, p.q_heads, p.batch, heads_inside_tiles(p, num_tiles),
                                         in_specs + out_specs)
     in_specs, out_specs = specs[:len(in_specs)], specs[len(in_specs):]
-    kernel = functools.partial(_forward_kernel, p=p, block_q=block_q, block_k=block_k, tile_axis=tile_axis)
+    kernel = functools.partial(_forward_kernel, p=p, block_q=block_q, block_k=block_k, tile_axis=tile_axis,
+                               split_head=cfg.split_head)
     return pl.pallas_call(
         kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
         **lowering.pallas_args(cfg), name=plans.FORWARD.name,
