@@ -512,3 +512,47 @@ def test_mask_ranges_against_numpy(shape, rng):
         best = max(runs, key=lambda r: (r[1] - r[0], -r[0]), default=(0, 0))
         want = (live[0], *best, live[-1] + 1) if live else (nk, *best, 0)
         assert tuple(got[b, n, t]) == want, (b, n, t)
+
+
+def test_head_chunks_cover_the_head_dim_with_powers_of_two():
+    """Split head dims: two power-of-two chunks whose sum is the head dim rounded up to 16, when
+    that beats the padded power of two; otherwise the padded power of two as one chunk."""
+    from mmfa_jax.kernels.common import head_chunks, padded_head_dim
+
+    for d in range(1, 257):
+        chunks = head_chunks(d, split=True)
+        widths = [c.width for c in chunks]
+        assert all(w >= 16 and w & (w - 1) == 0 for w in widths), (d, widths)
+        assert [c.start for c in chunks] == [sum(widths[:i]) for i in range(len(widths))]
+        assert sum(widths) >= d
+        if len(chunks) == 2:
+            assert sum(widths) == -(-d // 16) * 16 < padded_head_dim(d), (d, widths)
+        assert [(c.start, c.width) for c in head_chunks(d, split=False)] == [(0, padded_head_dim(d))]
+    assert [c.width for c in head_chunks(72, True)] == [64, 16]
+    assert [c.width for c in head_chunks(96, True)] == [64, 32]
+
+
+@pytest.mark.parametrize("head_dim", [72, 80])
+def test_split_head_forward_compiles_for_hopper_in_less_shared_memory(tmp_path, monkeypatch, head_dim):
+    """The forward kernel at the vision towers' head dims, split into 64 + 16 columns, lowers and
+    compiles to an sm_90 cubin (official Triton, no GPU), in less shared memory than padded to 128."""
+    pytest.importorskip("triton")
+    import importlib
+    import os
+    import sys
+
+    from mmfa_jax import triton_route
+
+    monkeypatch.setenv("MMFA_CACHE_DIR", str(tmp_path))
+    sys.path.insert(0, os.path.dirname(__file__))
+    builders = importlib.import_module("turing_kernels")
+    row = tuning.config_for(128, jnp.bfloat16, "sm90")
+    shared = {}
+    for split in (False, True):
+        triton_route.clear_memory_cache()
+        cfg = row.map(lambda c: dataclasses.replace(c, split_head=split))
+        fn, args = builders.build("forward", head_dim, jnp.bfloat16, cfg, implementation="triton")
+        (kernel, *_), = triton_route.lower_for(fn, *args, device_kind="NVIDIA H100")
+        assert kernel.cc == 90 and len(kernel.cubin) > 0
+        shared[split] = kernel.shared
+    assert shared[True] < shared[False] <= triton_route.SHARED_MEMORY_PER_BLOCK[90], shared
