@@ -147,11 +147,49 @@ def _prefill_map(q, k, visual, frames, tokens_per_frame, keep, block):
     return perm, blocks
 
 
-def _sparse_prefill(frames, tokens_per_frame, keep, block, impl):
-    """The whole sparse prefill as one jitted function of (q, k, v, visual)."""
+def _prefill_lists(q, k, visual, frames, tokens_per_frame, keep, block, text):
+    """(perm, (indices, counts)): ``_prefill_map``'s blocks as index lists (memory linear in the
+    blocks), without the Q-boundary rows, which ``_sparse_prefill`` computes densely."""
+    perm = sp.video_permutation(visual, frames, tokens_per_frame)
+    take = lambda x: jnp.take_along_axis(x, perm[:, :, None, None], axis=1)  # noqa: E731
+    lists = sp.block_topk_indices(take(q), take(k), keep=keep, block=block, positions=perm)
+    indices, counts = sp.with_text_blocks(*lists, jnp.take_along_axis(visual, perm, axis=1), block=block,
+                                          max_text_blocks=-(-text // block) + 1, positions=perm)
+    # The query blocks from the first text row on are computed densely (``_sparse_prefill``): no lists.
+    counts = jnp.where(jnp.arange(counts.shape[-1]) >= _dense_from(q.shape[1], text, block) // block, 0, counts)
+    return perm, (indices, counts)
+
+
+def _dense_from(T: int, text: int, block: int) -> int:
+    """The first row of the index route's dense rows: the block holding the first text row."""
+    return (T - text) // block * block
+
+
+def _sparse_prefill(frames, tokens_per_frame, keep, block, impl, lists: str, text: int):
+    """The whole sparse prefill as one jitted function of (q, k, v, visual) -> ((out, lse),
+    computed blocks). ``lists="dense"``: the map as a dense (n, n) block map with both modality
+    boundaries; ``"indices"``: index lists (``block_topk_indices``, ``with_text_blocks``), and the
+    rows from the query block of the first text row on (the Q-boundary: text rows, the last
+    ``text``, see every earlier key) by dense attention."""
     def run(q, k, v, visual):
-        perm, blocks = _prefill_map(q, k, visual, frames, tokens_per_frame, keep, block)
-        return sp.permuted_attention(q, k, v, perm, blocks, block=block, implementation=impl, return_lse=True), blocks
+        T = q.shape[1]
+        if lists == "dense":
+            perm, blocks = _prefill_map(q, k, visual, frames, tokens_per_frame, keep, block)
+            computed = jnp.sum(blocks)
+        else:
+            perm, blocks = _prefill_lists(q, k, visual, frames, tokens_per_frame, keep, block, text)
+            # The dense rows' blocks (every earlier one): what the dense map's Q-boundary rows hold.
+            first = _dense_from(T, text, block) // block
+            computed = mmfa_jax.BlockMask.from_indices(*blocks, block, seq_lens=(T, T),
+                                                       positions=(perm, perm)).computed_blocks(True)
+            computed = computed + q.shape[2] * sum(i + 1 for i in range(first, -(-T // block)))
+        out, lse = sp.permuted_attention(q, k, v, perm, blocks, block=block, implementation=impl, return_lse=True)
+        if lists != "dense":
+            rows = slice(_dense_from(T, text, block), T)
+            text_out, text_lse = mmfa_jax.attention(q[:, rows], k, v, is_causal=True, causal_alignment="bottom_right",
+                                                    implementation=impl, return_lse=True)
+            out, lse = out.at[:, rows].set(text_out), lse.at[:, rows].set(text_lse)
+        return (out, lse), computed
 
     return jax.jit(run)
 
@@ -176,10 +214,10 @@ def prefill(args):
         causal_blocks = n * (n + 1) // 2
 
         def measure(keep):
-            run = _sparse_prefill(frames, args.tokens_per_frame, keep, args.block, impl)
-            (out, lse), blocks = jax.block_until_ready(run(q, k, v, visual))
+            run = _sparse_prefill(frames, args.tokens_per_frame, keep, args.block, impl, args.lists, args.text)
+            (out, lse), computed = jax.block_until_ready(run(q, k, v, visual))
             r = np.asarray(jnp.where(jnp.isneginf(dense_lse), 1.0, jnp.exp(lse - dense_lse)))
-            density = float(np.asarray(blocks).sum()) / (blocks.shape[1] * causal_blocks)
+            density = float(computed) / (args.heads * causal_blocks)
             return run, float(r.mean()), float(r.mean(axis=1).min()), density
 
         if keep is None:  # the budget: the smallest candidate that reaches the recall target, at the first length
@@ -316,6 +354,8 @@ def main(argv=None):
     pp.add_argument("--block", type=int, default=128)
     pp.add_argument("--keep", type=ints, default=[4, 8, 16, 32, 64], help="candidate key blocks per query block")
     pp.add_argument("--recall", type=float, default=0.95, help="the recall the budget must reach (worst head)")
+    pp.add_argument("--lists", choices=["indices", "dense"], default="indices",
+                    help="the map as index lists, memory linear in the blocks (default), or as a dense block map")
     pp.add_argument("--vs", type=ints, default=[1000, 6096], help="vertical-slash budget (MInference's default)")
     pp.add_argument("--vs-max", type=int, default=262144, help="longest length for the vertical-slash reference")
     pp.add_argument("--flex-lengths", type=ints, default=[], help="lengths (exact) to time FlexAttention at")

@@ -338,12 +338,17 @@ def permuted_attention(query, key, value, perm, blocks, *, block: int = 128, imp
                        return_lse: bool = False):
     """Causal block-sparse self-attention computed in the order ``perm`` (B, T) (rows
     ``x[b, perm[b]]``), with the original order's causality, the output back in the original
-    order. ``blocks``: the map in the permuted order (B or 1, N or 1, n, n). Shapes as
-    ``block_sparse_attention`` (query (B, T, N, D), key/value (B, T, K, D))."""
+    order. ``blocks``: the map in the permuted order, a bool (B or 1, N or 1, n, n) map or index
+    lists ``(indices, counts)`` as ``BlockMask.from_indices`` takes them (``block_topk_indices``,
+    ``with_text_blocks``: memory linear in n). Shapes as ``block_sparse_attention`` (query
+    (B, T, N, D), key/value (B, T, K, D))."""
     perm = jnp.asarray(perm, jnp.int32)
     take = lambda x: jnp.take_along_axis(x, perm[:, :, None, None], axis=1)  # noqa: E731
     T = query.shape[1]
-    mask = BlockMask.from_dense(blocks, block, seq_lens=(T, T), positions=(perm, perm))
+    if isinstance(blocks, (tuple, list)):
+        mask = BlockMask.from_indices(*blocks, block, seq_lens=(T, T), positions=(perm, perm))
+    else:
+        mask = BlockMask.from_dense(blocks, block, seq_lens=(T, T), positions=(perm, perm))
     out, lse = block_sparse_attention(take(query), take(key), take(value), mask, is_causal=True,
                                       implementation=implementation, return_lse=True)
     inverse = jnp.argsort(perm, axis=1)
