@@ -12,7 +12,9 @@ prints a table.
 Implementations (``--impls``): mmfa_jax, mmfa_torch, jax_xla, jax_cudnn, jax_pallas_ref,
 torch_flash, torch_cudnn, mmfa_jax_xla (mmfa's own xla fallback), mmfa_jax_triton and
 mmfa_torch_triton (the same kernels compiled by the official triton package: the Turing route),
-mmfa_torch_dlpack (the torch face through JAX and DLPack rather than its own launch).
+mmfa_torch_dlpack (the torch face through JAX and DLPack rather than its own launch),
+mmfa_jax_padded (the JAX face with head dims padded to a power of two: the forward's column
+chunks, ``KernelConfig.split_head``, turned off, to weigh them at the vision head dims 72 and 80).
 """
 
 from __future__ import annotations
@@ -156,6 +158,12 @@ def build(impl: str, case: Case, seed: int):
     causal, scale = case.causal, 1.0 / case.head_dim**0.5
     if impl == "mmfa_jax":
         return _jax_callable(case, lambda q, k, v: mmfa_jax.attention(q, k, v, is_causal=causal), seed)
+    if impl == "mmfa_jax_padded":
+        from mmfa_jax import backends, tuning
+
+        row = tuning.config_for(case.head_dim, case.dtype, backends.resolve(None).family)
+        padded = row.map(lambda c: dataclasses.replace(c, split_head=False))
+        return _jax_callable(case, lambda q, k, v: mmfa_jax.attention(q, k, v, is_causal=causal, config=padded), seed)
     if impl == "mmfa_jax_triton":
         return _jax_callable(case, lambda q, k, v: mmfa_jax.attention(q, k, v, is_causal=causal,
                                                                       implementation="triton"), seed)
