@@ -133,9 +133,10 @@ def to_numpy(x) -> np.ndarray:
     return np.asarray(x, dtype=np.float64)
 
 
-def assert_close(actual, expected, tol: float, what: str = "value"):
+def assert_close(actual, expected, tol: float, what: str = "value", floor: float = 1e-6):
     """Compare against a reference: same shape, no NaN, infinities exactly where the reference
-    has them (LSE of rows that see nothing), finite entries within ``tol * max|expected|``."""
+    has them (LSE of rows that see nothing), finite entries within ``tol * max(max|expected|,
+    floor)``."""
     a, e = to_numpy(actual), np.asarray(expected, dtype=np.float64)
     assert a.shape == e.shape, f"{what}: shape {a.shape} != reference shape {e.shape}"
     assert not np.isnan(a).any(), f"{what}: {np.isnan(a).sum()} NaN entries"
@@ -146,7 +147,7 @@ def assert_close(actual, expected, tol: float, what: str = "value"):
     fin = ~inf_e
     if not fin.any():
         return
-    scale = max(float(np.abs(e[fin]).max()), 1e-6)
+    scale = max(float(np.abs(e[fin]).max()), floor)
     err = np.abs(a[fin] - e[fin])
     worst = float(err.max()) / scale
     if worst > tol:

@@ -143,16 +143,20 @@ def _grads(model, extra=()):
     return {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None} | dict(extra)
 
 
-def _close(actual, expected, what, grad=False):
+def _close(actual, expected, what, grad=False, floor=1e-6):
     from conftest import assert_close, tolerance
 
-    assert_close(actual, expected.detach().double().numpy(), tolerance("float32", grad=grad), what)
+    assert_close(actual, expected.detach().double().numpy(), tolerance("float32", grad=grad), what, floor=floor)
 
 
 def _compare_grads(got, want):
     assert set(got) == set(want), sorted(set(got) ^ set(want))
+    # A gradient that cancels to far below the model's others (a scalar gate's sum over every
+    # position) is compared at 1e-3 of the largest: float32 sums in another order differ there by
+    # their terms' rounding, not by the result's size.
+    floor = 1e-3 * max(float(w.abs().max()) for w in want.values())
     for name in want:
-        _close(got[name], want[name], f"grad {name}", grad=True)
+        _close(got[name], want[name], f"grad {name}", grad=True, floor=floor)
 
 
 # ------------------------------------------------------------------------------------------------
