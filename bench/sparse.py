@@ -26,7 +26,9 @@ attention concentrates on the same place in nearby frames, a known ground truth.
 share of softmax mass, exact, from the kernels' LSEs) is at least ``--recall`` at the first
 length. MInference's vertical-slash at its default budget is reported alongside as a reference
 density (its recall too), and FlexAttention with the same block map (torch face) at the lengths
-in ``--flex-lengths``.
+in ``--flex-lengths``. The map is held as index lists (memory linear in the blocks; the text
+rows by dense attention), or as a dense block map with ``--lists dense``; ``--backward`` also
+times forward + backward of the sparse prefill and of dense attention.
 """
 
 from __future__ import annotations
@@ -245,6 +247,17 @@ def prefill(args):
               f"{dense_ms / ms:5.2f}x; density {density:.4f}, recall mean {mean_r:.4f} (worst head {min_r:.4f})",
               flush=True)
         rows.append(row)
+        if args.backward:  # forward + backward of the same prefill (the map's building has no gradient)
+            do = jax.random.normal(jax.random.PRNGKey(1), q.shape, q.dtype)
+            sparse_out = lambda q, k, v: run(q, k, v, visual)[0][0]  # noqa: E731
+            dense_out = lambda q, k, v: mmfa_jax.attention(q, k, v, is_causal=True, implementation=impl)  # noqa: E731
+            bwd_ms, dense_bwd_ms = (1e3 * _timed(f, (q, k, v, do), "fwd+bwd", args.min_time, args.repeats)
+                                    for f in (sparse_out, dense_out))
+            rows.append(dict(row, impl="mmfa_jax_sparse_prefill_fwd+bwd", ms=round(bwd_ms, 3),
+                             dense_ms=round(dense_bwd_ms, 3), speedup=round(dense_bwd_ms / bwd_ms, 2),
+                             peak_gib=_peak_gib()))
+            print(f"{T:>8} tokens: forward + backward: sparse {bwd_ms:9.2f} ms, dense {dense_bwd_ms:9.2f} ms, "
+                  f"{dense_bwd_ms / bwd_ms:5.2f}x", flush=True)
         if T <= args.vs_max:  # MInference's vertical-slash at its default budget: a reference density
             try:
                 blocks = sp.vertical_slash(q, k, vertical=args.vs[0], slash=args.vs[1], block=args.block)
@@ -354,6 +367,7 @@ def main(argv=None):
     pp.add_argument("--block", type=int, default=128)
     pp.add_argument("--keep", type=ints, default=[4, 8, 16, 32, 64], help="candidate key blocks per query block")
     pp.add_argument("--recall", type=float, default=0.95, help="the recall the budget must reach (worst head)")
+    pp.add_argument("--backward", action="store_true", help="also time forward + backward (sparse and dense)")
     pp.add_argument("--lists", choices=["indices", "dense"], default="indices",
                     help="the map as index lists, memory linear in the blocks (default), or as a dense block map")
     pp.add_argument("--vs", type=ints, default=[1000, 6096], help="vertical-slash budget (MInference's default)")
