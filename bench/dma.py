@@ -122,9 +122,12 @@ def _selection(keep, impl):
 
 def _sweep(args, dt, impl):
     """Times mmfa_dma per configuration (see the module's docstring); prints the best rows."""
+    from jax.experimental import pallas as pl
+
     from mmfa_jax.tuning import AttentionConfig, KernelConfig
 
-    group = args.heads // args.kv_heads
+    # A tile packs the GQA group's heads padded to a power of two (``tile_positions``).
+    group = pl.next_power_of_2(args.heads // args.kv_heads)
     rng = np.random.default_rng(0)
     for T, keep in itertools.product(args.lengths, args.keeps):
         q, k, v, zoh, do = _inputs(rng, T, args.heads, args.kv_heads, args.head_dim, dt)

@@ -157,8 +157,11 @@ def _prefill_lists(q, k, visual, frames, tokens_per_frame, keep, block, text):
     lists = sp.block_topk_indices(take(q), take(k), keep=keep, block=block, positions=perm)
     indices, counts = sp.with_text_blocks(*lists, jnp.take_along_axis(visual, perm, axis=1), block=block,
                                           max_text_blocks=-(-text // block) + 1, positions=perm)
-    # The query blocks from the first text row on are computed densely (``_sparse_prefill``): no lists.
-    counts = jnp.where(jnp.arange(counts.shape[-1]) >= _dense_from(q.shape[1], text, block) // block, 0, counts)
+    # The rows from ``_dense_from`` on (original order) are computed densely by ``_sparse_prefill``.
+    # The lists are in the permuted order, where only the text keeps its place: a block wholly of
+    # text needs no list; one that mixes in visual tokens keeps it (they come from elsewhere).
+    first_text = q.shape[1] - text
+    counts = jnp.where(jnp.arange(counts.shape[-1]) * block >= first_text, 0, counts)
     return perm, (indices, counts)
 
 

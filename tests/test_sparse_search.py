@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from conftest import assert_close, normal
 
+import mmfa_jax
 from mmfa_jax import sparse_search as ss
 from mmfa_jax._checks import ArgumentError, ArgumentTypeError
 
@@ -317,3 +318,18 @@ def test_errors(rng):
         ss.SparseConfig.from_json('{"format": "other"}')
     with pytest.raises(ArgumentError, match="source must be JSON text or the path of a JSON file"):
         ss.SparseConfig.from_json("/no/such/file.json")
+
+
+@pytest.mark.parametrize("lists", ["indices", "dense"])
+def test_bench_prefill_with_a_full_budget_is_dense_attention(lists):
+    """bench/sparse.py's whole sparse prefill (permuted order, index lists or a dense map, text rows
+    by dense attention), with a budget that keeps every block, equals dense causal attention, also
+    when a frame is not a multiple of the block (visual tokens then move into the text's block)."""
+    from bench.sparse import _sparse_prefill
+
+    frames, per_frame, text, block = 2, 20, 8, 16
+    q, k, v, visual = synthetic_video(np.random.default_rng(3), frames, per_frame, text, 2, 1, 16, jnp.float32)
+    (out, lse), _ = _sparse_prefill(frames, per_frame, 64, block, "interpret", lists, text)(q, k, v, visual)
+    want, want_lse = mmfa_jax.attention(q, k, v, is_causal=True, implementation="xla", return_lse=True)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(want), atol=2e-5)
+    np.testing.assert_allclose(np.asarray(lse), np.asarray(want_lse), atol=2e-5)
