@@ -556,30 +556,40 @@ def test_kernels_compile_for_hopper(tmp_path, monkeypatch):
     assert backends.resolve("triton", backends.Target.cuda(90)).backend == "triton-route"
 
 
-def test_kernels_with_positions_compile_for_hopper(tmp_path, monkeypatch):
-    """The kernels that take the causal mask from positions (a permuted order) lower and compile
-    for sm_90, with every operand of their plans."""
+def _compile_gradient_for_hopper(tmp_path, monkeypatch, make_mask, B, T, N, K, D, *map_args, absent=()):
+    """Lowers jax.grad of a causal block-sparse loss (the mask built by ``make_mask(*map_args)``
+    inside) for sm_90 with the official triton, and checks that each kernel of the plans compiled
+    with every operand it names but ``absent``."""
     pytest.importorskip("triton")
     from mmfa_jax import plans, triton_route
 
     monkeypatch.setenv("MMFA_CACHE_DIR", str(tmp_path))
     triton_route.clear_memory_cache()
-    B, T, N, K, D = 2, 200, 4, 2, 64
     q = jax.ShapeDtypeStruct((B, T, N, D), jnp.bfloat16)
     kv = jax.ShapeDtypeStruct((B, T, K, D), jnp.bfloat16)
 
-    def fn(q, k, v, blocks, perm):
-        mask = BlockMask.from_dense(blocks, 64, seq_lens=(T, T), positions=(perm, perm))
+    def fn(q, k, v, *args):
+        mask = make_mask(*args)
         loss = lambda q, k, v: mmfa_jax.block_sparse_attention(  # noqa: E731
             q, k, v, mask, is_causal=True, implementation="triton").astype(jnp.float32).sum()
         return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
 
-    compiled = triton_route.lower_for(fn, q, kv, kv, jax.ShapeDtypeStruct((B, N, 4, 4), jnp.bool_),
-                                      jax.ShapeDtypeStruct((B, T), jnp.int32), device_kind="NVIDIA H100")
+    compiled = triton_route.lower_for(fn, q, kv, kv, *map_args, device_kind="NVIDIA H100")
     kernel_plans = plans.block_sparse_forward() + plans.block_sparse_backward()
     assert [k.name for k, *_ in compiled] == [p.name for p in kernel_plans]
     for (kernel, _, _, operands, _), plan in zip(compiled, kernel_plans):
-        assert operands == len(plan.operands) and len(kernel.cubin) > 0, plan.name
+        present = [n for n in plan.operands if n not in absent]
+        assert operands == len(present) and len(kernel.cubin) > 0, plan.name
+
+
+def test_kernels_with_positions_compile_for_hopper(tmp_path, monkeypatch):
+    """The kernels that take the causal mask from positions (a permuted order) lower and compile
+    for sm_90, with every operand of their plans."""
+    B, T, N = 2, 200, 4
+    _compile_gradient_for_hopper(
+        tmp_path, monkeypatch, lambda blocks, perm: BlockMask.from_dense(blocks, 64, seq_lens=(T, T),
+                                                                         positions=(perm, perm)),
+        B, T, N, 2, 64, jax.ShapeDtypeStruct((B, N, 4, 4), jnp.bool_), jax.ShapeDtypeStruct((B, T), jnp.int32))
 
 
 def test_blocks_too_large_for_shared_memory_are_refused():
@@ -745,25 +755,8 @@ def test_from_indices_memory_is_linear_in_the_lists(with_positions):
 def test_narrow_lists_compile_for_hopper(tmp_path, monkeypatch):
     """Lists of a width that is not a power of two (3) lower and compile for sm_90 (forward and
     gradient) with every operand of the plans."""
-    pytest.importorskip("triton")
-    from mmfa_jax import plans, triton_route
-
-    monkeypatch.setenv("MMFA_CACHE_DIR", str(tmp_path))
-    triton_route.clear_memory_cache()
-    B, T, N, K, D = 1, 300, 4, 2, 64
-    q = jax.ShapeDtypeStruct((B, T, N, D), jnp.bfloat16)
-    kv = jax.ShapeDtypeStruct((B, T, K, D), jnp.bfloat16)
-
-    def fn(q, k, v, indices, counts):
-        mask = BlockMask.from_indices(indices, counts, 64, seq_lens=(T, T))
-        loss = lambda q, k, v: mmfa_jax.block_sparse_attention(  # noqa: E731
-            q, k, v, mask, is_causal=True, implementation="triton").astype(jnp.float32).sum()
-        return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
-
-    compiled = triton_route.lower_for(fn, q, kv, kv, jax.ShapeDtypeStruct((B, N, 5, 3), jnp.int32),
-                                      jax.ShapeDtypeStruct((B, N, 5), jnp.int32), device_kind="NVIDIA H100")
-    kernel_plans = plans.block_sparse_forward() + plans.block_sparse_backward()
-    assert [k.name for k, *_ in compiled] == [p.name for p in kernel_plans]
-    for (kernel, _, _, operands, _), plan in zip(compiled, kernel_plans):
-        present = [n for n in plan.operands if n not in ("q_pos", "kv_pos")]
-        assert operands == len(present) and len(kernel.cubin) > 0, plan.name
+    B, T, N = 1, 300, 4
+    _compile_gradient_for_hopper(
+        tmp_path, monkeypatch, lambda indices, counts: BlockMask.from_indices(indices, counts, 64, seq_lens=(T, T)),
+        B, T, N, 2, 64, jax.ShapeDtypeStruct((B, N, 5, 3), jnp.int32), jax.ShapeDtypeStruct((B, N, 5), jnp.int32),
+        absent=("q_pos", "kv_pos"))
