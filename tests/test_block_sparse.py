@@ -153,6 +153,29 @@ def test_backward_tiles_smaller_than_the_blocks(rng, monkeypatch, causal):
         assert_close(got, ref, tolerance(c.dtype, grad=True), what)
 
 
+def _check_causal_by_positions(mask, blocks, perm, c, arrays, arrays64, rng, impl):
+    """Causal block-sparse attention with ``mask`` (built with positions ``perm``): out, LSE and
+    dq/dk/dv against the reference with the map's token mask and causality by the positions.
+    Returns the reference LSE."""
+    q, k, v = arrays
+    q64, k64, v64 = arrays64
+
+    def f(q, k, v):
+        return mmfa_jax.block_sparse_attention(q, k, v, mask, is_causal=True, implementation=impl, return_lse=True)
+
+    (out, lse), vjp = jax.vjp(f, q, k, v)
+    token_mask = block_sparse_mask(blocks, c.block, c.T, c.S) & (perm[:, None, None, :] <= perm[:, None, :, None])
+    ref_out, ref_lse = attention_reference(q64, k64, v64, mask=token_mask)
+    assert_close(out, ref_out, tolerance(c.dtype), "out")
+    assert_close(lse, ref_lse, tolerance(c.dtype), "lse")
+    d_out, d_out64 = normal(rng, out.shape, c.dtype)
+    d_lse, d_lse64 = normal(rng, lse.shape, "float32")
+    refs = attention_reference_grads(q64, k64, v64, d_out64, d_lse64, mask=token_mask)[:3]
+    for got, ref, what in zip(vjp((d_out, d_lse)), refs, ("dq", "dk", "dv")):
+        assert_close(got, ref, tolerance(c.dtype, grad=True), what)
+    return ref_lse
+
+
 def test_causal_by_positions_in_a_permuted_order(impl, rng):
     """Rows in a permuted order with the causality of the original one: key j visible to query i
     when positions[j] <= positions[i] (and its block is listed), forward and gradients, per-batch
@@ -163,20 +186,8 @@ def test_causal_by_positions_in_a_permuted_order(impl, rng):
     perm = np.stack([rng.permutation(c.T) for _ in range(c.B)]).astype(np.int32)
     mask = BlockMask.from_dense(jnp.asarray(blocks), c.block, seq_lens=(c.T, c.S), positions=(perm, perm))
 
-    def f(q, k, v):
-        return mmfa_jax.block_sparse_attention(q, k, v, mask, is_causal=True, implementation=impl, return_lse=True)
-
-    (out, lse), vjp = jax.vjp(f, q, k, v)
-    token_mask = block_sparse_mask(blocks, c.block, c.T, c.S) & (perm[:, None, None, :] <= perm[:, None, :, None])
-    ref_out, ref_lse = attention_reference(q64, k64, v64, mask=token_mask)
+    ref_lse = _check_causal_by_positions(mask, blocks, perm, c, (q, k, v), (q64, k64, v64), rng, impl)
     assert np.isinf(ref_lse).any()
-    assert_close(out, ref_out, tolerance(c.dtype), "out")
-    assert_close(lse, ref_lse, tolerance(c.dtype), "lse")
-    d_out, d_out64 = normal(rng, out.shape, c.dtype)
-    d_lse, d_lse64 = normal(rng, lse.shape, "float32")
-    refs = attention_reference_grads(q64, k64, v64, d_out64, d_lse64, mask=token_mask)[:3]
-    for got, ref, what in zip(vjp((d_out, d_lse)), refs, ("dq", "dk", "dv")):
-        assert_close(got, ref, tolerance(c.dtype, grad=True), what)
     # Without is_causal the positions play no part.
     plain = mmfa_jax.block_sparse_attention(q, k, v, mask, implementation=impl)
     assert_close(plain, block_sparse_reference(q64, k64, v64, blocks, c.block)[0], tolerance(c.dtype), "plain")
@@ -698,19 +709,7 @@ def test_narrow_index_lists_with_positions(impl, rng):
     assert narrow.causal.kv_index.shape == (c.B, c.N, nq, 4) and narrow.plain.kv_index.shape == (1, c.N, nq, 4)
     (q, k, v), (q64, k64, v64) = inputs(rng, c)
 
-    def f(q, k, v):
-        return mmfa_jax.block_sparse_attention(q, k, v, narrow, is_causal=True, implementation=impl, return_lse=True)
-
-    (out, lse), vjp = jax.vjp(f, q, k, v)
-    token_mask = block_sparse_mask(blocks, c.block, c.T, c.S) & (perm[:, None, None, :] <= perm[:, None, :, None])
-    ref_out, ref_lse = attention_reference(q64, k64, v64, mask=token_mask)
-    assert_close(out, ref_out, tolerance(c.dtype), "out")
-    assert_close(lse, ref_lse, tolerance(c.dtype), "lse")
-    d_out, d_out64 = normal(rng, out.shape, c.dtype)
-    d_lse, d_lse64 = normal(rng, lse.shape, "float32")
-    refs = attention_reference_grads(q64, k64, v64, d_out64, d_lse64, mask=token_mask)[:3]
-    for got, ref, what in zip(vjp((d_out, d_lse)), refs, ("dq", "dk", "dv")):
-        assert_close(got, ref, tolerance(c.dtype, grad=True), what)
+    _check_causal_by_positions(narrow, blocks, perm, c, (q, k, v), (q64, k64, v64), rng, impl)
 
 
 def _shapes(jaxpr):
