@@ -112,8 +112,8 @@ def kernel(args):
     _write(args.out, rows)
 
 
-PREFILL_FIELDS = ["impl", "tokens", "frames", "heads", "kv_heads", "keep", "density", "recall_mean", "recall_min",
-                  "ms", "dense_ms", "speedup", "peak_gib", "error"]
+PREFILL_FIELDS = ["impl", "tokens", "frames", "heads", "kv_heads", "keep", "topk", "density", "recall_mean",
+                  "recall_min", "ms", "estimate_ms", "dense_ms", "speedup", "peak_gib", "error"]
 
 
 def synthetic_video(rng, frames: int, tokens_per_frame: int, text: int, heads: int, kv_heads: int, head_dim: int,
@@ -149,12 +149,13 @@ def _prefill_map(q, k, visual, frames, tokens_per_frame, keep, block):
     return perm, blocks
 
 
-def _prefill_lists(q, k, visual, frames, tokens_per_frame, keep, block, text):
+def _prefill_lists(q, k, visual, frames, tokens_per_frame, keep, block, text, topk=None):
     """(perm, (indices, counts)): ``_prefill_map``'s blocks as index lists (memory linear in the
-    blocks), without the Q-boundary rows, which ``_sparse_prefill`` computes densely."""
+    blocks), without the Q-boundary rows, which ``_sparse_prefill`` computes densely. ``topk``:
+    the implementation that chooses the top blocks (None: the kernels where they run)."""
     perm = sp.video_permutation(visual, frames, tokens_per_frame)
     take = lambda x: jnp.take_along_axis(x, perm[:, :, None, None], axis=1)  # noqa: E731
-    lists = sp.block_topk_indices(take(q), take(k), keep=keep, block=block, positions=perm)
+    lists = sp.block_topk_indices(take(q), take(k), keep=keep, block=block, positions=perm, implementation=topk)
     indices, counts = sp.with_text_blocks(*lists, jnp.take_along_axis(visual, perm, axis=1), block=block,
                                           max_text_blocks=-(-text // block) + 1, positions=perm)
     # The rows from ``_dense_from`` on (original order) are computed densely by ``_sparse_prefill``.
@@ -170,7 +171,7 @@ def _dense_from(T: int, text: int, block: int) -> int:
     return (T - text) // block * block
 
 
-def _sparse_prefill(frames, tokens_per_frame, keep, block, impl, lists: str, text: int):
+def _sparse_prefill(frames, tokens_per_frame, keep, block, impl, lists: str, text: int, topk=None):
     """The whole sparse prefill as one jitted function of (q, k, v, visual) -> ((out, lse),
     computed blocks). ``lists="dense"``: the map as a dense (n, n) block map with both modality
     boundaries; ``"indices"``: index lists (``block_topk_indices``, ``with_text_blocks``), and the
@@ -182,7 +183,7 @@ def _sparse_prefill(frames, tokens_per_frame, keep, block, impl, lists: str, tex
             perm, blocks = _prefill_map(q, k, visual, frames, tokens_per_frame, keep, block)
             computed = jnp.sum(blocks)
         else:
-            perm, blocks = _prefill_lists(q, k, visual, frames, tokens_per_frame, keep, block, text)
+            perm, blocks = _prefill_lists(q, k, visual, frames, tokens_per_frame, keep, block, text, topk)
             # The dense rows' blocks (every earlier one): what the dense map's Q-boundary rows hold.
             first = _dense_from(T, text, block) // block
             computed = mmfa_jax.BlockMask.from_indices(*blocks, block, seq_lens=(T, T),
@@ -202,6 +203,7 @@ def _sparse_prefill(frames, tokens_per_frame, keep, block, impl, lists: str, tex
 def prefill(args):
     rng = np.random.default_rng(0)
     impl = "interpret" if args.smoke else None
+    topk = "xla" if args.topk == "xla" else impl
     dt = jnp.dtype(args.dtype)
     rows, keep = [], None
     for tokens in args.lengths:
@@ -219,7 +221,7 @@ def prefill(args):
         causal_blocks = n * (n + 1) // 2
 
         def measure(keep):
-            run = _sparse_prefill(frames, args.tokens_per_frame, keep, args.block, impl, args.lists, args.text)
+            run = _sparse_prefill(frames, args.tokens_per_frame, keep, args.block, impl, args.lists, args.text, topk)
             (out, lse), computed = jax.block_until_ready(run(q, k, v, visual))
             r = np.asarray(jnp.where(jnp.isneginf(dense_lse), 1.0, jnp.exp(lse - dense_lse)))
             density = float(computed) / (args.heads * causal_blocks)
@@ -242,13 +244,22 @@ def prefill(args):
             continue
         ms = 1e3 * time_it(lambda: box.__setitem__("s", run(q, k, v, visual)), lambda: jax.block_until_ready(box["s"]),
                            min_time=args.min_time, repeats=args.repeats)
+        estimate_ms = None
+        if args.lists == "indices":  # the estimation alone: the permutation and the lists
+            estimate = jax.jit(lambda q, k, visual: _prefill_lists(q, k, visual, frames, args.tokens_per_frame, keep,
+                                                                   args.block, args.text, topk))
+            estimate_ms = round(1e3 * time_it(lambda: box.__setitem__("e", estimate(q, k, visual)),
+                                              lambda: jax.block_until_ready(box["e"]), min_time=args.min_time,
+                                              repeats=args.repeats), 3)
+            box.pop("e")
         peak = _peak_gib()
         row = dict(impl="mmfa_jax_sparse_prefill", tokens=T, frames=frames, heads=args.heads, kv_heads=args.kv_heads,
-                   keep=keep, density=round(density, 5), recall_mean=round(mean_r, 4), recall_min=round(min_r, 4),
-                   ms=round(ms, 3), dense_ms=round(dense_ms, 3), speedup=round(dense_ms / ms, 2), peak_gib=peak)
-        print(f"{T:>8} tokens ({frames} frames): sparse prefill {ms:9.2f} ms, dense {dense_ms:9.2f} ms, "
-              f"{dense_ms / ms:5.2f}x; density {density:.4f}, recall mean {mean_r:.4f} (worst head {min_r:.4f})",
-              flush=True)
+                   keep=keep, topk=args.topk, density=round(density, 5), recall_mean=round(mean_r, 4),
+                   recall_min=round(min_r, 4), ms=round(ms, 3), estimate_ms=estimate_ms, dense_ms=round(dense_ms, 3),
+                   speedup=round(dense_ms / ms, 2), peak_gib=peak)
+        print(f"{T:>8} tokens ({frames} frames): sparse prefill {ms:9.2f} ms (estimation {estimate_ms} ms), dense "
+              f"{dense_ms:9.2f} ms, {dense_ms / ms:5.2f}x; density {density:.4f}, recall mean {mean_r:.4f} (worst "
+              f"head {min_r:.4f})", flush=True)
         rows.append(row)
         if args.backward:  # forward + backward of the same prefill (the map's building has no gradient)
             do = jax.random.normal(jax.random.PRNGKey(1), q.shape, q.dtype)
@@ -373,6 +384,9 @@ def main(argv=None):
     pp.add_argument("--backward", action="store_true", help="also time forward + backward (sparse and dense)")
     pp.add_argument("--lists", choices=["indices", "dense"], default="indices",
                     help="the map as index lists, memory linear in the blocks (default), or as a dense block map")
+    pp.add_argument("--topk", choices=["kernel", "xla"], default="kernel",
+                    help="what chooses each query block's top key blocks: the Pallas selection (default where the "
+                         "kernels run) or lax.top_k")
     pp.add_argument("--vs", type=ints, default=[1000, 6096], help="vertical-slash budget (MInference's default)")
     pp.add_argument("--vs-max", type=int, default=262144, help="longest length for the vertical-slash reference")
     pp.add_argument("--flex-lengths", type=ints, default=[], help="lengths (exact) to time FlexAttention at")

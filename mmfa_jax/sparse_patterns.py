@@ -26,8 +26,10 @@ mask's ``positions``) and puts the rows back.
 exp(LSE_sparse - LSE_dense), from the kernels' own log-sum-exps, so it needs no T x S memory.
 
 The estimations run as jax ops over (last rows x S) scores per head (``vertical_slash``) or over
-pooled (nq x nk) block scores (``block_topk``; ``block_topk_indices``: (chunk x nk) at a time);
-they are not yet Pallas kernels.
+pooled (nq x nk) block scores (``block_topk``; ``block_topk_indices``: (chunk x nk) at a time).
+``block_topk_indices`` chooses each row's top blocks with a Pallas kernel where the kernels run
+(a bisection over the scores' bits, no sort); the scores themselves are one matmul per chunk,
+left to XLA.
 """
 
 from __future__ import annotations
@@ -38,9 +40,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmfa_jax import _checks
+from mmfa_jax import _checks, backends
 from mmfa_jax._checks import ArgumentError
 from mmfa_jax.block_sparse import BlockMask, _block_extents, block_sparse_attention
+from mmfa_jax.kernels import selection
 
 _NEG = -jnp.inf
 
@@ -204,20 +207,46 @@ def _counted_first(indices, used):
             jnp.sum(used, axis=-1, dtype=jnp.int32))
 
 
-@functools.partial(jax.jit, static_argnames=("keep", "block", "scale", "chunk"))
+def _top_visible(scores, visible, keep: int, lowering):
+    """(indices (B, N, rows, keep) int32, used (B, N, rows, keep) bool): per row of ``scores``
+    (B, N, rows, n) float32, the ``keep`` highest among the ``visible`` ones ((1 or B, 1, rows, n)
+    bool), ties to the lower index; ``used`` marks the slots that hold one (a row with fewer
+    visible entries fills fewer).
+
+    With kernels (``lowering.kernels``, n at most ``selection.MAX_TOKENS``) one program per row
+    finds the keep-th largest score by bisection over its bits (``kernels.selection.select``,
+    the pruning's selection) and packs the kept indices in increasing order: no sort. Otherwise
+    ``lax.top_k``, which sorts each row when keep is large. (NaN scores: the kernel ranks them
+    lowest, ``lax.top_k`` highest.)"""
+    B, N, rows, n = scores.shape
+    if lowering.kernels and n <= selection.MAX_TOKENS:
+        kind = jnp.where(jnp.broadcast_to(visible, scores.shape), selection.CANDIDATE, selection.DROPPED)
+        keep_table = jnp.minimum(jnp.arange(n + 1, dtype=jnp.int32), keep)
+        top, counts = selection.select(scores.reshape(-1, n), kind.astype(jnp.int8).reshape(-1, n), keep_table, keep,
+                                       lowering=lowering)
+        used = jnp.arange(keep) < counts[:, None]
+        return top.reshape(B, N, rows, keep), used.reshape(B, N, rows, keep)
+    top = jax.lax.top_k(jnp.where(visible, scores, _NEG), keep)[1].astype(jnp.int32)
+    return top, jnp.take_along_axis(jnp.broadcast_to(visible, scores.shape), top, axis=-1)
+
+
+@functools.partial(jax.jit, static_argnames=("keep", "block", "scale", "chunk", "implementation"))
 def block_topk_indices(query, key, *, keep: int, block: int = 128, scale: float | None = None, positions=None,
-                       chunk: int = 256):
+                       chunk: int = 256, implementation: str | None = None):
     """``block_topk``'s blocks as index lists for ``BlockMask.from_indices``: (indices (B, N, n, k)
     int32, counts (B, N, n) int32), k = min(keep, n) + 2 (the top key blocks, then the diagonal
     block and the first block; repeats are harmless). Each row's counted entries are its visible
     ones, so the lists list exactly ``block_topk``'s map. The pooled scores are computed ``chunk``
     query blocks at a time (``lax.map``: (B, N, chunk, n) scores each), so memory is linear in n
-    for a fixed chunk: a 1M-token map never holds (n, n) scores."""
+    for a fixed chunk: a 1M-token map never holds (n, n) scores. ``implementation``: as the
+    attention's; where the kernels run (the GPU's default, "interpret") each chunk's top blocks
+    are chosen by a Pallas kernel without sorting (``_top_visible``), else by ``lax.top_k``."""
     B, T, N, D = query.shape
     n = _blocks_of(T, block)
     keep = min(_checks.integer(keep, "keep", minimum=1), n)
     chunk = min(_checks.integer(chunk, "chunk", minimum=1), n)
     scale = D ** -0.5 if scale is None else scale
+    lowering = backends.resolve(implementation)
     if positions is not None:
         positions = jnp.asarray(positions, jnp.int32)
         if positions.ndim != 2 or positions.shape[1] != T:
@@ -233,14 +262,15 @@ def block_topk_indices(query, key, *, keep: int, block: int = 128, scale: float 
         qi = jnp.minimum(first + jnp.arange(chunk), n - 1)[:, None]  # padded rows: the last block's
         scores = jnp.einsum("bnid,bnjd->bnij", q_chunk, pk) * scale
         visible = _visible_entries(jnp.broadcast_to(kj, (chunk, n))[None, None], qi, T, block, positions)
-        return jax.lax.top_k(jnp.where(visible, scores, _NEG), keep)[1]  # (B, N, chunk, keep)
+        return _top_visible(scores, visible, keep, lowering)  # (B, N, chunk, keep) each
 
-    top = jax.lax.map(top_of, (jnp.arange(chunks) * chunk, pq))
-    top = jnp.moveaxis(top, 0, 2).reshape(B, N, chunks * chunk, keep)[:, :, :n]
+    top, top_used = (jnp.moveaxis(x, 0, 2).reshape(B, N, chunks * chunk, keep)[:, :, :n]
+                     for x in jax.lax.map(top_of, (jnp.arange(chunks) * chunk, pq)))
     qi = jnp.arange(n)[:, None]
     fixed = jnp.broadcast_to(jnp.concatenate([qi, jnp.zeros_like(qi)], axis=1), (B, N, n, 2))
     indices = jnp.concatenate([top, fixed], axis=-1)
     used = jnp.broadcast_to(_visible_entries(indices, qi, T, block, positions), indices.shape)
+    used = used & jnp.concatenate([top_used, jnp.ones(fixed.shape, bool)], axis=-1)
     return _counted_first(indices, used)
 
 

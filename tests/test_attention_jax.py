@@ -485,29 +485,37 @@ def test_seed_helper_is_stable():
     assert seed_of("a") == seed_of("a") != seed_of("b")
 
 
-@pytest.mark.parametrize("shape", [(2, 1, 100, 100), (1, 3, 40, 70)])
-def test_mask_ranges_against_numpy(shape, rng):
+@pytest.mark.parametrize("pattern,shape", [("blocks", (2, 1, 100, 100)), ("blocks", (1, 3, 40, 70)),
+                                           ("random", (2, 2, 33, 65)), ("random", (2, 1, 65, 65))])
+@pytest.mark.parametrize("tiles", [(16, 32), (32, 64), (64, 64)])
+def test_mask_ranges_against_numpy(pattern, shape, tiles, impl, rng):
     """The forward's block ranges of a dense mask: first and last block with a visible logit,
-    and the longest run of blocks where every (in-range) logit is visible, per query tile."""
-    from mmfa_jax import kernels
+    and the longest run of blocks where every (in-range) logit is visible, per query tile; for
+    the tests' two kinds of mask (Gemma-like blocks; random with wholly hidden rows), ragged
+    tiles, on each implementation (the GPU's compiled kernels with ``--gpu``)."""
+    from mmfa_jax import backends, kernels
     from mmfa_jax._autodiff import prepare
     from mmfa_jax._checks import Options
-    from mmfa_jax.backends import Lowering
+    from mmfa_jax.kernels.common import block_size
 
-    mask = _block_mask(rng, shape)
+    if impl == "xla":
+        pytest.skip("the XLA path has no mask-ranges kernel")
     B, N, T, S = shape
+    mask = _block_mask(rng, shape) if pattern == "blocks" else make_inputs(rng, Case(T=T, S=S, mask=shape))["mask"]
     q = jnp.zeros((B, T, N, 32), jnp.float32)
     k = jnp.zeros((B, S, N, 32), jnp.float32)
-    (problem, _, _), args = prepare(Options.make(implementation="interpret"), (q, k, k, None, jnp.asarray(mask), None,
-                                                                               None, None))
-    bq, bk = 16, 32
-    got = np.asarray(kernels.mask_ranges(problem, KernelConfig(bq, bk, 4, 1), args[4], lowering=Lowering("interpret")))
+    (problem, _, _), args = prepare(Options.make(implementation=impl), (q, k, k, None, jnp.asarray(mask), None,
+                                                                       None, None))
+    bq, bk = tiles
+    lowering = backends.resolve(impl)
+    got = np.asarray(kernels.mask_ranges(problem, KernelConfig(bq, bk, 4, 1), args[4], lowering=lowering))
+    bq, bk = block_size(T, bq), block_size(S, bk)  # as the kernels clamp them
     nq, nk = -(-T // bq), -(-S // bk)
     assert got.shape == (B, N, nq, 4)
     for b, n, t in np.ndindex(B, N, nq):
-        tiles = [mask[b, n, t * bq:(t + 1) * bq, j * bk:(j + 1) * bk] for j in range(nk)]
-        live = [j for j in range(nk) if tiles[j].any()]
-        full = [tiles[j].all() for j in range(nk)]
+        cells = [mask[b, n, t * bq:(t + 1) * bq, j * bk:(j + 1) * bk] for j in range(nk)]
+        live = [j for j in range(nk) if cells[j].any()]
+        full = [cells[j].all() for j in range(nk)]
         runs = [(a, e) for a in range(nk) for e in range(a + 1, nk + 1) if all(full[a:e])]
         best = max(runs, key=lambda r: (r[1] - r[0], -r[0]), default=(0, 0))
         want = (live[0], *best, live[-1] + 1) if live else (nk, *best, 0)

@@ -182,18 +182,25 @@ def test_patterns_in_a_permuted_order_keep_earlier_keys_right_of_the_diagonal(rn
 # Index-list routes: the same blocks as the dense maps, as lists for BlockMask.from_indices.
 
 
+@pytest.mark.parametrize("scores", ["random", "tied"])
 @pytest.mark.parametrize("by_positions", [False, True], ids=["index-order", "positions"])
 @pytest.mark.parametrize("chunk", [1, 3, 64])
-def test_block_topk_indices_list_block_topks_map(rng, chunk, by_positions):
-    """Ragged T (7 blocks of 32, the last 14 rows), GQA, a chunk that does not divide the blocks:
-    the lists, read by from_indices, give exactly block_topk's map; counted entries come first."""
+def test_block_topk_indices_list_block_topks_map(rng, chunk, by_positions, scores, impl):
+    """Ragged T (7 blocks of 32, the last 14 rows), GQA, a chunk that does not divide the blocks,
+    rows with fewer visible blocks than the budget, and scores all tied (a constant key: ties go
+    to the lower block, as lax.top_k's): the lists, read by from_indices, give exactly
+    block_topk's map; counted entries come first. On each implementation: with the kernels, the
+    top blocks come from the Pallas selection."""
     T, block, keep = 206, 32, 3
     (q, k, _), _ = _qk(rng, T=T)
+    if scores == "tied":
+        k = jnp.ones_like(k)
     perm = np.stack([rng.permutation(T)]).astype(np.int32) if by_positions else None
     if by_positions:
         q, k = (jnp.take_along_axis(x, jnp.asarray(perm)[:, :, None, None], axis=1) for x in (q, k))
     want = np.asarray(sp.block_topk(q, k, keep=keep, block=block, positions=perm))
-    indices, counts = sp.block_topk_indices(q, k, keep=keep, block=block, positions=perm, chunk=chunk)
+    indices, counts = sp.block_topk_indices(q, k, keep=keep, block=block, positions=perm, chunk=chunk,
+                                            implementation=impl)
     n = -(-T // block)
     assert indices.shape == (1, 4, n, keep + 2) and counts.shape == (1, 4, n) and indices.dtype == jnp.int32
     mask = BlockMask.from_indices(indices, counts, block, seq_lens=(T, T))
@@ -258,3 +265,26 @@ def test_block_topk_indices_never_holds_the_block_scores():
         assert sum(d >= n for d in shape) < 2, shape
     out = jax.eval_shape(lists, q, k, visual)
     assert out[0].shape == (1, 2, n, 4 + 2 + 2) and out[1].shape == (1, 2, n)
+
+
+def test_block_topk_indices_selection_compiles_for_hopper(tmp_path, monkeypatch):
+    """The lists of a 1M-token video (8,192 key blocks of 128) with the top blocks chosen by the
+    Pallas selection: lowered for an abstract H100 and compiled to an sm_90 cubin by the official
+    Triton (no GPU needed), one program per (head, query block) of a chunk, within shared memory."""
+    pytest.importorskip("triton")
+    import jax
+
+    from mmfa_jax import triton_route
+
+    monkeypatch.setenv("MMFA_CACHE_DIR", str(tmp_path))
+    triton_route.clear_memory_cache()
+    T, block, N, chunk = 8192 * 128, 128, 4, 256
+    q = jax.ShapeDtypeStruct((1, T, N, 128), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((1, T, 1, 128), jnp.bfloat16)
+    compiled = triton_route.lower_for(
+        lambda q, k: sp.block_topk_indices(q, k, keep=256, block=block, chunk=chunk, implementation="triton"), q, k,
+        device_kind="NVIDIA H100")
+    assert [kernel.name for kernel, *_ in compiled] == ["mmfa_select"]
+    kernel, _, grid, _, _ = compiled[0]
+    assert grid == (N * chunk, 1, 1) and kernel.cc == 90 and len(kernel.cubin) > 0
+    assert kernel.shared <= triton_route.SHARED_MEMORY_PER_BLOCK[90]
