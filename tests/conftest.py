@@ -52,6 +52,8 @@ def implementations(config) -> list:
 def pytest_generate_tests(metafunc):
     if "impl" in metafunc.fixturenames:
         metafunc.parametrize("impl", implementations(metafunc.config))
+    if "kernel_impl" in metafunc.fixturenames:  # the implementations that run the Pallas kernels
+        metafunc.parametrize("kernel_impl", [p for p in implementations(metafunc.config) if p.values[0] != "xla"])
 
 
 def pytest_collection_modifyitems(config, items):

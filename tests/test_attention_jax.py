@@ -488,7 +488,7 @@ def test_seed_helper_is_stable():
 @pytest.mark.parametrize("pattern,shape", [("blocks", (2, 1, 100, 100)), ("blocks", (1, 3, 40, 70)),
                                            ("random", (2, 2, 33, 65)), ("random", (2, 1, 65, 65))])
 @pytest.mark.parametrize("tiles", [(16, 32), (32, 64), (64, 64)])
-def test_mask_ranges_against_numpy(pattern, shape, tiles, impl, rng):
+def test_mask_ranges_against_numpy(pattern, shape, tiles, kernel_impl, rng):
     """The forward's block ranges of a dense mask: first and last block with a visible logit,
     and the longest run of blocks where every (in-range) logit is visible, per query tile; for
     the tests' two kinds of mask (Gemma-like blocks; random with wholly hidden rows), ragged
@@ -498,16 +498,14 @@ def test_mask_ranges_against_numpy(pattern, shape, tiles, impl, rng):
     from mmfa_jax._checks import Options
     from mmfa_jax.kernels.common import block_size
 
-    if impl == "xla":
-        pytest.skip("the XLA path has no mask-ranges kernel")
     B, N, T, S = shape
     mask = _block_mask(rng, shape) if pattern == "blocks" else make_inputs(rng, Case(T=T, S=S, mask=shape))["mask"]
     q = jnp.zeros((B, T, N, 32), jnp.float32)
     k = jnp.zeros((B, S, N, 32), jnp.float32)
-    (problem, _, _), args = prepare(Options.make(implementation=impl), (q, k, k, None, jnp.asarray(mask), None,
-                                                                       None, None))
+    (problem, _, _), args = prepare(Options.make(implementation=kernel_impl), (q, k, k, None, jnp.asarray(mask),
+                                                                              None, None, None))
     bq, bk = tiles
-    lowering = backends.resolve(impl)
+    lowering = backends.resolve(kernel_impl)
     got = np.asarray(kernels.mask_ranges(problem, KernelConfig(bq, bk, 4, 1), args[4], lowering=lowering))
     bq, bk = block_size(T, bq), block_size(S, bk)  # as the kernels clamp them
     nq, nk = -(-T // bq), -(-S // bk)
