@@ -66,6 +66,37 @@ def pytest_collection_modifyitems(config, items):
 
 
 # ------------------------------------------------------------------------------------------------
+# Compiled programs. Each XLA:CPU executable holds a few memory mappings of its JIT code until it is
+# freed, and a suite compiles thousands (the interpreter's kernels, hypothesis' shapes). A worker
+# that reaches the kernel's limit (vm.max_map_count, 65,530 by default) segfaults inside the next
+# compile: CI's workers did, at 65,443 mappings. So past half the limit the jit caches are dropped
+# between tests (later calls compile again).
+
+
+def _mapping_limit() -> int | None:
+    try:
+        with open("/proc/sys/vm/max_map_count") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return None  # not Linux: no such limit to watch
+
+
+_MAPPING_LIMIT = _mapping_limit()
+
+
+def pytest_runtest_teardown(item, nextitem):
+    if _MAPPING_LIMIT is None:
+        return
+    with open("/proc/self/maps") as f:
+        mappings = sum(1 for _ in f)
+    if mappings > _MAPPING_LIMIT // 2:
+        import gc
+
+        jax.clear_caches()
+        gc.collect()
+
+
+# ------------------------------------------------------------------------------------------------
 # Random data
 
 
