@@ -208,10 +208,11 @@ def _counted_first(indices, used):
 
 
 def _top_visible(scores, visible, keep: int, lowering):
-    """(indices (B, N, rows, keep) int32, used (B, N, rows, keep) bool): per row of ``scores``
+    """(indices (B, N, rows, keep) int32, filled (B, N, rows, keep) bool): per row of ``scores``
     (B, N, rows, n) float32, the ``keep`` highest among the ``visible`` ones ((1 or B, 1, rows, n)
-    bool), ties to the lower index; ``used`` marks the slots that hold one (a row with fewer
-    visible entries fills fewer).
+    bool), ties to the lower index. A row with fewer visible entries has slots left over: the
+    kernel leaves them unfilled (``filled`` False), ``lax.top_k`` fills them with hidden entries,
+    which the caller's visibility check drops.
 
     With kernels (``lowering.kernels``, n at most ``selection.MAX_TOKENS``) one program per row
     finds the keep-th largest score by bisection over its bits (``kernels.selection.select``,
@@ -224,10 +225,10 @@ def _top_visible(scores, visible, keep: int, lowering):
         keep_table = jnp.minimum(jnp.arange(n + 1, dtype=jnp.int32), keep)
         top, counts = selection.select(scores.reshape(-1, n), kind.astype(jnp.int8).reshape(-1, n), keep_table, keep,
                                        lowering=lowering)
-        used = jnp.arange(keep) < counts[:, None]
-        return top.reshape(B, N, rows, keep), used.reshape(B, N, rows, keep)
+        filled = jnp.arange(keep) < counts[:, None]
+        return top.reshape(B, N, rows, keep), filled.reshape(B, N, rows, keep)
     top = jax.lax.top_k(jnp.where(visible, scores, _NEG), keep)[1].astype(jnp.int32)
-    return top, jnp.take_along_axis(jnp.broadcast_to(visible, scores.shape), top, axis=-1)
+    return top, jnp.ones(top.shape, bool)
 
 
 @functools.partial(jax.jit, static_argnames=("keep", "block", "scale", "chunk", "implementation"))
@@ -264,13 +265,13 @@ def block_topk_indices(query, key, *, keep: int, block: int = 128, scale: float 
         visible = _visible_entries(jnp.broadcast_to(kj, (chunk, n))[None, None], qi, T, block, positions)
         return _top_visible(scores, visible, keep, lowering)  # (B, N, chunk, keep) each
 
-    top, top_used = (jnp.moveaxis(x, 0, 2).reshape(B, N, chunks * chunk, keep)[:, :, :n]
+    top, filled = (jnp.moveaxis(x, 0, 2).reshape(B, N, chunks * chunk, keep)[:, :, :n]
                      for x in jax.lax.map(top_of, (jnp.arange(chunks) * chunk, pq)))
     qi = jnp.arange(n)[:, None]
     fixed = jnp.broadcast_to(jnp.concatenate([qi, jnp.zeros_like(qi)], axis=1), (B, N, n, 2))
     indices = jnp.concatenate([top, fixed], axis=-1)
     used = jnp.broadcast_to(_visible_entries(indices, qi, T, block, positions), indices.shape)
-    used = used & jnp.concatenate([top_used, jnp.ones(fixed.shape, bool)], axis=-1)
+    used = used & jnp.concatenate([filled, jnp.ones(fixed.shape, bool)], axis=-1)
     return _counted_first(indices, used)
 
 
