@@ -2,7 +2,8 @@
 
 Tests that take an ``impl`` argument are parametrised over the implementations: "interpret" (the
 Pallas kernels in the interpreter: what exercises the kernels on CPU) and "xla" always, and
-"pallas" (compiled for the GPU) when pytest runs with ``--gpu``. Tests marked ``gpu`` are skipped
+"pallas" (compiled for the GPU) when pytest runs with ``--gpu``; a ``kernel_impl`` argument takes
+those that run the Pallas kernels (all but "xla"). Tests marked ``gpu`` are skipped
 without ``--gpu``. The tolerances are the same on every implementation.
 """
 

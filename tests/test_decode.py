@@ -50,9 +50,6 @@ def make(rng, layout, B, T, Hq, Hkv, S, D, dtype):
 
 
 # The tests of the kernels alone (splits, capacity): the interpreter, and with --gpu the compiled kernels.
-KERNEL_IMPLEMENTATIONS = ["interpret", pytest.param("pallas", marks=pytest.mark.gpu)]
-
-
 def check(out, lse, ref_out, ref_lse, layout, dtype):
     assert_close(out, to_layout(ref_out, layout), tolerance(dtype), "out")
     assert_close(lse, ref_lse, max(tolerance(dtype), 1e-4), "lse")
@@ -93,7 +90,6 @@ def test_matches_reference(case, impl, rng):
                  to_layout(ref_out, layout), tolerance(dtype), "out without lse")
 
 
-@pytest.mark.parametrize("kernel_impl", KERNEL_IMPLEMENTATIONS)
 def test_splits_give_the_same_result(kernel_impl, rng):
     """One split, several, and more splits than blocks (empty splits) agree with each other and with
     the reference; so does the default."""
@@ -209,7 +205,6 @@ def test_soft_cap_and_scale(layout, impl, rng):
 # cover both addressings and both length sources.
 @pytest.mark.parametrize("layout, with_lengths", [("BTNH", False), ("BNTH", True)], ids=["BTNH-no-lengths",
                                                                                           "BNTH-lengths"])
-@pytest.mark.parametrize("kernel_impl", KERNEL_IMPLEMENTATIONS)
 def test_kernel_compiled_for_a_larger_cache(kernel_impl, layout, with_lengths, rng):
     """A kernel compiled for a capacity C > S (static K/V rows B * Hkv * C) and launched with the
     runtime cache length S, on K/V padded with NaN rows past B * Hkv * S: the result is that of the
