@@ -385,8 +385,8 @@ def main(argv=None):
     pp.add_argument("--lists", choices=["indices", "dense"], default="indices",
                     help="the map as index lists, memory linear in the blocks (default), or as a dense block map")
     pp.add_argument("--topk", choices=["kernel", "xla"], default="kernel",
-                    help="what chooses each query block's top key blocks: the Pallas selection (default where the "
-                         "kernels run) or lax.top_k")
+                    help="what chooses each query block's top key blocks on the index-list route: the Pallas "
+                         "selection (default where the kernels run) or lax.top_k")
     pp.add_argument("--vs", type=ints, default=[1000, 6096], help="vertical-slash budget (MInference's default)")
     pp.add_argument("--vs-max", type=int, default=262144, help="longest length for the vertical-slash reference")
     pp.add_argument("--flex-lengths", type=ints, default=[], help="lengths (exact) to time FlexAttention at")
