@@ -69,9 +69,9 @@ def pytest_collection_modifyitems(config, items):
 # ------------------------------------------------------------------------------------------------
 # Compiled programs. Each XLA:CPU executable holds a few memory mappings of its JIT code until it is
 # freed, and a suite compiles thousands (the interpreter's kernels, hypothesis' shapes). A worker
-# that reaches the kernel's limit (vm.max_map_count, 65,530 by default) segfaults inside the next
-# compile: CI's workers did, at 65,443 mappings. So past half the limit the jit caches are dropped
-# between tests (later calls compile again).
+# that reaches the kernel's limit (vm.max_map_count) segfaults inside the next compile (bench/NOTES.md,
+# session 17). So past half the limit the jit caches are dropped between tests (later calls compile
+# again).
 
 
 def _mapping_limit() -> int | None:
