@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -257,4 +258,13 @@ def _cuda_target(index: int) -> backends.Target:
 
 
 def _lowering(implementation: str | None, device: torch.device) -> backends.Lowering:
-    return backends.resolve(implementation, target(device))
+    return backends.Lowering(*_lowering_fields(implementation, device))
+
+
+# A constant to torch.compile: the choice reads the environment, the CUDA driver and package
+# metadata, which dynamo cannot trace (a fullgraph compile on CUDA tensors broke on it). It is
+# made once while tracing, for the traced arguments, and kept by the graph; as plain fields, which
+# dynamo can hold as constants (a Lowering itself it would hold as an opaque object).
+@torch.compiler.assume_constant_result
+def _lowering_fields(implementation: str | None, device: torch.device) -> tuple:
+    return dataclasses.astuple(backends.resolve(implementation, target(device)))

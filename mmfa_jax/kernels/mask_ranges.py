@@ -36,7 +36,7 @@ def forward_query_tiles(q_len: int, cfg: KernelConfig) -> int:
 # query tile turns its row of those flags into the ranges. (One program per query tile walking its
 # key blocks in turn was latency-bound: 0.36 ms per call at 2.4k tokens on the H200.)
 
-_HIDDEN, _PARTLY, _FULL = 0, 1, 2  # a block's flag
+_HIDDEN, _PARTLY, _FULL = 0, 1, 2  # a block's flag: live + full, as full implies live
 
 
 def _mask_blocks_kernel(mask_ref, out_ref, *, p: Problem, block_q: int, block_k: int, num_k_blocks: int):
@@ -49,7 +49,9 @@ def _mask_blocks_kernel(mask_ref, out_ref, *, p: Problem, block_q: int, block_k:
     # (Reduced one axis at a time: Triton's lowering takes one axis per reduction.)
     live = jnp.max(jnp.max(tile, axis=1)) > 0  # some logit visible (cells past the array read as hidden)
     full = jnp.min(jnp.min(jnp.where(inside, tile, 1), axis=1)) > 0  # all visible (past it: don't care)
-    flag = jnp.where(full, _FULL, jnp.where(live, _PARTLY, _HIDDEN)).astype(jnp.int32)
+    # A sum, not nested selects of constants: on the GPU (both Triton routes) that select gave
+    # _HIDDEN for full blocks, as if the constant 2 had been narrowed to one bit.
+    flag = live.astype(jnp.int32) + full.astype(jnp.int32)
     out_ref[...] = jnp.full((1,), flag, jnp.int32)
 
 
