@@ -315,3 +315,23 @@ def dynamic_mask_reference_grads(q, k, v, zoh, d_out, d_lse=None, *, keep_window
     B, N = dbias.shape[:2]
     d_zoh = dbias[:, :, 0, :].reshape(B, N // G, G, S).sum(axis=2)
     return dq, dk, dv, d_zoh
+
+
+def image_block_mask(rng, shape):
+    """A Gemma-3-like pattern (causal, plus bidirectional blocks of random spans along the
+    diagonal), with the first keys hidden for example 0 (left padding) and one row wholly hidden:
+    tiles that are empty, full and mixed, in the shape the forward's mask ranges look for."""
+    T, S = shape[-2:]
+    i, j = np.arange(T)[:, None] + (S - T), np.arange(S)[None, :]
+    mask = np.broadcast_to(j <= i, shape).copy()
+    start = 0
+    while start < S:
+        size = int(rng.integers(3, 24))
+        if rng.random() < 0.6:  # an image block: every token sees the whole block
+            inside = (i >= start) & (i < start + size) & (j >= start) & (j < start + size)
+            mask |= np.broadcast_to(inside, shape)
+        start += size + int(rng.integers(0, 10))
+    if len(shape) == 4:
+        mask[0, ..., :int(rng.integers(1, 20))] = False
+    mask[(0,) * (len(shape) - 2) + (T // 2,)] = False
+    return mask

@@ -15,7 +15,7 @@ import pytest
 from conftest import assert_close, normal, seed_of, tolerance
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from reference import attention_reference, attention_reference_grads
+from reference import attention_reference, attention_reference_grads, image_block_mask
 
 import mmfa_jax
 from mmfa_jax import AttentionConfig, KernelConfig, tuning
@@ -59,7 +59,7 @@ def make_inputs(rng, c: Case):
     if c.bias is not None:
         bias, bias64 = normal(rng, c.bias, c.bias_dtype)
     if c.mask is not None and c.mask_pattern == "blocks":
-        mask = _block_mask(rng, c.mask)
+        mask = image_block_mask(rng, c.mask)
     elif c.mask is not None:
         mask = rng.random(c.mask) > 0.3
         mask[(0,) * (len(c.mask) - 2) + (c.mask[-2] // 2,)] = False  # one row fully masked
@@ -75,26 +75,6 @@ def make_inputs(rng, c: Case):
     kvl = None if c.kv_lengths is None else np.asarray(c.kv_lengths, np.int32)
     return dict(q=q, k=k, v=v, q64=q64, k64=k64, v64=v64, bias=bias, bias64=bias64, mask=mask, q_seg=q_seg,
                 kv_seg=kv_seg, ql=ql, kvl=kvl)
-
-
-def _block_mask(rng, shape):
-    """A Gemma-3-like pattern (causal, plus bidirectional blocks of random spans along the
-    diagonal), with the first keys hidden for example 0 (left padding) and one row wholly hidden:
-    tiles that are empty, full and mixed, in the shape the forward's mask ranges look for."""
-    T, S = shape[-2:]
-    i, j = np.arange(T)[:, None] + (S - T), np.arange(S)[None, :]
-    mask = np.broadcast_to(j <= i, shape).copy()
-    start = 0
-    while start < S:
-        size = int(rng.integers(3, 24))
-        if rng.random() < 0.6:  # an image block: every token sees the whole block
-            inside = (i >= start) & (i < start + size) & (j >= start) & (j < start + size)
-            mask |= np.broadcast_to(inside, shape)
-        start += size + int(rng.integers(0, 10))
-    if len(shape) == 4:
-        mask[0, ..., :int(rng.integers(1, 20))] = False
-    mask[(0,) * (len(shape) - 2) + (T // 2,)] = False
-    return mask
 
 
 def reference_kwargs(c: Case, x):
@@ -499,7 +479,7 @@ def test_mask_ranges_against_numpy(pattern, shape, tiles, kernel_impl, rng):
     from mmfa_jax.kernels.common import block_size
 
     B, N, T, S = shape
-    mask = _block_mask(rng, shape) if pattern == "blocks" else make_inputs(rng, Case(T=T, S=S, mask=shape))["mask"]
+    mask = image_block_mask(rng, shape) if pattern == "blocks" else make_inputs(rng, Case(T=T, S=S, mask=shape))["mask"]
     q = jnp.zeros((B, T, N, 32), jnp.float32)
     k = jnp.zeros((B, S, N, 32), jnp.float32)
     (problem, _, _), args = prepare(Options.make(implementation=kernel_impl), (q, k, k, None, jnp.asarray(mask),

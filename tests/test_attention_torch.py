@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import assert_close, to_numpy, tolerance
-from reference import attention_reference, attention_reference_grads
+from reference import attention_reference, attention_reference_grads, image_block_mask
 
 import mmfa_torch
 
@@ -43,7 +43,7 @@ class TCase:
     D: int = 32
     dtype: str = "float32"
     is_causal: bool = False
-    mask: str | None = None  # "bool" or "float"
+    mask: str | None = None  # "bool" (random), "blocks" (Gemma-like: tiles hidden, full and mixed) or "float"
     mask_shape: tuple | None = None
     window: object = None
     softcap: float | None = None
@@ -61,6 +61,9 @@ def make(rng, c: TCase, device, requires_grad=False):
     if c.mask == "bool":
         m = rng.random(c.mask_shape) > 0.3
         m[(0,) * (len(c.mask_shape) - 2) + (c.mask_shape[-2] // 2,)] = False  # a fully masked row
+        kwargs["attn_mask"], ref["mask"] = torch.from_numpy(m).to(device), m
+    elif c.mask == "blocks":
+        m = image_block_mask(rng, c.mask_shape)
         kwargs["attn_mask"], ref["mask"] = torch.from_numpy(m).to(device), m
     elif c.mask == "float":
         b, b64 = tensor(rng, c.mask_shape, "float32", device, requires_grad)
@@ -99,6 +102,8 @@ CASES = {
     "segments_window_int": TCase(L=33, S=33, segments="single", window=5),
     "float16": TCase(dtype="float16", L=17, S=33, is_causal=True),
     "bfloat16": TCase(dtype="bfloat16", Hq=4, Hkv=2, mask="bool", mask_shape=(1, 4, 33, 33)),
+    # long enough for tiles that the mask shows wholly (the GPU once skipped those as hidden)
+    "blocks_mask": TCase(L=150, S=200, mask="blocks", mask_shape=(2, 1, 150, 200)),
 }
 
 
@@ -132,6 +137,7 @@ GRAD_CASES = {
     "bool_mask_window": TCase(L=33, S=17, mask="bool", mask_shape=(2, 2, 33, 17), window=(5, 5)),
     "float_mask_HLS_T_gt_S": TCase(L=33, S=17, mask="float", mask_shape=(2, 33, 17), is_causal=True),
     "float16": TCase(dtype="float16", L=17, S=17, is_causal=True),
+    "blocks_mask": TCase(L=150, S=200, mask="blocks", mask_shape=(2, 1, 150, 200)),
 }
 
 
