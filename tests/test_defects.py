@@ -248,7 +248,8 @@ def test_rows_that_see_no_key_give_zeros(rng, impl, face, nan_in_hidden_keys):
 def test_output_length_below_kept_count_raises(rng, impl):
     """select_visual_tokens and multimodal_attention (both faces), with concrete inputs and an
     output_length shorter than the tokens an example keeps (4 text + ceil(0.5 * 8) visual = 8 > 5),
-    raise an ArgumentError whose message names output_length, rather than dropping kept tokens."""
+    raise an ArgumentError whose message names output_length, rather than dropping kept tokens.
+    (On CUDA tensors the torch face checks on the device instead: the next test.)"""
     B, S, N, H = 2, 12, 2, 16
     vis = visual_layout(rng, B, S, n_text=4)
     importance = rng.standard_normal((B, S)).astype(np.float32)
@@ -256,14 +257,17 @@ def test_output_length_below_kept_count_raises(rng, impl):
     calls = {
         "mmfa_jax.select_visual_tokens": lambda: mmfa_jax.select_visual_tokens(
             jnp.asarray(importance), jnp.asarray(vis), 0.5, output_length=5, implementation=impl),
-        "mmfa_torch.select_visual_tokens": lambda: mmfa_torch.select_visual_tokens(
-            t(importance), t(vis), 0.5, output_length=5),
         "mmfa_jax.multimodal_attention": lambda: mmfa_jax.multimodal_attention(
             jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(vis), 0.5, output_length=5,
             implementation=impl),
-        "mmfa_torch.multimodal_attention": lambda: mmfa_torch.multimodal_attention(
-            t(bnth(q)), t(bnth(k)), t(bnth(v)), t(vis), 0.5, output_length=5, implementation=impl),
     }
+    if DEVICE[0] == "cpu":
+        calls.update({
+            "mmfa_torch.select_visual_tokens": lambda: mmfa_torch.select_visual_tokens(
+                t(importance), t(vis), 0.5, output_length=5),
+            "mmfa_torch.multimodal_attention": lambda: mmfa_torch.multimodal_attention(
+                t(bnth(q)), t(bnth(k)), t(bnth(v)), t(vis), 0.5, output_length=5, implementation=impl),
+        })
     failures = []
     for name, call in calls.items():
         try:
@@ -274,6 +278,36 @@ def test_output_length_below_kept_count_raises(rng, impl):
         else:
             failures.append(f"{name}: no error")
     assert not failures, "\n".join(failures)
+
+
+_CUDA_OUTPUT_LENGTH_CALL = """
+import numpy as np, torch, mmfa_torch
+rng = np.random.default_rng(0)
+vis = np.ones((2, 12), bool)
+vis[:, :4] = False  # 4 text + ceil(0.5 * 8) visual = 8 kept > output_length 5
+x = lambda a: torch.from_numpy(a).cuda()
+if {attention}:
+    q = x(rng.standard_normal((2, 2, 12, 16)).astype(np.float32))
+    mmfa_torch.multimodal_attention(q, q, q, x(vis), 0.5, output_length=5)
+else:
+    mmfa_torch.select_visual_tokens(x(rng.standard_normal((2, 12)).astype(np.float32)), x(vis), 0.5, output_length=5)
+torch.cuda.synchronize()
+"""
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("attention", [False, True], ids=["select_visual_tokens", "multimodal_attention"])
+def test_output_length_below_kept_count_asserts_on_cuda(attention):
+    """On CUDA tensors the torch face checks output_length on the device (no host sync): a
+    device-side assert naming output_length, which, as torch's own bad-index asserts do, ends the
+    process's CUDA context; so it runs in a process of its own."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", _CUDA_OUTPUT_LENGTH_CALL.format(attention=attention)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0, f"no error:\n{run.stdout}\n{run.stderr}"
+    assert "output_length" in run.stderr, run.stderr[-2000:]
 
 
 # ------------------------------------------------------------------------------------------------
