@@ -207,6 +207,40 @@ def test_static_cache_generate_in_cuda_graphs(prune, rng):
     assert seen.total == 0, f"a warm static-cache generate compiled: {seen}"
 
 
+def test_static_cache_decode_step_traces_without_graph_breaks(impl, rng):
+    """The decode step generate compiles for a static cache (LLaVA, 4-D masks under torch.compile)
+    is one graph on "mmfa": a graph break would make dynamo compile each attention layer as a
+    frame of its own, recompile per layer index and, past its limit, run the steps eagerly."""
+    pytest.importorskip("transformers")
+    if impl == "xla":
+        pytest.skip("the kernels' paths are 'interpret' and 'pallas'")
+    import torch._dynamo
+    import transformers
+
+    from mmfa_torch import hf
+    from mmfa_torch.testing import vlms
+
+    hf.register(implementation=impl)
+    try:
+        dtype = torch.bfloat16 if DEVICE[0] == "cuda" else torch.float32
+        model = vlms.build("llava", seed=int(rng.integers(2**31)), device=DEVICE[0], dtype=dtype)
+        inputs = vlms.make_inputs(model, "llava", images_per_example=(1,), text_lengths=[3],
+                                  seed=int(rng.integers(2**31)), device=DEVICE[0], dtype=dtype)
+        L = inputs["input_ids"].shape[1]
+        cache = transformers.StaticCache(config=model.config, max_cache_len=L + 8)
+        with torch.no_grad():
+            token = model(**inputs, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            torch._dynamo.reset()
+            explained = torch._dynamo.explain(model.forward)(
+                input_ids=token, past_key_values=cache, use_cache=True,
+                cache_position=torch.tensor([L], device=DEVICE[0]),
+                attention_mask=torch.ones(1, L + 1, dtype=torch.long, device=DEVICE[0]))
+    finally:
+        hf.register(implementation=None)
+    reasons = [f"{b.reason} at {b.user_stack[-1] if b.user_stack else '?'}" for b in explained.break_reasons]
+    assert explained.graph_break_count == 0, "\n".join(reasons)
+
+
 @pytest.mark.gpu
 def test_pruned_prefill_syncs_once_more_than_a_plain_one(rng):
     """Pruning reads its static sizes once, when the prompt arrives: a pruned prefill makes at most
