@@ -258,10 +258,12 @@ def _cuda_target(index: int) -> backends.Target:
 
 
 def _lowering(implementation: str | None, device: torch.device) -> backends.Lowering:
-    return backends.Lowering(*_lowering_fields(implementation, device))
+    if torch.compiler.is_compiling():
+        return backends.Lowering(*_lowering_fields(implementation, device))
+    return backends.resolve(implementation, target(device))
 
 
-# A constant to torch.compile: the choice reads the environment, the CUDA driver and package
+# Under torch.compile, a constant: the choice reads the environment, the CUDA driver and package
 # metadata, which dynamo cannot trace (a fullgraph compile on CUDA tensors broke on it). It is
 # made once while tracing, for the traced arguments, and kept by the graph; as plain fields, which
 # dynamo can hold as constants (a Lowering itself it would hold as an opaque object).
