@@ -8,6 +8,8 @@ these tests are what keeps each kernel launch under a cached jit.
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 
@@ -114,9 +116,10 @@ def test_torch_face_warm_calls_compile_nothing(what, impl, rng):
     assert seen.total == 0, f"{what}: a warm call compiled: {seen}"
 
 
-@pytest.mark.parametrize("prune", [False, True], ids=["dense", "prune"])
-def test_generate_compiles_nothing_when_warm(prune, impl, rng):
-    """A second ``generate`` of the same shapes (prefill, pruned prefill, decode steps) compiles nothing."""
+@contextlib.contextmanager
+def _tiny_llava(impl, rng):
+    """A tiny random LLaVA on the test device, its text decoder on "mmfa" with ``impl``'s kernels
+    (registered while the block runs): yields (model, dtype)."""
     pytest.importorskip("transformers")
     if impl == "xla":
         pytest.skip("the XLA path launches no Pallas kernel; the kernels' paths are 'interpret' and 'pallas'")
@@ -126,7 +129,18 @@ def test_generate_compiles_nothing_when_warm(prune, impl, rng):
     hf.register(implementation=impl)
     try:
         dtype = torch.bfloat16 if DEVICE[0] == "cuda" else torch.float32
-        model = vlms.build("llava", seed=int(rng.integers(2**31)), device=DEVICE[0], dtype=dtype)
+        yield vlms.build("llava", seed=int(rng.integers(2**31)), device=DEVICE[0], dtype=dtype), dtype
+    finally:
+        hf.register(implementation=None)
+
+
+@pytest.mark.parametrize("prune", [False, True], ids=["dense", "prune"])
+def test_generate_compiles_nothing_when_warm(prune, impl, rng):
+    """A second ``generate`` of the same shapes (prefill, pruned prefill, decode steps) compiles nothing."""
+    from mmfa_torch import hf
+    from mmfa_torch.testing import vlms
+
+    with _tiny_llava(impl, rng) as (model, dtype):
         if prune:
             hf.prune_visual_tokens(model, 0.25, layer=1)
         seeds = iter(rng.integers(2**31, size=2))
@@ -140,8 +154,6 @@ def test_generate_compiles_nothing_when_warm(prune, impl, rng):
                 return model.generate(**inputs, max_new_tokens=3, do_sample=False)
 
         seen = _twice(make, call)
-    finally:
-        hf.register(implementation=None)
     assert seen.total == 0, f"a warm generate compiled: {seen}"
 
 
@@ -211,19 +223,12 @@ def test_static_cache_decode_step_traces_without_graph_breaks(impl, rng):
     """The decode step generate compiles for a static cache (LLaVA, 4-D masks under torch.compile)
     is one graph on "mmfa": a graph break would make dynamo compile each attention layer as a
     frame of its own, recompile per layer index and, past its limit, run the steps eagerly."""
-    pytest.importorskip("transformers")
-    if impl == "xla":
-        pytest.skip("the kernels' paths are 'interpret' and 'pallas'")
     import torch._dynamo
     import transformers
 
-    from mmfa_torch import hf
     from mmfa_torch.testing import vlms
 
-    hf.register(implementation=impl)
-    try:
-        dtype = torch.bfloat16 if DEVICE[0] == "cuda" else torch.float32
-        model = vlms.build("llava", seed=int(rng.integers(2**31)), device=DEVICE[0], dtype=dtype)
+    with _tiny_llava(impl, rng) as (model, dtype):
         inputs = vlms.make_inputs(model, "llava", images_per_example=(1,), text_lengths=[3],
                                   seed=int(rng.integers(2**31)), device=DEVICE[0], dtype=dtype)
         L = inputs["input_ids"].shape[1]
@@ -235,8 +240,6 @@ def test_static_cache_decode_step_traces_without_graph_breaks(impl, rng):
                 input_ids=token, past_key_values=cache, use_cache=True,
                 cache_position=torch.tensor([L], device=DEVICE[0]),
                 attention_mask=torch.ones(1, L + 1, dtype=torch.long, device=DEVICE[0]))
-    finally:
-        hf.register(implementation=None)
     reasons = [f"{b.reason} at {b.user_stack[-1] if b.user_stack else '?'}" for b in explained.break_reasons]
     assert explained.graph_break_count == 0, "\n".join(reasons)
 
